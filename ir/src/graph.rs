@@ -1,0 +1,270 @@
+//! The graph: SSA values, nodes in topological order, arguments and outputs.
+//!
+//! Values are numbered densely in definition order: the arguments first, then one value per node
+//! in node order. [`Graph::finish`] restores that numbering after a builder interleaved the two, so
+//! that two graphs that print the same compare equal (`parse(print(g)) == g`).
+
+use crate::attrs::{Attr, Attrs};
+use crate::mesh::Mesh;
+use crate::ops::{InferCtx, Op};
+use crate::types::{DType, TensorType};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Index of a value in [`Graph::values`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ValueId(pub u32);
+
+impl ValueId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A named, typed SSA value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Value {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: TensorType,
+}
+
+/// What a graph argument is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ArgKind {
+    /// A trainable parameter (weights).
+    Param,
+    /// Data fed each step (tokens, targets, optimizer inputs).
+    Input,
+}
+
+impl ArgKind {
+    pub fn keyword(self) -> &'static str {
+        match self {
+            ArgKind::Param => "param",
+            ArgKind::Input => "input",
+        }
+    }
+}
+
+/// A graph argument.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Arg {
+    pub kind: ArgKind,
+    pub value: ValueId,
+}
+
+/// One operation producing one value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub op: Op,
+    pub inputs: Vec<ValueId>,
+    #[serde(default, skip_serializing_if = "Attrs::is_empty")]
+    pub attrs: Attrs,
+    pub output: ValueId,
+}
+
+/// A whole program: one SPMD function over a mesh.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Graph {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "mesh_is_empty")]
+    pub mesh: Mesh,
+    pub values: Vec<Value>,
+    pub args: Vec<Arg>,
+    pub nodes: Vec<Node>,
+    pub outputs: Vec<ValueId>,
+}
+
+fn mesh_is_empty(m: &Mesh) -> bool {
+    m.axes.is_empty()
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>) -> Self {
+        Graph { name: name.into(), ..Default::default() }
+    }
+
+    pub fn value(&self, id: ValueId) -> &Value {
+        &self.values[id.index()]
+    }
+
+    pub fn ty(&self, id: ValueId) -> &TensorType {
+        &self.values[id.index()].ty
+    }
+
+    pub fn name_of(&self, id: ValueId) -> &str {
+        &self.values[id.index()].name
+    }
+
+    /// The value called `name`, if any.
+    pub fn find(&self, name: &str) -> Option<ValueId> {
+        self.values.iter().position(|v| v.name == name).map(|i| ValueId(i as u32))
+    }
+
+    /// The arguments of one kind, in order.
+    pub fn args_of(&self, kind: ArgKind) -> impl Iterator<Item = ValueId> + '_ {
+        self.args.iter().filter(move |a| a.kind == kind).map(|a| a.value)
+    }
+
+    fn fresh_value(&mut self, name: String, ty: TensorType) -> ValueId {
+        let id = ValueId(self.values.len() as u32);
+        self.values.push(Value { name, ty });
+        id
+    }
+
+    /// Declares an argument.
+    pub fn add_arg(&mut self, kind: ArgKind, name: impl Into<String>, ty: TensorType) -> ValueId {
+        let id = self.fresh_value(name.into(), ty);
+        self.args.push(Arg { kind, value: id });
+        id
+    }
+
+    /// Appends a node whose result type comes from the op's shape rule.
+    ///
+    /// Errors (with the rule's sentence) when the operands or attributes do not fit the op; the
+    /// graph is unchanged then.
+    pub fn add_node(&mut self, op: Op, inputs: &[ValueId], attrs: Attrs, name: impl Into<String>) -> Result<ValueId, String> {
+        let ty = self.infer(op, inputs, &attrs)?;
+        let output = self.fresh_value(name.into(), ty);
+        self.nodes.push(Node { op, inputs: inputs.to_vec(), attrs, output });
+        Ok(output)
+    }
+
+    /// The result type the op table gives `op` applied to `inputs` with `attrs`.
+    pub fn infer(&self, op: Op, inputs: &[ValueId], attrs: &Attrs) -> Result<TensorType, String> {
+        let info = op.info();
+        if !info.arity.accepts(inputs.len()) {
+            return Err(format!("`{}` takes {:?} operands, given {}", info.name, info.arity, inputs.len()));
+        }
+        crate::ops::check_attrs(op, attrs)?;
+        let tys: Vec<&TensorType> = inputs.iter().map(|&v| self.ty(v)).collect();
+        (info.infer)(&InferCtx { inputs: &tys, attrs, mesh: &self.mesh })
+    }
+
+    /// Renumbers values densely in definition order (arguments, then nodes). Builders call this
+    /// once at the end; the parser produces this numbering directly.
+    pub fn finish(&mut self) {
+        let mut map = vec![u32::MAX; self.values.len()];
+        let mut values = Vec::with_capacity(self.values.len());
+        let order = self.args.iter().map(|a| a.value).chain(self.nodes.iter().map(|n| n.output));
+        for old in order {
+            map[old.index()] = values.len() as u32;
+            values.push(self.values[old.index()].clone());
+        }
+        let remap = |v: &mut ValueId| *v = ValueId(map[v.index()]);
+        self.args.iter_mut().for_each(|a| remap(&mut a.value));
+        for n in &mut self.nodes {
+            n.inputs.iter_mut().for_each(remap);
+            remap(&mut n.output);
+        }
+        self.outputs.iter_mut().for_each(remap);
+        self.values = values;
+    }
+
+    /// For each value, the index of the node that defines it (None for arguments).
+    pub fn producers(&self) -> Vec<Option<usize>> {
+        let mut p = vec![None; self.values.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            p[n.output.index()] = Some(i);
+        }
+        p
+    }
+
+    /// Number of scalar elements over all parameters.
+    pub fn param_count(&self) -> usize {
+        self.args_of(ArgKind::Param).map(|v| self.ty(v).numel()).sum()
+    }
+
+    /// Map from value name to id.
+    pub fn names(&self) -> HashMap<&str, ValueId> {
+        self.values.iter().enumerate().map(|(i, v)| (v.name.as_str(), ValueId(i as u32))).collect()
+    }
+}
+
+/// A convenience layer over [`Graph`] for importers and tests: fresh names, common attribute
+/// shapes, and errors that say which value could not be built.
+pub struct Builder {
+    pub graph: Graph,
+    counter: usize,
+}
+
+impl Builder {
+    pub fn new(name: impl Into<String>) -> Self {
+        Builder { graph: Graph::new(name), counter: 0 }
+    }
+
+    pub fn param(&mut self, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
+        self.graph.add_arg(ArgKind::Param, name, TensorType::new(dtype, shape.to_vec()))
+    }
+
+    pub fn input(&mut self, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
+        self.graph.add_arg(ArgKind::Input, name, TensorType::new(dtype, shape.to_vec()))
+    }
+
+    /// Adds a node named `hint` (made unique with a numeric suffix when taken).
+    pub fn op(&mut self, op: Op, inputs: &[ValueId], attrs: Attrs, hint: &str) -> Result<ValueId, String> {
+        let name = if self.graph.find(hint).is_none() && !hint.is_empty() {
+            hint.to_string()
+        } else {
+            loop {
+                self.counter += 1;
+                let candidate = format!("{}{}", if hint.is_empty() { "v" } else { hint }, self.counter);
+                if self.graph.find(&candidate).is_none() {
+                    break candidate;
+                }
+            }
+        };
+        self.graph
+            .add_node(op, inputs, attrs, name.clone())
+            .map_err(|e| format!("building `%{name}` ({}): {e}", op.name()))
+    }
+
+    pub fn unary(&mut self, op: Op, x: ValueId, hint: &str) -> Result<ValueId, String> {
+        self.op(op, &[x], Attrs::new(), hint)
+    }
+
+    pub fn binary(&mut self, op: Op, a: ValueId, b: ValueId, hint: &str) -> Result<ValueId, String> {
+        self.op(op, &[a, b], Attrs::new(), hint)
+    }
+
+    /// A scalar constant of `dtype`.
+    pub fn scalar(&mut self, value: f64, dtype: DType, hint: &str) -> Result<ValueId, String> {
+        let attrs = Attrs::new()
+            .with("value", Attr::Float(value))
+            .with("dtype", Attr::DType(dtype))
+            .with("shape", Attr::Ints(vec![]));
+        self.op(Op::Full, &[], attrs, hint)
+    }
+
+    pub fn reshape(&mut self, x: ValueId, shape: &[usize], hint: &str) -> Result<ValueId, String> {
+        let shape = shape.iter().map(|&d| d as i64).collect();
+        self.op(Op::Reshape, &[x], Attrs::new().with("shape", Attr::Ints(shape)), hint)
+    }
+
+    pub fn transpose(&mut self, x: ValueId, perm: &[i64], hint: &str) -> Result<ValueId, String> {
+        self.op(Op::Transpose, &[x], Attrs::new().with("perm", Attr::Ints(perm.to_vec())), hint)
+    }
+
+    pub fn matmul(&mut self, a: ValueId, b: ValueId, transpose_b: bool, hint: &str) -> Result<ValueId, String> {
+        let attrs = if transpose_b { Attrs::new().with("transpose_b", Attr::Bool(true)) } else { Attrs::new() };
+        self.op(Op::MatMul, &[a, b], attrs, hint)
+    }
+
+    pub fn reduce(&mut self, op: Op, x: ValueId, dims: &[i64], hint: &str) -> Result<ValueId, String> {
+        self.op(op, &[x], Attrs::new().with("dims", Attr::Ints(dims.to_vec())), hint)
+    }
+
+    pub fn ty(&self, v: ValueId) -> &TensorType {
+        self.graph.ty(v)
+    }
+
+    /// Sets the outputs and renumbers the graph canonically.
+    pub fn finish(mut self, outputs: &[ValueId]) -> Graph {
+        self.graph.outputs = outputs.to_vec();
+        self.graph.finish();
+        self.graph
+    }
+}

@@ -1,0 +1,388 @@
+//! The local (non-communicating) ops, one plain loop each.
+//!
+//! Kernels read shapes from the graph's static types. Reductions, norms, softmax and
+//! cross-entropy accumulate in f64 and round once to the storage type, so f32 results differ
+//! from a perfectly rounded computation by at most one rounding per op.
+
+use super::real::Real;
+use super::Val;
+use crate::attrs::Attrs;
+use crate::ops::{normalize_dim, reduce_dims, Op};
+use crate::types::{numel, strides, DType, TensorType};
+
+/// For each element of a tensor of shape `shape` (row-major), the offset `sum(i[d] * step[d])`.
+pub(crate) fn strided_offsets(shape: &[usize], step: &[usize]) -> Vec<usize> {
+    let n = numel(shape);
+    let r = shape.len();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; r];
+    let mut off = 0usize;
+    for _ in 0..n {
+        out.push(off);
+        for d in (0..r).rev() {
+            idx[d] += 1;
+            off += step[d];
+            if idx[d] < shape[d] {
+                break;
+            }
+            off -= step[d] * shape[d];
+            idx[d] = 0;
+        }
+    }
+    out
+}
+
+/// Offsets into a tensor of shape `inp` for each element of its broadcast to `out`.
+pub(crate) fn broadcast_offsets(out: &[usize], inp: &[usize]) -> Vec<usize> {
+    let pad = out.len() - inp.len();
+    let s = strides(inp);
+    let step: Vec<usize> = (0..out.len()).map(|d| if d < pad || inp[d - pad] == 1 { 0 } else { s[d - pad] }).collect();
+    strided_offsets(out, &step)
+}
+
+fn gather<E: Copy>(src: &[E], offsets: &[usize]) -> Vec<E> {
+    offsets.iter().map(|&o| src[o]).collect()
+}
+
+fn broadcast_to<E: Copy>(src: &[E], inp: &[usize], out: &[usize]) -> Vec<E> {
+    if inp == out {
+        src.to_vec()
+    } else {
+        gather(src, &broadcast_offsets(out, inp))
+    }
+}
+
+fn binary<E: Copy>(a: &[E], sa: &[usize], b: &[E], sb: &[usize], out: &[usize], f: impl Fn(E, E) -> E) -> Vec<E> {
+    if sa == out && sb == out {
+        return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
+    }
+    if sa == out && b.len() == 1 {
+        return a.iter().map(|&x| f(x, b[0])).collect();
+    }
+    if sb == out && a.len() == 1 {
+        return b.iter().map(|&y| f(a[0], y)).collect();
+    }
+    let oa = broadcast_offsets(out, sa);
+    let ob = broadcast_offsets(out, sb);
+    oa.iter().zip(&ob).map(|(&i, &j)| f(a[i], b[j])).collect()
+}
+
+fn map<T: Real>(x: &[T], dtype: DType, f: impl Fn(f64) -> f64) -> Vec<T> {
+    x.iter().map(|&v| T::from_f64(f(v.to_f64())).round_to(dtype)).collect()
+}
+
+/// GELU; `tanh` selects the tanh approximation (GPT-2's `gelu_new`).
+pub fn gelu(x: f64, tanh: bool) -> f64 {
+    if tanh {
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        0.5 * x * (1.0 + (c * (x + 0.044715 * x * x * x)).tanh())
+    } else {
+        0.5 * x * (1.0 + libm::erf(x / std::f64::consts::SQRT_2))
+    }
+}
+
+/// SiLU: x * sigmoid(x).
+pub fn silu(x: f64) -> f64 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Runs one local op. `ins` are the operand values, `tys` their types, `out` the result type.
+pub(crate) fn eval<T: Real>(op: Op, attrs: &Attrs, ins: &[&Val<T>], tys: &[&TensorType], out: &TensorType, coord: impl Fn(&str) -> Option<usize>) -> Result<Val<T>, String> {
+    let dt = out.dtype;
+    let f = |i: usize| -> Result<&[T], String> {
+        match ins[i] {
+            Val::F(v) => Ok(v),
+            Val::I(_) => Err(format!("operand {i} must be floating")),
+        }
+    };
+    let int = |i: usize| -> Result<&[i64], String> {
+        match ins[i] {
+            Val::I(v) => Ok(v),
+            Val::F(_) => Err(format!("operand {i} must be an integer tensor")),
+        }
+    };
+    let float_out = |v: Vec<T>| Val::F(v.into_iter().map(|x| x.round_to(dt)).collect());
+    Ok(match op {
+        Op::Full => {
+            let value = attrs.float("value").unwrap_or(0.0);
+            if dt.is_float() {
+                Val::F(vec![T::from_f64(value).round_to(dt); out.numel()])
+            } else {
+                Val::I(vec![value as i64; out.numel()])
+            }
+        }
+        Op::Iota => {
+            let dim = normalize_dim(attrs.int("dim").unwrap_or(0), out.rank())?;
+            let s = strides(&out.shape);
+            let idx = (0..out.numel()).map(|i| (i / s[dim]) % out.shape[dim]);
+            if dt.is_float() {
+                Val::F(idx.map(|i| T::from_f64(i as f64).round_to(dt)).collect())
+            } else {
+                Val::I(idx.map(|i| i as i64).collect())
+            }
+        }
+        Op::AxisIndex => {
+            let axis = attrs.str("axis").unwrap_or_default();
+            Val::I(vec![coord(axis).ok_or_else(|| format!("mesh axis `{axis}` is not declared"))? as i64])
+        }
+        Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Maximum => {
+            let (sa, sb) = (&tys[0].shape, &tys[1].shape);
+            match (ins[0], ins[1]) {
+                (Val::F(a), Val::F(b)) => {
+                    let g: fn(T, T) -> T = match op {
+                        Op::Add => |x, y| x + y,
+                        Op::Sub => |x, y| x - y,
+                        Op::Mul => |x, y| x * y,
+                        Op::Div => |x, y| x / y,
+                        _ => |x, y| if y > x { y } else { x },
+                    };
+                    float_out(binary(a, sa, b, sb, &out.shape, g))
+                }
+                (Val::I(a), Val::I(b)) => {
+                    let mut div_by_zero = false;
+                    let v = binary(a, sa, b, sb, &out.shape, |x, y| match op {
+                        Op::Add => x.wrapping_add(y),
+                        Op::Sub => x.wrapping_sub(y),
+                        Op::Mul => x.wrapping_mul(y),
+                        Op::Div => x.checked_div(y).unwrap_or(0),
+                        _ => x.max(y),
+                    });
+                    if op == Op::Div {
+                        div_by_zero = binary(a, sa, b, sb, &out.shape, |_, y| (y == 0) as i64).contains(&1);
+                    }
+                    if div_by_zero {
+                        return Err("integer division by zero".into());
+                    }
+                    Val::I(v)
+                }
+                _ => return Err("operands must both be floating or both integer".into()),
+            }
+        }
+        Op::Neg => Val::F(map(f(0)?, dt, |x| -x)),
+        Op::Exp => Val::F(map(f(0)?, dt, f64::exp)),
+        Op::Log => Val::F(map(f(0)?, dt, f64::ln)),
+        Op::Sqrt => Val::F(map(f(0)?, dt, f64::sqrt)),
+        Op::Rsqrt => Val::F(map(f(0)?, dt, |x| 1.0 / x.sqrt())),
+        Op::Tanh => Val::F(map(f(0)?, dt, f64::tanh)),
+        Op::Silu => Val::F(map(f(0)?, dt, silu)),
+        Op::Gelu => {
+            let tanh = attrs.str("approximate").unwrap_or("tanh") == "tanh";
+            Val::F(map(f(0)?, dt, |x| gelu(x, tanh)))
+        }
+        Op::Cast => match ins[0] {
+            Val::F(v) if dt.is_float() => float_out(v.clone()),
+            Val::F(v) => Val::I(v.iter().map(|&x| x.to_f64().trunc() as i64).collect()),
+            Val::I(v) if dt.is_float() => Val::F(v.iter().map(|&x| T::from_f64(x as f64).round_to(dt)).collect()),
+            Val::I(v) if dt == DType::I32 => Val::I(v.iter().map(|&x| x as i32 as i64).collect()),
+            Val::I(v) => Val::I(v.clone()),
+        },
+        Op::Reshape => ins[0].clone(),
+        Op::Transpose => {
+            let perm = attrs.ints("perm").unwrap_or_default();
+            let s = strides(&tys[0].shape);
+            let step: Vec<usize> = perm.iter().map(|&p| s[p as usize]).collect();
+            ins[0].gather(&strided_offsets(&out.shape, &step))
+        }
+        Op::Slice => {
+            let x = tys[0];
+            let dim = normalize_dim(attrs.int("dim").unwrap_or(0), x.rank())?;
+            let s = strides(&x.shape);
+            let base = attrs.int("start").unwrap_or(0) as usize * s[dim];
+            let offs: Vec<usize> = strided_offsets(&out.shape, &s).into_iter().map(|o| o + base).collect();
+            ins[0].gather(&offs)
+        }
+        Op::Concat => {
+            let dim = normalize_dim(attrs.int("dim").unwrap_or(0), out.rank())?;
+            concat(ins, tys, out, dim)
+        }
+        Op::BroadcastTo => match ins[0] {
+            Val::F(v) => Val::F(broadcast_to(v, &tys[0].shape, &out.shape)),
+            Val::I(v) => Val::I(broadcast_to(v, &tys[0].shape, &out.shape)),
+        },
+        Op::MatMul => float_out(matmul(f(0)?, tys[0], f(1)?, tys[1], out, attrs)),
+        Op::ReduceSum | Op::ReduceMean | Op::ReduceMax => {
+            let x = tys[0];
+            let dims = reduce_dims(attrs, x.rank())?;
+            let count: usize = dims.iter().map(|&d| x.shape[d]).product();
+            // Output stride of every input dim (0 for reduced dims).
+            let kept: Vec<usize> = (0..x.rank()).filter(|d| !dims.contains(d)).map(|d| x.shape[d]).collect();
+            let ks = strides(&kept);
+            let mut k = 0;
+            let step: Vec<usize> = (0..x.rank())
+                .map(|d| {
+                    if dims.contains(&d) {
+                        0
+                    } else {
+                        k += 1;
+                        ks[k - 1]
+                    }
+                })
+                .collect();
+            let offs = strided_offsets(&x.shape, &step);
+            let n_out = numel(&kept);
+            match ins[0] {
+                Val::F(v) => {
+                    let init = if op == Op::ReduceMax { f64::NEG_INFINITY } else { 0.0 };
+                    let mut acc = vec![init; n_out];
+                    for (&o, &x) in offs.iter().zip(v.iter()) {
+                        let x = x.to_f64();
+                        acc[o] = if op == Op::ReduceMax { if x > acc[o] || x.is_nan() { x } else { acc[o] } } else { acc[o] + x };
+                    }
+                    if op == Op::ReduceMean {
+                        acc.iter_mut().for_each(|a| *a /= count as f64);
+                    }
+                    Val::F(acc.into_iter().map(|a| T::from_f64(a).round_to(dt)).collect())
+                }
+                Val::I(v) => {
+                    let mut acc = vec![if op == Op::ReduceMax { i64::MIN } else { 0 }; n_out];
+                    for (&o, &x) in offs.iter().zip(v.iter()) {
+                        acc[o] = if op == Op::ReduceMax { acc[o].max(x) } else { acc[o].wrapping_add(x) };
+                    }
+                    if op == Op::ReduceMean {
+                        acc.iter_mut().for_each(|a| *a /= count.max(1) as i64);
+                    }
+                    Val::I(acc)
+                }
+            }
+        }
+        Op::Softmax => {
+            let x = f(0)?;
+            let r = out.rank();
+            let cols = out.shape[r - 1];
+            let causal = attrs.bool_or("causal", false);
+            let queries = if causal { out.shape[r - 2] } else { 1 };
+            let mut y = vec![T::ZERO; x.len()];
+            let mut row = vec![0.0f64; cols];
+            for (ri, (xs, ys)) in x.chunks(cols.max(1)).zip(y.chunks_mut(cols.max(1))).enumerate() {
+                // Query i sees keys 0..=i + (keys - queries).
+                let visible = if causal { (ri % queries) + (cols - queries) + 1 } else { cols };
+                let m = xs[..visible].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
+                let mut sum = 0.0;
+                for j in 0..visible {
+                    row[j] = (xs[j].to_f64() - m).exp();
+                    sum += row[j];
+                }
+                for j in 0..cols {
+                    ys[j] = if j < visible { T::from_f64(row[j] / sum).round_to(dt) } else { T::ZERO };
+                }
+            }
+            Val::F(y)
+        }
+        Op::LayerNorm | Op::RmsNorm => {
+            let (x, gamma) = (f(0)?, f(1)?);
+            let beta = if op == Op::LayerNorm { Some(f(2)?) } else { None };
+            let eps = attrs.float("eps").unwrap_or(1e-5);
+            let d = *out.shape.last().unwrap_or(&1);
+            let mut y = Vec::with_capacity(x.len());
+            for xs in x.chunks(d.max(1)) {
+                let n = d as f64;
+                let (mean, var) = if op == Op::LayerNorm {
+                    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+                    (mean, xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n)
+                } else {
+                    (0.0, xs.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / n)
+                };
+                let inv = 1.0 / (var + eps).sqrt();
+                for (j, v) in xs.iter().enumerate() {
+                    let b = beta.map_or(0.0, |b| b[j].to_f64());
+                    y.push(T::from_f64((v.to_f64() - mean) * inv * gamma[j].to_f64() + b).round_to(dt));
+                }
+            }
+            Val::F(y)
+        }
+        Op::Rope => {
+            let (x, pos) = (f(0)?, int(1)?);
+            let r = out.rank();
+            let (t, h, d) = (out.shape[r - 3], out.shape[r - 2], out.shape[r - 1]);
+            let theta = attrs.float("theta").unwrap_or(10000.0);
+            let half = d / 2;
+            let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64)).collect();
+            let mut y = vec![T::ZERO; x.len()];
+            for (bi, (xs, ys)) in x.chunks(d).zip(y.chunks_mut(d)).enumerate() {
+                let p = pos[(bi / h) % t] as f64;
+                for i in 0..half {
+                    let (s, c) = (p * inv_freq[i]).sin_cos();
+                    let (x1, x2) = (xs[i].to_f64(), xs[i + half].to_f64());
+                    ys[i] = T::from_f64(x1 * c - x2 * s).round_to(dt);
+                    ys[i + half] = T::from_f64(x2 * c + x1 * s).round_to(dt);
+                }
+            }
+            Val::F(y)
+        }
+        Op::Embedding => {
+            let (table, ids) = (f(0)?, int(1)?);
+            let (rows, d) = (tys[0].shape[0], tys[0].shape[1]);
+            let mut y = Vec::with_capacity(ids.len() * d);
+            for &id in ids {
+                if id < 0 || id as usize >= rows {
+                    return Err(format!("id {id} is outside the table's {rows} rows"));
+                }
+                y.extend_from_slice(&table[id as usize * d..(id as usize + 1) * d]);
+            }
+            float_out(y)
+        }
+        Op::CrossEntropy => {
+            let (logits, targets) = (f(0)?, int(1)?);
+            let v = *tys[0].shape.last().unwrap_or(&1);
+            let mut y = Vec::with_capacity(targets.len());
+            for (row, &t) in logits.chunks(v.max(1)).zip(targets) {
+                if t < 0 || t as usize >= v {
+                    return Err(format!("target {t} is outside the {v} classes"));
+                }
+                let m = row.iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.to_f64()));
+                let lse = m + row.iter().map(|x| (x.to_f64() - m).exp()).sum::<f64>().ln();
+                y.push(T::from_f64(lse - row[t as usize].to_f64()).round_to(dt));
+            }
+            Val::F(y)
+        }
+        Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll => {
+            return Err("collectives are executed by the SPMD driver".into())
+        }
+    })
+}
+
+/// Concatenates `ins` along `dim` into a tensor of type `out`.
+pub(crate) fn concat<T: Real>(ins: &[&Val<T>], tys: &[&TensorType], out: &TensorType, dim: usize) -> Val<T> {
+    let os = strides(&out.shape);
+    let mut positions: Vec<Vec<usize>> = Vec::new();
+    let mut start = 0;
+    for t in tys {
+        positions.push(strided_offsets(&t.shape, &os).into_iter().map(|o| o + start * os[dim]).collect());
+        start += t.shape[dim];
+    }
+    fn place<E: Copy + Default>(parts: Vec<&[E]>, positions: &[Vec<usize>], n: usize) -> Vec<E> {
+        let mut y = vec![E::default(); n];
+        for (p, pos) in parts.iter().zip(positions) {
+            for (&v, &o) in p.iter().zip(pos) {
+                y[o] = v;
+            }
+        }
+        y
+    }
+    match ins[0] {
+        Val::F(_) => Val::F(place(ins.iter().map(|v| v.floats()).collect(), &positions, out.numel())),
+        Val::I(_) => Val::I(place(ins.iter().map(|v| v.ints()).collect(), &positions, out.numel())),
+    }
+}
+
+fn matmul<T: Real>(a: &[T], ta: &TensorType, b: &[T], tb: &TensorType, out: &TensorType, attrs: &Attrs) -> Vec<T> {
+    let (tra, trb) = (attrs.bool_or("transpose_a", false), attrs.bool_or("transpose_b", false));
+    let (ra, rb, ro) = (ta.rank(), tb.rank(), out.rank());
+    let (m, n) = (out.shape[ro - 2], out.shape[ro - 1]);
+    let k = if tra { ta.shape[ra - 2] } else { ta.shape[ra - 1] };
+    // Row and column strides of each matrix as stored, swapped when transposed.
+    let (a_cols, b_cols) = (ta.shape[ra - 1], tb.shape[rb - 1]);
+    let (rsa, csa) = if tra { (1, a_cols as isize) } else { (a_cols as isize, 1) };
+    let (rsb, csb) = if trb { (1, b_cols as isize) } else { (b_cols as isize, 1) };
+    let batch = &out.shape[..ro - 2];
+    let a_mat = ta.shape[ra - 2] * ta.shape[ra - 1];
+    let b_mat = tb.shape[rb - 2] * tb.shape[rb - 1];
+    let a_off = broadcast_offsets(batch, &ta.shape[..ra - 2]);
+    let b_off = broadcast_offsets(batch, &tb.shape[..rb - 2]);
+    let mut c = vec![T::ZERO; out.numel()];
+    for (bi, cm) in c.chunks_mut((m * n).max(1)).enumerate().take(numel(batch)) {
+        let (ao, bo) = (a_off[bi] * a_mat, b_off[bi] * b_mat);
+        T::gemm(m, k, n, &a[ao..ao + a_mat], rsa, csa, &b[bo..bo + b_mat], rsb, csb, cm);
+    }
+    c
+}

@@ -1,0 +1,551 @@
+//! The `.tir` text format: grammar, parser and canonical printer.
+//!
+//! ```text
+//! file      := line*                      one item per line; blank lines allowed
+//! line      := item? comment?
+//! comment   := '#' any-text-to-end-of-line
+//! item      := 'graph' NAME                 first item, exactly once
+//!            | 'mesh' AXIS '=' INT (',' AXIS '=' INT)*      at most once, before arguments
+//!            | ('param' | 'input') VALUE ':' TYPE           arguments, before nodes
+//!            | VALUE ':' TYPE '=' OP '(' VALUES? ')' ATTRS?  one node
+//!            | 'output' VALUES                              last item, exactly once
+//! VALUES    := VALUE (',' VALUE)*
+//! VALUE     := '%' NAME
+//! NAME      := [A-Za-z0-9_.]+
+//! AXIS      := [A-Za-z_][A-Za-z0-9_]*
+//! TYPE      := DTYPE '[' (INT (',' INT)*)? ']'          f32[2, 16, 64]; f32[] is a scalar
+//! DTYPE     := 'f32' | 'bf16' | 'f16' | 'i32' | 'i64'
+//! ATTRS     := '{' ATTR (',' ATTR)* '}'
+//! ATTR      := IDENT '=' ATTRVALUE
+//! ATTRVALUE := 'true' | 'false' | INT | FLOAT | STRING | '[' (INT (',' INT)*)? ']' | DTYPE
+//! FLOAT     := a decimal with '.' or an exponent (1.0, 1e-5, -0.5), or inf, -inf, NaN
+//! STRING    := '"' (char | '\"' | '\\')* '"'
+//! ```
+//!
+//! Every value is defined before it is used, and its declared type is the one the op table
+//! gives it (checked by [`crate::verify`], not here). An example:
+//!
+//! ```text
+//! graph mlp
+//! param %w: f32[4, 8]
+//! input %x: f32[2, 4]
+//! %h: f32[2, 8] = matmul(%x, %w)
+//! %y: f32[2, 8] = gelu(%h) {approximate = "tanh"}
+//! output %y
+//! ```
+//!
+//! The printer is canonical: the same graph always prints to the same bytes, attributes sorted
+//! by name, floats in Rust's shortest round-trip form, so `parse(print(g)) == g`.
+//!
+//! The parser never panics. On malformed input it returns a [`Diagnostic`] with the 1-based line
+//! and column of the offending token and a sentence saying what was expected.
+
+use crate::attrs::{Attr, Attrs};
+use crate::graph::{Arg, ArgKind, Graph, Node, Value, ValueId};
+use crate::mesh::{is_identifier, Mesh, MeshAxis};
+use crate::ops::Op;
+use crate::types::{DType, TensorType};
+use std::collections::HashMap;
+use std::fmt::Write;
+
+/// A parse error located in the source.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{line}:{col}: {message}")]
+pub struct Diagnostic {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub col: usize,
+    /// Length of the offending token in characters (at least 1), for underlining.
+    pub len: usize,
+    pub message: String,
+}
+
+/// Prints a graph in the canonical text form.
+pub fn print(g: &Graph) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "graph {}", g.name);
+    if !g.mesh.axes.is_empty() {
+        let _ = writeln!(out, "mesh {}", g.mesh);
+    }
+    for a in &g.args {
+        let v = g.value(a.value);
+        let _ = writeln!(out, "{} %{}: {}", a.kind.keyword(), v.name, v.ty);
+    }
+    for n in &g.nodes {
+        out.push_str(&print_node(g, n));
+        out.push('\n');
+    }
+    let outs: Vec<String> = g.outputs.iter().map(|&v| format!("%{}", g.name_of(v))).collect();
+    let _ = writeln!(out, "output {}", outs.join(", "));
+    out
+}
+
+/// One node as its line of `.tir` (used in verifier messages too).
+pub fn print_node(g: &Graph, n: &Node) -> String {
+    let v = g.value(n.output);
+    let args: Vec<String> = n.inputs.iter().map(|&i| format!("%{}", g.name_of(i))).collect();
+    let mut s = format!("%{}: {} = {}({})", v.name, v.ty, n.op.name(), args.join(", "));
+    if !n.attrs.is_empty() {
+        let attrs: Vec<String> = n.attrs.iter().map(|(k, a)| format!("{k} = {a}")).collect();
+        let _ = write!(s, " {{{}}}", attrs.join(", "));
+    }
+    s
+}
+
+/// Is `s` a valid value (or graph) name?
+pub fn is_value_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+/// Parses a `.tir` source into a graph.
+pub fn parse(src: &str) -> Result<Graph, Diagnostic> {
+    Parser::default().run(src)
+}
+
+#[derive(Default)]
+struct Parser {
+    graph: Option<Graph>,
+    names: HashMap<String, ValueId>,
+    saw_output: bool,
+}
+
+/// A cursor over one line.
+struct Cursor<'a> {
+    line_no: usize,
+    chars: Vec<char>,
+    pos: usize,
+    _src: &'a str,
+}
+
+type PResult<T> = Result<T, Diagnostic>;
+
+impl<'a> Cursor<'a> {
+    fn new(line_no: usize, line: &'a str) -> Self {
+        // Strip the comment (no '#' can occur inside a valid token other than a string).
+        let mut chars: Vec<char> = Vec::new();
+        let mut in_string = false;
+        let mut escaped = false;
+        for c in line.chars() {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    in_string = false;
+                }
+            } else if c == '"' {
+                in_string = true;
+            } else if c == '#' {
+                break;
+            }
+            chars.push(c);
+        }
+        Cursor { line_no, chars, pos: 0, _src: line }
+    }
+
+    fn err_at(&self, col0: usize, len: usize, message: impl Into<String>) -> Diagnostic {
+        Diagnostic { line: self.line_no, col: col0 + 1, len: len.max(1), message: message.into() }
+    }
+
+    fn err(&self, message: impl Into<String>) -> Diagnostic {
+        let len = self.peek_token_len();
+        self.err_at(self.pos, len, message)
+    }
+
+    fn peek_token_len(&self) -> usize {
+        let rest = &self.chars[self.pos.min(self.chars.len())..];
+        let n = rest.iter().take_while(|c| !c.is_whitespace() && !",(){}[]:=".contains(**c)).count();
+        n.max(1)
+    }
+
+    fn skip_ws(&mut self) {
+        while self.pos < self.chars.len() && self.chars[self.pos].is_whitespace() {
+            self.pos += 1;
+        }
+    }
+
+    fn at_end(&mut self) -> bool {
+        self.skip_ws();
+        self.pos >= self.chars.len()
+    }
+
+    fn peek(&mut self) -> Option<char> {
+        self.skip_ws();
+        self.chars.get(self.pos).copied()
+    }
+
+    fn eat(&mut self, c: char) -> bool {
+        if self.peek() == Some(c) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn expect(&mut self, c: char, what: &str) -> PResult<()> {
+        if self.eat(c) {
+            Ok(())
+        } else if self.at_end() {
+            Err(self.err_at(self.chars.len(), 1, format!("expected `{c}` {what}, found end of line")))
+        } else {
+            let found = self.describe_next();
+            Err(self.err(format!("expected `{c}` {what}, found {found}")))
+        }
+    }
+
+    fn describe_next(&mut self) -> String {
+        if self.at_end() {
+            return "end of line".into();
+        }
+        let len = self.peek_token_len();
+        let tok: String = self.chars[self.pos..self.pos + len.min(self.chars.len() - self.pos)].iter().collect();
+        format!("`{tok}`")
+    }
+
+    /// A run of characters accepted by `ok`; may be empty.
+    fn word(&mut self, ok: impl Fn(char) -> bool) -> (usize, String) {
+        self.skip_ws();
+        let start = self.pos;
+        while self.pos < self.chars.len() && ok(self.chars[self.pos]) {
+            self.pos += 1;
+        }
+        (start, self.chars[start..self.pos].iter().collect())
+    }
+
+    fn ident(&mut self, what: &str) -> PResult<(usize, String)> {
+        let (start, w) = self.word(|c| c.is_ascii_alphanumeric() || c == '_');
+        if w.is_empty() {
+            let found = self.describe_next();
+            return Err(self.err(format!("expected {what}, found {found}")));
+        }
+        Ok((start, w))
+    }
+
+    fn value_ref(&mut self, what: &str) -> PResult<(usize, String)> {
+        self.skip_ws();
+        let start = self.pos;
+        if !self.eat('%') {
+            let found = self.describe_next();
+            return Err(self.err(format!("expected {what} (a `%name`), found {found}")));
+        }
+        let (_, name) = self.word(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+        if name.is_empty() {
+            return Err(self.err_at(start, 1, format!("`%` must be followed by a name ({what})")));
+        }
+        Ok((start, name))
+    }
+
+    fn int(&mut self, what: &str) -> PResult<i64> {
+        let (start, w) = self.word(|c| c.is_ascii_digit() || c == '-');
+        w.parse::<i64>().map_err(|_| {
+            if w.is_empty() {
+                let found = self.describe_next();
+                self.err(format!("expected {what} (an integer), found {found}"))
+            } else {
+                self.err_at(start, w.chars().count(), format!("`{w}` is not an integer ({what})"))
+            }
+        })
+    }
+
+    fn usize(&mut self, what: &str) -> PResult<usize> {
+        self.skip_ws();
+        let start = self.pos;
+        let v = self.int(what)?;
+        usize::try_from(v).map_err(|_| self.err_at(start, self.pos - start, format!("{what} must not be negative, found {v}")))
+    }
+
+    fn ty(&mut self) -> PResult<TensorType> {
+        let (start, name) = self.ident("a type such as f32[2, 3]")?;
+        let dtype = DType::from_name(&name).ok_or_else(|| {
+            self.err_at(start, name.len(), format!("unknown dtype `{name}`; expected one of f32, bf16, f16, i32, i64"))
+        })?;
+        self.expect('[', "to open the shape")?;
+        let mut shape = Vec::new();
+        if !self.eat(']') {
+            loop {
+                shape.push(self.usize("a dimension extent")?);
+                if self.eat(']') {
+                    break;
+                }
+                self.expect(',', "or `]` in the shape")?;
+            }
+        }
+        Ok(TensorType::new(dtype, shape))
+    }
+
+    fn attr_value(&mut self) -> PResult<Attr> {
+        match self.peek() {
+            Some('"') => {
+                let start = self.pos;
+                self.pos += 1;
+                let mut s = String::new();
+                loop {
+                    match self.chars.get(self.pos) {
+                        None => return Err(self.err_at(start, 1, "unterminated string")),
+                        Some('"') => {
+                            self.pos += 1;
+                            break;
+                        }
+                        Some('\\') => {
+                            match self.chars.get(self.pos + 1) {
+                                Some(c @ ('"' | '\\')) => s.push(*c),
+                                _ => return Err(self.err_at(self.pos, 2, "unknown escape; only \\\" and \\\\ are allowed")),
+                            }
+                            self.pos += 2;
+                        }
+                        Some(c) => {
+                            s.push(*c);
+                            self.pos += 1;
+                        }
+                    }
+                }
+                Ok(Attr::Str(s))
+            }
+            Some('[') => {
+                self.pos += 1;
+                let mut v = Vec::new();
+                if !self.eat(']') {
+                    loop {
+                        v.push(self.int("a list element")?);
+                        if self.eat(']') {
+                            break;
+                        }
+                        self.expect(',', "or `]` in the list")?;
+                    }
+                }
+                Ok(Attr::Ints(v))
+            }
+            Some(_) => {
+                let (start, w) = self.word(|c| c.is_ascii_alphanumeric() || "-+._".contains(c));
+                let len = w.chars().count();
+                if w.is_empty() {
+                    let found = self.describe_next();
+                    return Err(self.err(format!("expected an attribute value, found {found}")));
+                }
+                if w == "true" || w == "false" {
+                    return Ok(Attr::Bool(w == "true"));
+                }
+                if let Some(d) = DType::from_name(&w) {
+                    return Ok(Attr::DType(d));
+                }
+                if let Ok(i) = w.parse::<i64>() {
+                    return Ok(Attr::Int(i));
+                }
+                let looks_float = w.chars().any(|c| c.is_ascii_digit()) || matches!(w.as_str(), "inf" | "-inf" | "NaN");
+                match w.parse::<f64>() {
+                    Ok(x) if looks_float => Ok(Attr::Float(x)),
+                    _ => Err(self.err_at(start, len, format!("`{w}` is not a value: expected true, false, a number, a string, a list or a dtype"))),
+                }
+            }
+            None => Err(self.err_at(self.chars.len(), 1, "expected an attribute value, found end of line")),
+        }
+    }
+}
+
+impl Parser {
+    fn run(mut self, src: &str) -> PResult<Graph> {
+        let mut last_line = 1;
+        for (i, line) in src.lines().enumerate() {
+            last_line = i + 1;
+            let mut c = Cursor::new(i + 1, line);
+            if c.at_end() {
+                continue;
+            }
+            self.item(&mut c)?;
+            if !c.at_end() {
+                let found = c.describe_next();
+                return Err(c.err(format!("unexpected {found} after the end of the item")));
+            }
+        }
+        let eof = |message: &str| Diagnostic { line: last_line, col: 1, len: 1, message: message.into() };
+        let graph = self.graph.ok_or_else(|| eof("empty file: a .tir file starts with `graph NAME`"))?;
+        if !self.saw_output {
+            return Err(eof("missing `output %value, ...` line at the end of the graph"));
+        }
+        Ok(graph)
+    }
+
+    fn define(&mut self, c: &Cursor, start: usize, name: String, ty: TensorType) -> PResult<ValueId> {
+        let g = self.graph.as_mut().expect("checked by item()");
+        if self.names.contains_key(&name) {
+            return Err(c.err_at(start, name.len() + 1, format!("value `%{name}` is defined twice; SSA values have one definition")));
+        }
+        let id = ValueId(g.values.len() as u32);
+        g.values.push(Value { name: name.clone(), ty });
+        self.names.insert(name, id);
+        Ok(id)
+    }
+
+    fn lookup(&self, c: &Cursor, start: usize, name: &str) -> PResult<ValueId> {
+        self.names
+            .get(name)
+            .copied()
+            .ok_or_else(|| c.err_at(start, name.len() + 1, format!("use of undefined value `%{name}`; values must be defined before use")))
+    }
+
+    fn item(&mut self, c: &mut Cursor) -> PResult<()> {
+        if self.saw_output {
+            return Err(c.err("nothing may follow the `output` line"));
+        }
+        if c.peek() == Some('%') {
+            return self.node(c);
+        }
+        let (start, kw) = c.ident("`graph`, `mesh`, `param`, `input`, `output` or a `%value` definition")?;
+        if self.graph.is_none() && kw != "graph" {
+            return Err(c.err_at(start, kw.len(), format!("expected `graph NAME` as the first line, found `{kw}`")));
+        }
+        match kw.as_str() {
+            "graph" => {
+                if self.graph.is_some() {
+                    return Err(c.err_at(start, kw.len(), "a file holds one graph: `graph` appears twice"));
+                }
+                let (s, name) = c.word(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '.');
+                if name.is_empty() {
+                    let found = c.describe_next();
+                    return Err(c.err_at(s, 1, format!("expected the graph's name after `graph`, found {found}")));
+                }
+                self.graph = Some(Graph::new(name));
+                Ok(())
+            }
+            "mesh" => {
+                let g = self.graph.as_ref().expect("checked above");
+                if !g.mesh.axes.is_empty() || !g.args.is_empty() || !g.nodes.is_empty() {
+                    return Err(c.err_at(start, 4, "`mesh` comes once, right after `graph`"));
+                }
+                let mut axes: Vec<MeshAxis> = Vec::new();
+                loop {
+                    let (s, name) = c.ident("a mesh axis name")?;
+                    if !is_identifier(&name) {
+                        return Err(c.err_at(s, name.len(), format!("mesh axis `{name}` must start with a letter or `_`")));
+                    }
+                    if axes.iter().any(|a| a.name == name) {
+                        return Err(c.err_at(s, name.len(), format!("mesh axis `{name}` is named twice")));
+                    }
+                    c.expect('=', "after the mesh axis name")?;
+                    let size = c.usize("the axis size")?;
+                    if size == 0 {
+                        return Err(c.err_at(c.pos - 1, 1, format!("mesh axis `{name}` has size 0; sizes must be at least 1")));
+                    }
+                    axes.push(MeshAxis { name, size });
+                    if c.at_end() {
+                        break;
+                    }
+                    c.expect(',', "between mesh axes")?;
+                }
+                self.graph.as_mut().expect("checked above").mesh = Mesh { axes };
+                Ok(())
+            }
+            "param" | "input" => {
+                if !self.graph.as_ref().expect("checked above").nodes.is_empty() {
+                    return Err(c.err_at(start, kw.len(), "arguments (`param`, `input`) come before the first node"));
+                }
+                let (s, name) = c.value_ref("the argument's name")?;
+                c.expect(':', "between the argument's name and its type")?;
+                let ty = c.ty()?;
+                let value = self.define(c, s, name, ty)?;
+                let kind = if kw == "param" { ArgKind::Param } else { ArgKind::Input };
+                self.graph.as_mut().expect("checked above").args.push(Arg { kind, value });
+                Ok(())
+            }
+            "output" => {
+                let mut outs = Vec::new();
+                loop {
+                    let (s, name) = c.value_ref("an output value")?;
+                    outs.push(self.lookup(c, s, &name)?);
+                    if c.at_end() {
+                        break;
+                    }
+                    c.expect(',', "between output values")?;
+                }
+                self.graph.as_mut().expect("checked above").outputs = outs;
+                self.saw_output = true;
+                Ok(())
+            }
+            other => Err(c.err_at(
+                start,
+                other.len(),
+                format!("unknown keyword `{other}`; a line is `graph`, `mesh`, `param`, `input`, `output` or `%name: type = op(...)`"),
+            )),
+        }
+    }
+
+    fn node(&mut self, c: &mut Cursor) -> PResult<()> {
+        if self.graph.is_none() {
+            return Err(c.err("expected `graph NAME` as the first line"));
+        }
+        let (s, name) = c.value_ref("the defined value")?;
+        c.expect(':', "and the result type after the value name (`%x: f32[2] = ...`)")?;
+        let ty = c.ty()?;
+        c.expect('=', "after the result type")?;
+        let (os, opname) = c.ident("an op name")?;
+        let op = Op::from_name(&opname).ok_or_else(|| c.err_at(os, opname.len(), format!("unknown op `{opname}`")))?;
+        c.expect('(', "to open the operand list")?;
+        let mut inputs = Vec::new();
+        if !c.eat(')') {
+            loop {
+                let (vs, vname) = c.value_ref("an operand")?;
+                inputs.push(self.lookup(c, vs, &vname)?);
+                if c.eat(')') {
+                    break;
+                }
+                c.expect(',', "or `)` in the operand list")?;
+            }
+        }
+        let mut attrs = Attrs::new();
+        if c.eat('{') {
+            loop {
+                let (as_, aname) = c.ident("an attribute name")?;
+                if attrs.get(&aname).is_some() {
+                    return Err(c.err_at(as_, aname.len(), format!("attribute `{aname}` is given twice")));
+                }
+                c.expect('=', "after the attribute name")?;
+                let v = c.attr_value()?;
+                attrs.0.insert(aname, v);
+                if c.eat('}') {
+                    break;
+                }
+                c.expect(',', "or `}` in the attribute list")?;
+            }
+        }
+        let output = self.define(c, s, name, ty)?;
+        self.graph.as_mut().expect("checked above").nodes.push(Node { op, inputs, attrs, output });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SRC: &str = "graph mlp\nparam %w: f32[4, 8]\ninput %x: f32[2, 4]\n%h: f32[2, 8] = matmul(%x, %w)\n%y: f32[2, 8] = gelu(%h) {approximate = \"tanh\"}\noutput %y\n";
+
+    #[test]
+    fn round_trips() {
+        let g = parse(SRC).unwrap();
+        assert_eq!(print(&g), SRC);
+        assert_eq!(parse(&print(&g)).unwrap(), g);
+    }
+
+    #[test]
+    fn errors_point_at_the_token() {
+        let e = parse("graph g\ninput %x: f32[2]\n%y: f32[2] = frob(%x)\noutput %y\n").unwrap_err();
+        assert_eq!((e.line, e.col), (3, 14));
+        assert!(e.message.contains("unknown op `frob`"));
+        let e = parse("graph g\n%y: f32[2] = neg(%x)\noutput %y\n").unwrap_err();
+        assert_eq!((e.line, e.col), (2, 18));
+        assert!(e.message.contains("undefined value `%x`"));
+    }
+
+    #[test]
+    fn floats_and_special_values_round_trip() {
+        for x in [1e-5, 0.1, -2.5, 1e300, f64::INFINITY, f64::NEG_INFINITY, 3.0] {
+            let a = Attr::Float(x);
+            let src = format!("graph g\n%c: f32[] = full() {{dtype = f32, shape = [], value = {a}}}\noutput %c\n");
+            let g = parse(&src).unwrap();
+            assert_eq!(g.nodes[0].attrs.get("value"), Some(&a), "{src}");
+        }
+    }
+}
