@@ -1,1 +1,20 @@
+//! The `shardc` command-line tool. The binary in `main.rs` only parses arguments and calls
+//! [`run`]; errors are rendered here, at the edge.
 
+pub mod cli;
+pub mod commands;
+pub mod model;
+pub mod render;
+
+use cli::{Cli, Command};
+
+/// Runs one command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match &cli.command {
+        Command::Import(a) => commands::import(a),
+        Command::Check(a) => commands::check(a),
+        Command::Eval(a) => commands::eval(a),
+        Command::Data(c) => commands::data(c),
+        Command::Ops => commands::ops(),
+    }
+}

@@ -100,13 +100,28 @@ pub fn is_value_name(s: &str) -> bool {
 
 /// Parses a `.tir` source into a graph.
 pub fn parse(src: &str) -> Result<Graph, Diagnostic> {
-    Parser::default().run(src)
+    parse_with_source_map(src).map(|(g, _)| g)
+}
+
+/// Where each value of a parsed graph was defined, for rendering verifier errors at their line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceMap {
+    /// 1-based line of the definition of each value, indexed by [`ValueId`].
+    pub value_lines: Vec<usize>,
+}
+
+/// Parses a `.tir` source and records the line of every definition.
+pub fn parse_with_source_map(src: &str) -> Result<(Graph, SourceMap), Diagnostic> {
+    let mut p = Parser::default();
+    let g = p.run(src)?;
+    Ok((g, SourceMap { value_lines: p.lines }))
 }
 
 #[derive(Default)]
 struct Parser {
     graph: Option<Graph>,
     names: HashMap<String, ValueId>,
+    lines: Vec<usize>,
     saw_output: bool,
 }
 
@@ -346,7 +361,7 @@ impl<'a> Cursor<'a> {
 }
 
 impl Parser {
-    fn run(mut self, src: &str) -> PResult<Graph> {
+    fn run(&mut self, src: &str) -> PResult<Graph> {
         let mut last_line = 1;
         for (i, line) in src.lines().enumerate() {
             last_line = i + 1;
@@ -361,7 +376,7 @@ impl Parser {
             }
         }
         let eof = |message: &str| Diagnostic { line: last_line, col: 1, len: 1, message: message.into() };
-        let graph = self.graph.ok_or_else(|| eof("empty file: a .tir file starts with `graph NAME`"))?;
+        let graph = self.graph.take().ok_or_else(|| eof("empty file: a .tir file starts with `graph NAME`"))?;
         if !self.saw_output {
             return Err(eof("missing `output %value, ...` line at the end of the graph"));
         }
@@ -376,6 +391,7 @@ impl Parser {
         let id = ValueId(g.values.len() as u32);
         g.values.push(Value { name: name.clone(), ty });
         self.names.insert(name, id);
+        self.lines.push(c.line_no);
         Ok(id)
     }
 

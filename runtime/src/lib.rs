@@ -1,1 +1,15 @@
-//! placeholder
+//! Executes compiled training steps.
+//!
+//! Today: token files and batches ([`data`]) and parameter initialisation ([`init`]); the
+//! reference interpreter in `shardc-ir` executes graphs on the host.
+//!
+//! Where this crate is going (DESIGN.md): a device-independent executor (schedule, memory
+//! arena, checkpoints, data loading, metrics) over two traits, `Device` (Host, Cuda) and
+//! `Communicator` (threads in one process; NCCL), running bundles produced by `shardc-codegen`.
+//!
+//! Architecture Invariant: this is the only crate that touches CUDA (through cudarc, loaded at
+//! run time) and the only one that does device or network I/O. It never runs MLIR or a
+//! compiler: a bundle is self-contained.
+
+pub mod data;
+pub mod init;

@@ -205,9 +205,9 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
         Family::Gpt2 { .. } => ("wte.weight", "ln_f", "lm_head.weight"),
         Family::Llama { .. } => ("embed_tokens.weight", "norm", "lm_head.weight"),
     };
-    let wte = cx.param(embed_name, &[v, d]);
     let tokens = cx.b.input("tokens", DType::I64, &[bsz, t]);
     let targets = cx.b.input("targets", DType::I64, &[bsz, t]);
+    let wte = cx.param(embed_name, &[v, d]);
     let iota = Attrs::new()
         .with("dtype", Attr::DType(DType::I64))
         .with("shape", Attr::Ints(vec![t as i64]))

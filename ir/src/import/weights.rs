@@ -168,3 +168,26 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ImportError
     }
     Ok(out)
 }
+
+/// Writes tensors to a safetensors file (floating tensors as F32, integers as I64), atomically.
+pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), ImportError> {
+    use crate::tensor::Data;
+    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let (dtype, bytes) = match &t.data {
+                Data::I64(v) => (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                _ => (Dtype::F32, t.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect()),
+            };
+            (name.clone(), dtype, t.shape.clone(), bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = encoded
+        .iter()
+        .map(|(n, d, s, b)| safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| fail(path, format!("cannot encode: {e}")))?;
+    let tmp = path.with_extension("safetensors.tmp");
+    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| fail(&tmp, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| fail(path, format!("cannot move the written file into place: {e}")))
+}

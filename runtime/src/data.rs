@@ -1,0 +1,183 @@
+//! Token files and batches.
+//!
+//! Two formats are read:
+//! - llm.c's: a header of 256 little-endian int32 (`[0]` = 20240520, `[1]` = version, `[2]` =
+//!   token count), then the tokens: uint16 for version 1, uint32 for version 2.
+//! - raw uint16 little-endian tokens with no header (nanoGPT's `train.bin`).
+//!
+//! Batches follow llm.c's order: in batch `k` of `B` rows of `T` tokens, row `b` reads the
+//! window starting at token `(k*B + b)*T`; the targets are the same window shifted by one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// llm.c's magic number for token files.
+pub const LLMC_MAGIC: i32 = 20240520;
+const HEADER_BYTES: usize = 256 * 4;
+
+/// A token-file problem, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {message}", path.display())]
+pub struct DataError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// The tokens of one file, in memory.
+#[derive(Clone, Debug)]
+pub struct TokenFile {
+    pub path: PathBuf,
+    pub tokens: Vec<u32>,
+    /// "llm.c v1", "llm.c v2" or "raw uint16".
+    pub format: &'static str,
+}
+
+impl TokenFile {
+    /// Reads and checks a token file.
+    pub fn open(path: &Path) -> Result<TokenFile, DataError> {
+        let bytes = std::fs::read(path).map_err(|e| DataError { path: path.into(), message: format!("cannot read: {e}") })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses the bytes of a token file (`path` is only used in messages).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TokenFile, DataError> {
+        let fail = |message: String| DataError { path: path.into(), message };
+        let header_int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        if bytes.len() >= HEADER_BYTES && header_int(0) == LLMC_MAGIC {
+            let version = header_int(1);
+            let width = match version {
+                1 => 2,
+                2 => 4,
+                v => return Err(fail(format!("llm.c token file version {v} is not supported (1: uint16 tokens, 2: uint32 tokens)"))),
+            };
+            let count = usize::try_from(header_int(2)).map_err(|_| fail(format!("header token count {} is negative", header_int(2))))?;
+            let body = &bytes[HEADER_BYTES..];
+            if body.len() != count * width {
+                return Err(fail(format!(
+                    "header says {count} tokens ({} bytes) but {} bytes follow it; the file is truncated or not an llm.c token file",
+                    count * width,
+                    body.len()
+                )));
+            }
+            let tokens = if width == 2 {
+                body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect()
+            } else {
+                body.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
+            };
+            return Ok(TokenFile { path: path.into(), tokens, format: if width == 2 { "llm.c v1" } else { "llm.c v2" } });
+        }
+        if bytes.len() % 2 != 0 {
+            return Err(fail(format!(
+                "{} bytes is neither an llm.c token file (magic {LLMC_MAGIC}) nor raw uint16 tokens (an even number of bytes)",
+                bytes.len()
+            )));
+        }
+        let tokens = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect();
+        Ok(TokenFile { path: path.into(), tokens, format: "raw uint16" })
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// How many whole batches of `batch` x `seq` the file holds (each needs one extra token
+    /// for the last target).
+    pub fn num_batches(&self, batch: usize, seq: usize) -> usize {
+        let per = batch * seq;
+        if per == 0 || self.len() < 1 {
+            0
+        } else {
+            (self.len() - 1) / per
+        }
+    }
+
+    /// Batch `k`: (inputs, targets), each `batch * seq` tokens, row-major.
+    pub fn batch(&self, k: usize, batch: usize, seq: usize) -> Result<(Vec<i64>, Vec<i64>), DataError> {
+        let need = (k + 1) * batch * seq + 1;
+        if batch == 0 || seq == 0 || need > self.len() {
+            return Err(DataError {
+                path: self.path.clone(),
+                message: format!(
+                    "batch {k} of {batch} x {seq} tokens needs {need} tokens but the file has {}; use a smaller --batch, --seq or fewer batches",
+                    self.len()
+                ),
+            });
+        }
+        let (mut x, mut y) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
+        for b in 0..batch {
+            let start = (k * batch + b) * seq;
+            x.extend(self.tokens[start..start + seq].iter().map(|&t| t as i64));
+            y.extend(self.tokens[start + 1..start + seq + 1].iter().map(|&t| t as i64));
+        }
+        Ok((x, y))
+    }
+
+    /// The largest token id, for checking against a vocabulary.
+    pub fn max_token(&self) -> Option<u32> {
+        self.tokens.iter().copied().max()
+    }
+}
+
+/// Writes tokens in llm.c's format (version 1, uint16), atomically (temp file + rename).
+pub fn write_llmc(path: &Path, tokens: &[u16]) -> std::io::Result<()> {
+    let mut header = [0i32; 256];
+    header[0] = LLMC_MAGIC;
+    header[1] = 1;
+    header[2] = i32::try_from(tokens.len()).map_err(|_| std::io::Error::other("more than 2^31 tokens do not fit llm.c's header"))?;
+    let mut bytes = Vec::with_capacity(HEADER_BYTES + tokens.len() * 2);
+    header.iter().for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
+    tokens.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// The byte-level tokenizer: every byte of the text is one token (vocabulary 256).
+pub fn byte_tokens(text: &[u8]) -> Vec<u16> {
+    text.iter().map(|&b| b as u16).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llmc_round_trip_and_batch_order() {
+        let dir = std::env::temp_dir().join(format!("shardc-data-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.bin");
+        let tokens: Vec<u16> = (0..21).collect();
+        write_llmc(&path, &tokens).unwrap();
+        let f = TokenFile::open(&path).unwrap();
+        assert_eq!(f.format, "llm.c v1");
+        assert_eq!(f.len(), 21);
+        // B = 2, T = 5: batch 1 rows start at 10 and 15.
+        let (x, y) = f.batch(1, 2, 5).unwrap();
+        assert_eq!(x, vec![10, 11, 12, 13, 14, 15, 16, 17, 18, 19]);
+        assert_eq!(y, vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
+        assert_eq!(f.num_batches(2, 5), 2);
+        assert!(f.batch(2, 2, 5).unwrap_err().to_string().contains("needs 31 tokens"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn raw_and_broken_files() {
+        let f = TokenFile::from_bytes(Path::new("raw.bin"), &[1, 0, 2, 0]).unwrap();
+        assert_eq!((f.format, f.tokens.clone()), ("raw uint16", vec![1, 2]));
+        assert!(TokenFile::from_bytes(Path::new("odd.bin"), &[1, 0, 2]).is_err());
+        let mut bytes = vec![0u8; HEADER_BYTES];
+        bytes[..4].copy_from_slice(&LLMC_MAGIC.to_le_bytes());
+        bytes[4..8].copy_from_slice(&1i32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&10i32.to_le_bytes());
+        let e = TokenFile::from_bytes(Path::new("short.bin"), &bytes).unwrap_err();
+        assert!(e.to_string().contains("header says 10 tokens"), "{e}");
+    }
+}

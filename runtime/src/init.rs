@@ -1,0 +1,79 @@
+//! Parameter initialisation for models that come without weights.
+//!
+//! GPT-2's scheme (Radford et al. 2019, as in nanoGPT): matrices and embeddings drawn from
+//! N(0, 0.02), biases zero, normalisation gains one. Deterministic for a seed: the stream of
+//! each parameter is derived from the seed and the parameter's name, so adding a parameter does
+//! not change the others.
+
+use shardc_ir::graph::{ArgKind, Graph};
+use shardc_ir::tensor::Tensor;
+use std::collections::HashMap;
+
+/// splitmix64: a small, well-mixed 64-bit generator (Steele, Lea, Flood 2014).
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+fn name_hash(name: &str) -> u64 {
+    // FNV-1a: stable across runs and platforms.
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// Initial values for every parameter of `g`, GPT-2 style (see the module doc).
+pub fn init_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
+    g.args_of(ArgKind::Param)
+        .map(|p| {
+            let v = g.value(p);
+            let n = v.ty.numel();
+            let data: Vec<f32> = if v.ty.rank() >= 2 {
+                let mut rng = Rng::new(seed ^ name_hash(&v.name));
+                (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+            } else if v.name.ends_with("bias") {
+                vec![0.0; n]
+            } else {
+                vec![1.0; n]
+            };
+            let mut t = Tensor::f32(v.ty.shape.clone(), data);
+            t.dtype = v.ty.dtype;
+            (v.name.clone(), t)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normal_has_unit_variance() {
+        let mut r = Rng::new(7);
+        let xs: Vec<f64> = (0..20000).map(|_| r.normal()).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        assert!(mean.abs() < 0.03 && (var - 1.0).abs() < 0.05, "mean {mean}, var {var}");
+    }
+}

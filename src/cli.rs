@@ -1,0 +1,122 @@
+//! Command-line interface definitions (clap derive).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// shardc: a compiler for distributed transformer training.
+///
+/// A model (a Hugging Face config.json directory, or a .tir file in shardc's text IR) goes in;
+/// today shardc imports, prints, verifies and evaluates it on the CPU with its reference
+/// interpreter. See README.md for the quick start.
+#[derive(Debug, Parser)]
+#[command(name = "shardc", version, about, long_about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Turn a Hugging Face model directory (config.json, optional model.safetensors) into IR.
+    Import(ImportArgs),
+    /// Parse and verify a .tir (or .json) graph; errors are shown at their source line.
+    Check(CheckArgs),
+    /// Mean cross-entropy loss of a model on batches of a token file, on the CPU.
+    Eval(EvalArgs),
+    /// Token files.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// List the IR's ops with their operands and attributes.
+    Ops,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    /// The .tir text IR.
+    Tir,
+    /// The serde JSON form of the graph.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Directory holding config.json (and optionally model.safetensors).
+    pub model_dir: PathBuf,
+    /// Write the graph here instead of standard output.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Rows per batch in the graph's static shapes.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Tokens per row; defaults to the model's maximum positions (at most 1024).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = GraphFormat::Tir)]
+    pub format: GraphFormat,
+    /// Also output the logits (after the loss).
+    #[arg(long)]
+    pub logits: bool,
+    /// Write the checkpoint's weights under the graph's parameter names (safetensors), so that
+    /// `shardc eval model.tir --weights FILE` evaluates the imported model.
+    #[arg(long, value_name = "FILE")]
+    pub weights_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The .tir (or .json) files to check.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EvalPrecision {
+    F32,
+    F64,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A model directory (config.json [+ model.safetensors]) or a .tir file.
+    pub model: PathBuf,
+    /// Token file: llm.c format (magic 20240520) or raw uint16.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Rows per batch.
+    #[arg(long)]
+    pub batch: usize,
+    /// Tokens per row.
+    #[arg(long)]
+    pub seq: usize,
+    /// How many consecutive batches to average over (batch k reads from token k*B*T).
+    #[arg(long, default_value_t = 1)]
+    pub batches: usize,
+    /// Parameters by graph name (safetensors); for a .tir model, or to override a directory's.
+    #[arg(long, value_name = "FILE")]
+    pub weights: Option<PathBuf>,
+    /// Seed for GPT-2-style initialisation when the model has no weights.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Arithmetic of the reference interpreter.
+    #[arg(long, value_enum, default_value_t = EvalPrecision::F32)]
+    pub precision: EvalPrecision,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Tokenize a text file byte by byte (vocabulary 256) into an llm.c token file.
+    Prepare(PrepareArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrepareArgs {
+    /// The text file.
+    pub text: PathBuf,
+    /// Where to write the tokens.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}

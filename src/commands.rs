@@ -1,0 +1,227 @@
+//! The subcommands.
+
+use crate::cli::{CheckArgs, DataCommand, EvalArgs, EvalPrecision, GraphFormat, ImportArgs};
+use crate::model::{load_model, read_graph};
+use anyhow::{anyhow, bail, Context, Result};
+use shardc_ir::import::{import_dir, weights, BuildOptions, Family};
+use shardc_ir::interp::{run, Precision};
+use shardc_ir::ops::Op;
+use shardc_ir::text::print;
+use shardc_ir::{ArgKind, DType, Tensor};
+use shardc_runtime::data::{byte_tokens, write_llmc, TokenFile};
+use std::collections::BTreeMap;
+use std::io::Write;
+
+/// `1234567` -> `1,234,567`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn write_output(path: Option<&std::path::Path>, text: &str) -> Result<()> {
+    match path {
+        Some(p) => std::fs::write(p, text).with_context(|| format!("cannot write {}", p.display())),
+        None => {
+            std::io::stdout().write_all(text.as_bytes())?;
+            Ok(())
+        }
+    }
+}
+
+pub fn import(a: &ImportArgs) -> Result<()> {
+    let config_text = std::fs::read_to_string(a.model_dir.join("config.json"));
+    // The default sequence length needs the config; read it first (errors come from import_dir).
+    let seq = match (a.seq, config_text) {
+        (Some(s), _) => s,
+        (None, Ok(text)) => shardc_ir::import::parse_config(&text).map(|(c, _)| c.max_positions.min(1024)).unwrap_or(1),
+        (None, Err(_)) => 1,
+    };
+    let m = import_dir(&a.model_dir, BuildOptions { batch: a.batch, seq, emit_logits: a.logits })?;
+    for w in &m.warnings {
+        eprintln!("warning: {w}");
+    }
+    let text = match a.format {
+        GraphFormat::Tir => print(&m.graph),
+        GraphFormat::Json => serde_json::to_string_pretty(&m.graph)? + "\n",
+    };
+    write_output(a.output.as_deref(), &text)?;
+    let c = &m.config;
+    let kind = match c.family {
+        Family::Gpt2 { .. } => "gpt2".to_string(),
+        Family::Llama { .. } => format!("llama ({} query heads, {} key/value heads)", c.heads, c.kv_heads),
+    };
+    eprintln!(
+        "imported {kind}: {} layers, hidden {}, vocabulary {}, {} parameters; graph for batch {} x seq {}: {} nodes",
+        c.layers,
+        c.hidden,
+        c.vocab_size,
+        thousands(m.graph.param_count()),
+        a.batch,
+        seq,
+        m.graph.nodes.len()
+    );
+    match (&m.weights, &a.weights_out) {
+        (Some(w), Some(out)) => {
+            let sorted: BTreeMap<String, Tensor> = w.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            weights::write_tensors(out, &sorted)?;
+            eprintln!("wrote {} parameter tensors to {}", sorted.len(), out.display());
+        }
+        (None, Some(_)) => bail!("{} has no model.safetensors, so there are no weights to write", a.model_dir.display()),
+        _ => {}
+    }
+    if let Some(out) = &a.output {
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+pub fn check(a: &CheckArgs) -> Result<()> {
+    let mut failed = 0;
+    for path in &a.files {
+        match read_graph(path) {
+            Ok(g) => println!(
+                "{}: ok: graph {}, {} nodes, {} parameters ({} elements){}",
+                path.display(),
+                g.name,
+                g.nodes.len(),
+                g.args_of(ArgKind::Param).count(),
+                thousands(g.param_count()),
+                if g.mesh.axes.is_empty() { String::new() } else { format!(", mesh {}", g.mesh) }
+            ),
+            Err(e) => {
+                eprintln!("{e}\n");
+                failed += 1;
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} files failed to check", a.files.len());
+    }
+    Ok(())
+}
+
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    if a.batches == 0 {
+        bail!("--batches must be at least 1");
+    }
+    let model = load_model(&a.model, a.batch, a.seq, a.weights.as_deref(), a.seed)?;
+    let data = TokenFile::open(&a.data)?;
+    let vocab = model
+        .graph
+        .args_of(ArgKind::Param)
+        .find(|&p| model.graph.nodes.iter().any(|n| n.op == Op::Embedding && n.inputs[0] == p && n.inputs[1] == model.graph.find("tokens").unwrap_or(p)))
+        .map(|p| model.graph.ty(p).shape[0]);
+    if let (Some(v), Some(max)) = (vocab, data.max_token()) {
+        if max as usize >= v {
+            bail!("{}: holds token id {max} but the model's vocabulary has {v} entries", a.data.display());
+        }
+    }
+    let available = data.num_batches(a.batch, a.seq);
+    if available < a.batches {
+        bail!(
+            "{}: {} tokens hold {available} batches of {} x {} (each batch needs B*T tokens plus one), but --batches {} was asked for",
+            a.data.display(),
+            thousands(data.len()),
+            a.batch,
+            a.seq,
+            a.batches
+        );
+    }
+    let precision = match a.precision {
+        EvalPrecision::F32 => Precision::F32,
+        EvalPrecision::F64 => Precision::F64,
+    };
+    let loss_index = model.graph.outputs.iter().position(|&o| model.graph.name_of(o) == "loss").unwrap_or(0);
+    let mut inputs = model.params.clone();
+    let mut losses = Vec::new();
+    let start = std::time::Instant::now();
+    for k in 0..a.batches {
+        let (x, y) = data.batch(k, a.batch, a.seq)?;
+        inputs.insert("tokens".into(), Tensor::int(DType::I64, vec![a.batch, a.seq], x));
+        inputs.insert("targets".into(), Tensor::int(DType::I64, vec![a.batch, a.seq], y));
+        let out = run(&model.graph, &inputs, precision)?;
+        let loss = out[loss_index].scalar().ok_or_else(|| anyhow!("the `%loss` output is not a scalar"))?;
+        if !a.json {
+            println!("batch {k}: loss {loss:.6}");
+        }
+        losses.push(loss);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+    let tokens = a.batches * a.batch * a.seq;
+    if a.json {
+        let obj = serde_json::json!({
+            "loss": mean,
+            "batch_losses": losses,
+            "batches": a.batches,
+            "batch": a.batch,
+            "seq": a.seq,
+            "tokens": tokens,
+            "precision": format!("{:?}", a.precision).to_lowercase(),
+            "params": model.graph.param_count(),
+            "tokens_per_s": tokens as f64 / seconds.max(1e-9),
+        });
+        println!("{obj}");
+    } else {
+        let what = match &model.config {
+            Some(c) => format!("{} ({} layers, hidden {})", c.model_type(), c.layers, c.hidden),
+            None => format!("graph {}", model.graph.name),
+        };
+        println!(
+            "mean cross-entropy over {} batch{} of {} x {} tokens: {mean:.6}",
+            a.batches,
+            if a.batches == 1 { "" } else { "es" },
+            a.batch,
+            a.seq
+        );
+        eprintln!(
+            "model: {what}, {} parameters from {}; data: {} ({}, {} tokens); {:.0} tokens/s",
+            thousands(model.graph.param_count()),
+            model.weights_from,
+            a.data.display(),
+            data.format,
+            thousands(data.len()),
+            tokens as f64 / seconds.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+pub fn data(c: &DataCommand) -> Result<()> {
+    match c {
+        DataCommand::Prepare(a) => {
+            let text = std::fs::read(&a.text).with_context(|| format!("cannot read {}", a.text.display()))?;
+            if text.is_empty() {
+                bail!("{} is empty; there is nothing to tokenize", a.text.display());
+            }
+            let tokens = byte_tokens(&text);
+            write_llmc(&a.output, &tokens).with_context(|| format!("cannot write {}", a.output.display()))?;
+            println!("wrote {} tokens (byte-level, vocabulary 256) to {}", thousands(tokens.len()), a.output.display());
+            Ok(())
+        }
+    }
+}
+
+pub fn ops() -> Result<()> {
+    for op in Op::ALL {
+        let info = op.info();
+        let arity = match info.arity {
+            shardc_ir::ops::Arity::Exact(n) => n.to_string(),
+            shardc_ir::ops::Arity::AtLeast(n) => format!("{n}+"),
+        };
+        let attrs: Vec<String> = info
+            .attrs
+            .iter()
+            .map(|s| format!("{}{}: {}", s.name, if s.required { "" } else { "?" }, s.kind.name()))
+            .collect();
+        println!("{:<15} {:<3} {:<55} {}", info.name, arity, attrs.join(", "), info.summary);
+    }
+    Ok(())
+}
