@@ -28,15 +28,17 @@ pub fn parse_error(path: &Path, src: &str, d: &Diagnostic) -> String {
 pub fn verify_errors(path: &Path, src: &str, g: &shardc_ir::Graph, map: &SourceMap, errs: &VerifyErrors) -> String {
     let mut out = Vec::new();
     for e in &errs.0 {
-        let line = e.node.and_then(|i| g.nodes.get(i)).and_then(|n| map.value_lines.get(n.output.index())).copied();
-        out.push(match line {
-            Some(line) => {
+        let node = e.node.and_then(|i| g.nodes.get(i));
+        let line = node.and_then(|n| map.value_lines.get(n.output.index())).copied();
+        out.push(match (node, line) {
+            (Some(n), Some(line)) => {
                 let text = src.lines().nth(line - 1).unwrap_or("");
                 let col = text.len() - text.trim_start().len() + 1;
-                source_error(path, src, line, col, text.trim().len(), &e.message)
+                let message = format!("`{}` defining `%{}`: {}", n.op.name(), g.name_of(n.output), e.message);
+                source_error(path, src, line, col, text.trim().len(), &message)
             }
-            None if e.context.is_empty() => format!("error: {}\n --> {}", e.message, path.display()),
-            None => format!("error: {}\n --> {}\n    {}", e.message, path.display(), e.context),
+            _ if e.context.is_empty() => format!("error: {}\n --> {}", e.message, path.display()),
+            _ => format!("error: {}\n --> {}\n    {}", e.message, path.display(), e.context),
         });
     }
     out.join("\n\n")

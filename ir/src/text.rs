@@ -364,11 +364,11 @@ impl Parser {
     fn run(&mut self, src: &str) -> PResult<Graph> {
         let mut last_line = 1;
         for (i, line) in src.lines().enumerate() {
-            last_line = i + 1;
             let mut c = Cursor::new(i + 1, line);
             if c.at_end() {
                 continue;
             }
+            last_line = i + 1;
             self.item(&mut c)?;
             if !c.at_end() {
                 let found = c.describe_next();
