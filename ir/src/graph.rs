@@ -84,7 +84,10 @@ fn mesh_is_empty(m: &Mesh) -> bool {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Self {
-        Graph { name: name.into(), ..Default::default() }
+        Graph {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     pub fn value(&self, id: ValueId) -> &Value {
@@ -101,12 +104,18 @@ impl Graph {
 
     /// The value called `name`, if any.
     pub fn find(&self, name: &str) -> Option<ValueId> {
-        self.values.iter().position(|v| v.name == name).map(|i| ValueId(i as u32))
+        self.values
+            .iter()
+            .position(|v| v.name == name)
+            .map(|i| ValueId(i as u32))
     }
 
     /// The arguments of one kind, in order.
     pub fn args_of(&self, kind: ArgKind) -> impl Iterator<Item = ValueId> + '_ {
-        self.args.iter().filter(move |a| a.kind == kind).map(|a| a.value)
+        self.args
+            .iter()
+            .filter(move |a| a.kind == kind)
+            .map(|a| a.value)
     }
 
     fn fresh_value(&mut self, name: String, ty: TensorType) -> ValueId {
@@ -126,10 +135,21 @@ impl Graph {
     ///
     /// Errors (with the rule's sentence) when the operands or attributes do not fit the op; the
     /// graph is unchanged then.
-    pub fn add_node(&mut self, op: Op, inputs: &[ValueId], attrs: Attrs, name: impl Into<String>) -> Result<ValueId, String> {
+    pub fn add_node(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        attrs: Attrs,
+        name: impl Into<String>,
+    ) -> Result<ValueId, String> {
         let ty = self.infer(op, inputs, &attrs)?;
         let output = self.fresh_value(name.into(), ty);
-        self.nodes.push(Node { op, inputs: inputs.to_vec(), attrs, output });
+        self.nodes.push(Node {
+            op,
+            inputs: inputs.to_vec(),
+            attrs,
+            output,
+        });
         Ok(output)
     }
 
@@ -137,11 +157,20 @@ impl Graph {
     pub fn infer(&self, op: Op, inputs: &[ValueId], attrs: &Attrs) -> Result<TensorType, String> {
         let info = op.info();
         if !info.arity.accepts(inputs.len()) {
-            return Err(format!("`{}` takes {:?} operands, given {}", info.name, info.arity, inputs.len()));
+            return Err(format!(
+                "`{}` takes {:?} operands, given {}",
+                info.name,
+                info.arity,
+                inputs.len()
+            ));
         }
         crate::ops::check_attrs(op, attrs)?;
         let tys: Vec<&TensorType> = inputs.iter().map(|&v| self.ty(v)).collect();
-        (info.infer)(&InferCtx { inputs: &tys, attrs, mesh: &self.mesh })
+        (info.infer)(&InferCtx {
+            inputs: &tys,
+            attrs,
+            mesh: &self.mesh,
+        })
     }
 
     /// Renumbers values densely in definition order (arguments, then nodes). Builders call this
@@ -149,7 +178,11 @@ impl Graph {
     pub fn finish(&mut self) {
         let mut map = vec![u32::MAX; self.values.len()];
         let mut values = Vec::with_capacity(self.values.len());
-        let order = self.args.iter().map(|a| a.value).chain(self.nodes.iter().map(|n| n.output));
+        let order = self
+            .args
+            .iter()
+            .map(|a| a.value)
+            .chain(self.nodes.iter().map(|n| n.output));
         for old in order {
             map[old.index()] = values.len() as u32;
             values.push(self.values[old.index()].clone());
@@ -175,12 +208,18 @@ impl Graph {
 
     /// Number of scalar elements over all parameters.
     pub fn param_count(&self) -> usize {
-        self.args_of(ArgKind::Param).map(|v| self.ty(v).numel()).sum()
+        self.args_of(ArgKind::Param)
+            .map(|v| self.ty(v).numel())
+            .sum()
     }
 
     /// Map from value name to id.
     pub fn names(&self) -> HashMap<&str, ValueId> {
-        self.values.iter().enumerate().map(|(i, v)| (v.name.as_str(), ValueId(i as u32))).collect()
+        self.values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.as_str(), ValueId(i as u32)))
+            .collect()
     }
 }
 
@@ -193,25 +232,40 @@ pub struct Builder {
 
 impl Builder {
     pub fn new(name: impl Into<String>) -> Self {
-        Builder { graph: Graph::new(name), counter: 0 }
+        Builder {
+            graph: Graph::new(name),
+            counter: 0,
+        }
     }
 
     pub fn param(&mut self, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
-        self.graph.add_arg(ArgKind::Param, name, TensorType::new(dtype, shape.to_vec()))
+        self.graph
+            .add_arg(ArgKind::Param, name, TensorType::new(dtype, shape.to_vec()))
     }
 
     pub fn input(&mut self, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
-        self.graph.add_arg(ArgKind::Input, name, TensorType::new(dtype, shape.to_vec()))
+        self.graph
+            .add_arg(ArgKind::Input, name, TensorType::new(dtype, shape.to_vec()))
     }
 
     /// Adds a node named `hint` (made unique with a numeric suffix when taken).
-    pub fn op(&mut self, op: Op, inputs: &[ValueId], attrs: Attrs, hint: &str) -> Result<ValueId, String> {
+    pub fn op(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        attrs: Attrs,
+        hint: &str,
+    ) -> Result<ValueId, String> {
         let name = if self.graph.find(hint).is_none() && !hint.is_empty() {
             hint.to_string()
         } else {
             loop {
                 self.counter += 1;
-                let candidate = format!("{}{}", if hint.is_empty() { "v" } else { hint }, self.counter);
+                let candidate = format!(
+                    "{}{}",
+                    if hint.is_empty() { "v" } else { hint },
+                    self.counter
+                );
                 if self.graph.find(&candidate).is_none() {
                     break candidate;
                 }
@@ -226,7 +280,13 @@ impl Builder {
         self.op(op, &[x], Attrs::new(), hint)
     }
 
-    pub fn binary(&mut self, op: Op, a: ValueId, b: ValueId, hint: &str) -> Result<ValueId, String> {
+    pub fn binary(
+        &mut self,
+        op: Op,
+        a: ValueId,
+        b: ValueId,
+        hint: &str,
+    ) -> Result<ValueId, String> {
         self.op(op, &[a, b], Attrs::new(), hint)
     }
 
@@ -241,20 +301,51 @@ impl Builder {
 
     pub fn reshape(&mut self, x: ValueId, shape: &[usize], hint: &str) -> Result<ValueId, String> {
         let shape = shape.iter().map(|&d| d as i64).collect();
-        self.op(Op::Reshape, &[x], Attrs::new().with("shape", Attr::Ints(shape)), hint)
+        self.op(
+            Op::Reshape,
+            &[x],
+            Attrs::new().with("shape", Attr::Ints(shape)),
+            hint,
+        )
     }
 
     pub fn transpose(&mut self, x: ValueId, perm: &[i64], hint: &str) -> Result<ValueId, String> {
-        self.op(Op::Transpose, &[x], Attrs::new().with("perm", Attr::Ints(perm.to_vec())), hint)
+        self.op(
+            Op::Transpose,
+            &[x],
+            Attrs::new().with("perm", Attr::Ints(perm.to_vec())),
+            hint,
+        )
     }
 
-    pub fn matmul(&mut self, a: ValueId, b: ValueId, transpose_b: bool, hint: &str) -> Result<ValueId, String> {
-        let attrs = if transpose_b { Attrs::new().with("transpose_b", Attr::Bool(true)) } else { Attrs::new() };
+    pub fn matmul(
+        &mut self,
+        a: ValueId,
+        b: ValueId,
+        transpose_b: bool,
+        hint: &str,
+    ) -> Result<ValueId, String> {
+        let attrs = if transpose_b {
+            Attrs::new().with("transpose_b", Attr::Bool(true))
+        } else {
+            Attrs::new()
+        };
         self.op(Op::MatMul, &[a, b], attrs, hint)
     }
 
-    pub fn reduce(&mut self, op: Op, x: ValueId, dims: &[i64], hint: &str) -> Result<ValueId, String> {
-        self.op(op, &[x], Attrs::new().with("dims", Attr::Ints(dims.to_vec())), hint)
+    pub fn reduce(
+        &mut self,
+        op: Op,
+        x: ValueId,
+        dims: &[i64],
+        hint: &str,
+    ) -> Result<ValueId, String> {
+        self.op(
+            op,
+            &[x],
+            Attrs::new().with("dims", Attr::Ints(dims.to_vec())),
+            hint,
+        )
     }
 
     pub fn ty(&self, v: ValueId) -> &TensorType {

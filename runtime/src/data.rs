@@ -35,14 +35,21 @@ pub struct TokenFile {
 impl TokenFile {
     /// Reads and checks a token file.
     pub fn open(path: &Path) -> Result<TokenFile, DataError> {
-        let bytes = std::fs::read(path).map_err(|e| DataError { path: path.into(), message: format!("cannot read: {e}") })?;
+        let bytes = std::fs::read(path).map_err(|e| DataError {
+            path: path.into(),
+            message: format!("cannot read: {e}"),
+        })?;
         Self::from_bytes(path, &bytes)
     }
 
     /// Parses the bytes of a token file (`path` is only used in messages).
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TokenFile, DataError> {
-        let fail = |message: String| DataError { path: path.into(), message };
-        let header_int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        let fail = |message: String| DataError {
+            path: path.into(),
+            message,
+        };
+        let header_int =
+            |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
         if bytes.len() >= HEADER_BYTES && header_int(0) == LLMC_MAGIC {
             let version = header_int(1);
             let width = match version {
@@ -50,7 +57,8 @@ impl TokenFile {
                 2 => 4,
                 v => return Err(fail(format!("llm.c token file version {v} is not supported (1: uint16 tokens, 2: uint32 tokens)"))),
             };
-            let count = usize::try_from(header_int(2)).map_err(|_| fail(format!("header token count {} is negative", header_int(2))))?;
+            let count = usize::try_from(header_int(2))
+                .map_err(|_| fail(format!("header token count {} is negative", header_int(2))))?;
             let body = &bytes[HEADER_BYTES..];
             if body.len() != count * width {
                 return Err(fail(format!(
@@ -60,20 +68,35 @@ impl TokenFile {
                 )));
             }
             let tokens = if width == 2 {
-                body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect()
+                body.chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+                    .collect()
             } else {
-                body.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
+                body.chunks_exact(4)
+                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .collect()
             };
-            return Ok(TokenFile { path: path.into(), tokens, format: if width == 2 { "llm.c v1" } else { "llm.c v2" } });
+            return Ok(TokenFile {
+                path: path.into(),
+                tokens,
+                format: if width == 2 { "llm.c v1" } else { "llm.c v2" },
+            });
         }
-        if bytes.len() % 2 != 0 {
+        if !bytes.len().is_multiple_of(2) {
             return Err(fail(format!(
                 "{} bytes is neither an llm.c token file (magic {LLMC_MAGIC}) nor raw uint16 tokens (an even number of bytes)",
                 bytes.len()
             )));
         }
-        let tokens = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect();
-        Ok(TokenFile { path: path.into(), tokens, format: "raw uint16" })
+        let tokens = bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
+            .collect();
+        Ok(TokenFile {
+            path: path.into(),
+            tokens,
+            format: "raw uint16",
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -87,8 +110,8 @@ impl TokenFile {
     /// How many whole batches of `batch` x `seq` the file holds (each needs one extra token
     /// for the last target).
     pub fn num_batches(&self, batch: usize, seq: usize) -> usize {
-        let per = batch * seq;
-        if per == 0 || self.len() < 1 {
+        let per = batch.saturating_mul(seq);
+        if per == 0 || self.is_empty() {
             0
         } else {
             (self.len() - 1) / per
@@ -96,8 +119,16 @@ impl TokenFile {
     }
 
     /// Batch `k`: (inputs, targets), each `batch * seq` tokens, row-major.
-    pub fn batch(&self, k: usize, batch: usize, seq: usize) -> Result<(Vec<i64>, Vec<i64>), DataError> {
-        let need = (k + 1) * batch * seq + 1;
+    pub fn batch(
+        &self,
+        k: usize,
+        batch: usize,
+        seq: usize,
+    ) -> Result<(Vec<i64>, Vec<i64>), DataError> {
+        let need = (k.saturating_add(1))
+            .saturating_mul(batch)
+            .saturating_mul(seq)
+            .saturating_add(1);
         if batch == 0 || seq == 0 || need > self.len() {
             return Err(DataError {
                 path: self.path.clone(),
@@ -107,11 +138,18 @@ impl TokenFile {
                 ),
             });
         }
-        let (mut x, mut y) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
+        let (mut x, mut y) = (
+            Vec::with_capacity(batch * seq),
+            Vec::with_capacity(batch * seq),
+        );
         for b in 0..batch {
             let start = (k * batch + b) * seq;
             x.extend(self.tokens[start..start + seq].iter().map(|&t| t as i64));
-            y.extend(self.tokens[start + 1..start + seq + 1].iter().map(|&t| t as i64));
+            y.extend(
+                self.tokens[start + 1..start + seq + 1]
+                    .iter()
+                    .map(|&t| t as i64),
+            );
         }
         Ok((x, y))
     }
@@ -127,10 +165,15 @@ pub fn write_llmc(path: &Path, tokens: &[u16]) -> std::io::Result<()> {
     let mut header = [0i32; 256];
     header[0] = LLMC_MAGIC;
     header[1] = 1;
-    header[2] = i32::try_from(tokens.len()).map_err(|_| std::io::Error::other("more than 2^31 tokens do not fit llm.c's header"))?;
+    header[2] = i32::try_from(tokens.len())
+        .map_err(|_| std::io::Error::other("more than 2^31 tokens do not fit llm.c's header"))?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + tokens.len() * 2);
-    header.iter().for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
-    tokens.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+    header
+        .iter()
+        .for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
+    tokens
+        .iter()
+        .for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -164,7 +207,11 @@ mod tests {
         assert_eq!(x, vec![10, 11, 12, 13, 14, 15, 16, 17, 18, 19]);
         assert_eq!(y, vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
         assert_eq!(f.num_batches(2, 5), 2);
-        assert!(f.batch(2, 2, 5).unwrap_err().to_string().contains("needs 31 tokens"));
+        assert!(f
+            .batch(2, 2, 5)
+            .unwrap_err()
+            .to_string()
+            .contains("needs 31 tokens"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -53,7 +53,9 @@ pub struct ConfigError {
 }
 
 fn err<T>(message: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError { message: message.into() })
+    Err(ConfigError {
+        message: message.into(),
+    })
 }
 
 struct Fields<'a> {
@@ -78,7 +80,14 @@ impl<'a> Fields<'a> {
     }
 
     fn req_usize(&mut self, key: &'static str) -> Result<usize, ConfigError> {
-        self.usize(key)?.map_or_else(|| err(format!("`{key}` is missing; it is required for this model type")), Ok)
+        self.usize(key)?.map_or_else(
+            || {
+                err(format!(
+                    "`{key}` is missing; it is required for this model type"
+                ))
+            },
+            Ok,
+        )
     }
 
     fn f64(&mut self, key: &'static str) -> Result<Option<f64>, ConfigError> {
@@ -119,28 +128,73 @@ impl<'a> Fields<'a> {
         self.map
             .keys()
             .filter(|k| !self.used.contains(&k.as_str()) && !ignored.contains(&k.as_str()))
-            .map(|k| format!("config.json field `{k}` is not used by shardc's {} import and was ignored", "model"))
+            .map(|k| {
+                format!(
+                    "config.json field `{k}` is not used by shardc's {} import and was ignored",
+                    "model"
+                )
+            })
             .collect()
     }
 }
 
 /// Fields that never change the training computation.
 const IGNORED: &[&str] = &[
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_cache",
-    "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "attn_pdrop", "embd_pdrop",
-    "resid_pdrop", "attention_dropout", "summary_activation", "summary_first_dropout",
-    "summary_proj_to_labels", "summary_type", "summary_use_proj", "task_specific_params",
-    "pretraining_tp", "_name_or_path", "n_ctx", "id2label", "label2id", "tokenizer_class",
-    "output_attentions", "output_hidden_states", "return_dict", "is_decoder", "is_encoder_decoder",
-    "reorder_and_upcast_attn", "max_length", "min_length", "do_sample", "prefix", "problem_type",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "attn_pdrop",
+    "embd_pdrop",
+    "resid_pdrop",
+    "attention_dropout",
+    "summary_activation",
+    "summary_first_dropout",
+    "summary_proj_to_labels",
+    "summary_type",
+    "summary_use_proj",
+    "task_specific_params",
+    "pretraining_tp",
+    "_name_or_path",
+    "n_ctx",
+    "id2label",
+    "label2id",
+    "tokenizer_class",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "is_decoder",
+    "is_encoder_decoder",
+    "reorder_and_upcast_attn",
+    "max_length",
+    "min_length",
+    "do_sample",
+    "prefix",
+    "problem_type",
 ];
 
 /// Parses and validates a `config.json` text. Returns the config and warnings (unknown fields).
 pub fn parse_config(text: &str) -> Result<(ModelConfig, Vec<String>), ConfigError> {
-    let json: Json = serde_json::from_str(text)
-        .map_err(|e| ConfigError { message: format!("not valid JSON at line {}, column {}: {e}", e.line(), e.column()) })?;
-    let map = json.as_object().ok_or_else(|| ConfigError { message: "the top level must be a JSON object".into() })?;
-    let mut f = Fields { map, used: Vec::new() };
+    let json: Json = serde_json::from_str(text).map_err(|e| ConfigError {
+        message: format!(
+            "not valid JSON at line {}, column {}: {e}",
+            e.line(),
+            e.column()
+        ),
+    })?;
+    let map = json.as_object().ok_or_else(|| ConfigError {
+        message: "the top level must be a JSON object".into(),
+    })?;
+    let mut f = Fields {
+        map,
+        used: Vec::new(),
+    };
     let model_type = match f.str("model_type")? {
         Some(t) => t,
         None => return err("`model_type` is missing; shardc imports `gpt2` and `llama` configs"),
@@ -148,12 +202,20 @@ pub fn parse_config(text: &str) -> Result<(ModelConfig, Vec<String>), ConfigErro
     let config = match model_type {
         "gpt2" => gpt2(&mut f)?,
         "llama" => llama(&mut f)?,
-        other => return err(format!("model_type `{other}` is not supported; shardc imports `gpt2` and `llama`")),
+        other => {
+            return err(format!(
+                "model_type `{other}` is not supported; shardc imports `gpt2` and `llama`"
+            ))
+        }
     };
     if config.hidden == 0 || config.heads == 0 {
         return err("hidden size and head count must be positive");
     }
-    let warnings = f.unknown(IGNORED).into_iter().map(|w| w.replace("model", model_type)).collect();
+    let warnings = f
+        .unknown(IGNORED)
+        .into_iter()
+        .map(|w| w.replace("model", model_type))
+        .collect();
     Ok((config, warnings))
 }
 
@@ -161,16 +223,30 @@ fn gpt2(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     let hidden = f.req_usize("n_embd")?;
     let heads = f.req_usize("n_head")?;
     if hidden % heads != 0 {
-        return err(format!("`n_embd` ({hidden}) must be a multiple of `n_head` ({heads})"));
+        return err(format!(
+            "`n_embd` ({hidden}) must be a multiple of `n_head` ({heads})"
+        ));
     }
     let gelu_tanh = match f.str("activation_function")?.unwrap_or("gelu_new") {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => true,
         "gelu" => false,
         other => return err(format!("`activation_function: \"{other}\"` is not supported; use gelu_new, gelu_pytorch_tanh or gelu")),
     };
-    f.expect_bool("scale_attn_weights", true, "GPT-2 scales attention scores by 1/sqrt(head_dim)")?;
-    f.expect_bool("scale_attn_by_inverse_layer_idx", false, "per-layer score scaling is not implemented")?;
-    f.expect_bool("add_cross_attention", false, "shardc imports decoder-only models")?;
+    f.expect_bool(
+        "scale_attn_weights",
+        true,
+        "GPT-2 scales attention scores by 1/sqrt(head_dim)",
+    )?;
+    f.expect_bool(
+        "scale_attn_by_inverse_layer_idx",
+        false,
+        "per-layer score scaling is not implemented",
+    )?;
+    f.expect_bool(
+        "add_cross_attention",
+        false,
+        "shardc imports decoder-only models",
+    )?;
     let max_positions = match f.usize("n_positions")? {
         Some(n) => n,
         None => f.req_usize("n_ctx")?,
@@ -205,26 +281,44 @@ fn llama(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
         None => return err(format!("`hidden_size` ({hidden}) must be a multiple of `num_attention_heads` ({heads}), or give `head_dim`")),
     };
     if head_dim % 2 != 0 {
-        return err(format!("head_dim {head_dim} must be even for rotary embeddings"));
+        return err(format!(
+            "head_dim {head_dim} must be even for rotary embeddings"
+        ));
     }
     match f.str("hidden_act")?.unwrap_or("silu") {
         "silu" | "swish" => {}
-        other => return err(format!("`hidden_act: \"{other}\"` is not supported; Llama's MLP uses silu")),
+        other => {
+            return err(format!(
+                "`hidden_act: \"{other}\"` is not supported; Llama's MLP uses silu"
+            ))
+        }
     }
     // Newer transformers nest rope settings in `rope_parameters`; older ones use `rope_theta`
     // and `rope_scaling`.
     let mut rope_theta = f.f64("rope_theta")?.unwrap_or(10000.0);
     for key in ["rope_parameters", "rope_scaling"] {
         if let Some(v) = f.get(key) {
-            let obj = v.as_object().ok_or_else(|| ConfigError { message: format!("`{key}` must be an object, found {v}") })?;
-            let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Json::as_str).unwrap_or("default");
+            let obj = v.as_object().ok_or_else(|| ConfigError {
+                message: format!("`{key}` must be an object, found {v}"),
+            })?;
+            let kind = obj
+                .get("rope_type")
+                .or_else(|| obj.get("type"))
+                .and_then(Json::as_str)
+                .unwrap_or("default");
             if kind != "default" {
                 return err(format!("`{key}` with rope_type \"{kind}\" is not supported; only default RoPE is implemented"));
             }
             if let Some(t) = obj.get("rope_theta") {
-                rope_theta = t.as_f64().ok_or_else(|| ConfigError { message: format!("`{key}.rope_theta` must be a number, found {t}") })?;
+                rope_theta = t.as_f64().ok_or_else(|| ConfigError {
+                    message: format!("`{key}.rope_theta` must be a number, found {t}"),
+                })?;
             }
-            if let Some(p) = obj.get("partial_rotary_factor").and_then(Json::as_f64).filter(|&p| p != 1.0) {
+            if let Some(p) = obj
+                .get("partial_rotary_factor")
+                .and_then(Json::as_f64)
+                .filter(|&p| p != 1.0)
+            {
                 return err(format!("`{key}.partial_rotary_factor: {p}` is not supported; rotary covers the whole head"));
             }
         }
@@ -255,9 +349,15 @@ mod tests {
         let e = parse_config(r#"{"model_type": "bert"}"#).unwrap_err();
         assert!(e.message.contains("model_type `bert` is not supported"));
         let e = parse_config(r#"{"model_type": "gpt2", "n_embd": 64, "n_head": 4}"#).unwrap_err();
-        assert!(e.message.contains("`n_positions`") || e.message.contains("`n_ctx`"), "{e}");
+        assert!(
+            e.message.contains("`n_positions`") || e.message.contains("`n_ctx`"),
+            "{e}"
+        );
         let e = parse_config(r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3}"#).unwrap_err();
-        assert!(e.message.contains("multiple of `num_key_value_heads`"), "{e}");
+        assert!(
+            e.message.contains("multiple of `num_key_value_heads`"),
+            "{e}"
+        );
         let e = parse_config(r#"{"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}, "hidden_size": 64, "num_attention_heads": 4}"#).unwrap_err();
         assert!(e.message.contains("yarn"), "{e}");
         let e = parse_config("{\"model_type\": \"gpt2\",\n \"n_embd\": }").unwrap_err();
@@ -272,6 +372,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.head_dim, 4);
         assert_eq!(w.len(), 1);
-        assert!(w[0].contains("`frobnicate`") && w[0].contains("gpt2"), "{w:?}");
+        assert!(
+            w[0].contains("`frobnicate`") && w[0].contains("gpt2"),
+            "{w:?}"
+        );
     }
 }

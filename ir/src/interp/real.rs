@@ -16,13 +16,31 @@ pub enum Precision {
 /// True when every element the strides reach lies inside the buffers (all strides are
 /// non-negative here); false also for empty products, which add nothing.
 #[allow(clippy::too_many_arguments)]
-fn gemm_fits(m: usize, k: usize, n: usize, la: usize, rsa: isize, csa: isize, lb: usize, rsb: isize, csb: isize, lc: usize) -> bool {
+fn gemm_fits(
+    m: usize,
+    k: usize,
+    n: usize,
+    la: usize,
+    rsa: isize,
+    csa: isize,
+    lb: usize,
+    rsb: isize,
+    csb: isize,
+    lc: usize,
+) -> bool {
     if m == 0 || n == 0 || k == 0 {
         return false;
     }
-    let last = |r: usize, c: usize, rs: isize, cs: isize| (r - 1) * rs as usize + (c - 1) * cs as usize;
+    let last =
+        |r: usize, c: usize, rs: isize, cs: isize| (r - 1) * rs as usize + (c - 1) * cs as usize;
     assert!(
-        rsa >= 0 && csa >= 0 && rsb >= 0 && csb >= 0 && last(m, k, rsa, csa) < la && last(k, n, rsb, csb) < lb && m * n <= lc,
+        rsa >= 0
+            && csa >= 0
+            && rsb >= 0
+            && csb >= 0
+            && last(m, k, rsa, csa) < la
+            && last(k, n, rsb, csb) < lb
+            && m * n <= lc,
         "gemm: strides reach outside the buffers"
     );
     true
@@ -48,7 +66,18 @@ pub trait Real:
     fn to_f64(self) -> f64;
     /// C += A B for row/column-strided matrices (A is m x k, B is k x n, C is m x n).
     #[allow(clippy::too_many_arguments)]
-    fn gemm(m: usize, k: usize, n: usize, a: &[Self], rsa: isize, csa: isize, b: &[Self], rsb: isize, csb: isize, c: &mut [Self]);
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[Self],
+        rsa: isize,
+        csa: isize,
+        b: &[Self],
+        rsb: isize,
+        csb: isize,
+        c: &mut [Self],
+    );
     fn wrap(v: Vec<Self>) -> Data;
     /// Storage of `data` converted to `Self` when it is floating.
     fn unwrap(data: &Data) -> Option<Vec<Self>>;
@@ -72,7 +101,18 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
-    fn gemm(m: usize, k: usize, n: usize, a: &[Self], rsa: isize, csa: isize, b: &[Self], rsb: isize, csb: isize, c: &mut [Self]) {
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[Self],
+        rsa: isize,
+        csa: isize,
+        b: &[Self],
+        rsb: isize,
+        csb: isize,
+        c: &mut [Self],
+    ) {
         if !gemm_fits(m, k, n, a.len(), rsa, csa, b.len(), rsb, csb, c.len()) {
             return;
         }
@@ -80,7 +120,22 @@ impl Real for f32 {
         // (checked against the static shapes in `matmul`), and C is a distinct, dense m x n
         // buffer.
         unsafe {
-            matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 1.0, c.as_mut_ptr(), n as isize, 1)
+            matrixmultiply::sgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                1.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
         }
     }
     fn wrap(v: Vec<Self>) -> Data {
@@ -110,13 +165,39 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
-    fn gemm(m: usize, k: usize, n: usize, a: &[Self], rsa: isize, csa: isize, b: &[Self], rsb: isize, csb: isize, c: &mut [Self]) {
+    fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: &[Self],
+        rsa: isize,
+        csa: isize,
+        b: &[Self],
+        rsb: isize,
+        csb: isize,
+        c: &mut [Self],
+    ) {
         if !gemm_fits(m, k, n, a.len(), rsa, csa, b.len(), rsb, csb, c.len()) {
             return;
         }
         // SAFETY: as for f32 above.
         unsafe {
-            matrixmultiply::dgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, 1.0, c.as_mut_ptr(), n as isize, 1)
+            matrixmultiply::dgemm(
+                m,
+                k,
+                n,
+                1.0,
+                a.as_ptr(),
+                rsa,
+                csa,
+                b.as_ptr(),
+                rsb,
+                csb,
+                1.0,
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+            )
         }
     }
     fn wrap(v: Vec<Self>) -> Data {

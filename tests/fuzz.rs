@@ -1,0 +1,269 @@
+//! Mutation fuzzing of everything that reads user files: the `.tir` parser and verifier (and
+//! the interpreter on small graphs that verify), `config.json`, safetensors checkpoints and token
+//! files. The corpus is the repository's own files; mutations are byte flips, deletions,
+//! duplications, truncations and insertions of syntax-relevant tokens, from a fixed seed, so a
+//! failure reproduces. The property: no panic, ever; malformed input is an error value.
+//!
+//! Case counts are printed (run with `--nocapture`) and can be raised with FUZZ_CASES=N
+//! (per target).
+
+use shardc_ir::import::{import_dir, parse_config, weights::read_tensors, BuildOptions};
+use shardc_ir::interp::{run, Precision};
+use shardc_ir::text::{parse, print};
+use shardc_ir::verify::verify;
+use shardc_ir::{ArgKind, Tensor};
+use shardc_runtime::data::TokenFile;
+use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const TOKENS: &[&str] = &[
+    "%",
+    "{",
+    "}",
+    "[",
+    "]",
+    "(",
+    ")",
+    ",",
+    "=",
+    ":",
+    "\n",
+    "#",
+    "\"",
+    "\\",
+    "-1",
+    "0",
+    "1e999",
+    "NaN",
+    "-inf",
+    "99999999999999999999",
+    "4294967296",
+    "f32",
+    "i64",
+    "bf16",
+    "matmul",
+    "all_gather",
+    "reshape",
+    "concat",
+    "mesh tp=2",
+    "output",
+    "param",
+    "input",
+    "graph",
+    "axis = \"tp\"",
+    "dims = []",
+    "null",
+    "true",
+    "\u{1F600}",
+];
+
+fn mutate(rng: &mut Rng, data: &[u8]) -> Vec<u8> {
+    let mut d = data.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let n = d.len();
+        match rng.below(6) {
+            0 if n > 0 => {
+                let i = rng.below(n);
+                d[i] ^= 1 << rng.below(8);
+            }
+            1 if n > 0 => {
+                let i = rng.below(n);
+                let len = rng.below(16).min(n - i);
+                d.drain(i..i + len);
+            }
+            2 if n > 0 => {
+                let i = rng.below(n);
+                let len = rng.below(64).min(n - i);
+                let chunk = d[i..i + len].to_vec();
+                let j = rng.below(n);
+                d.splice(j..j, chunk);
+            }
+            3 => d.truncate(rng.below(n + 1)),
+            _ => {
+                let tok = TOKENS[rng.below(TOKENS.len())].as_bytes();
+                let j = rng.below(n + 1);
+                d.splice(j..j, tok.iter().copied());
+            }
+        }
+    }
+    d
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn corpus(dir: &Path, ext: &str, out: &mut Vec<Vec<u8>>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    for p in paths {
+        if p.is_dir() {
+            corpus(&p, ext, out);
+        } else if p
+            .file_name()
+            .is_some_and(|f| f.to_string_lossy().ends_with(ext))
+        {
+            out.push(std::fs::read(&p).unwrap());
+        }
+    }
+}
+
+fn cases() -> usize {
+    std::env::var("FUZZ_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4000)
+}
+
+/// Runs `f` on `n` mutants of the corpus; fails with the offending input on a panic.
+fn fuzz(name: &str, corpus: &[Vec<u8>], n: usize, seed: u64, f: impl Fn(&[u8])) {
+    assert!(!corpus.is_empty(), "{name}: empty corpus");
+    let mut rng = Rng(seed);
+    // Expected panics are caught below and reported with their message; keep stderr quiet.
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(|| std::panic::set_hook(Box::new(|_| {})));
+    for i in 0..n {
+        let base = &corpus[rng.below(corpus.len())];
+        let input = mutate(&mut rng, base);
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| f(&input))) {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            let path = std::env::temp_dir().join(format!("shardc-fuzz-{name}-{i}.bin"));
+            std::fs::write(&path, &input).unwrap();
+            panic!(
+                "{name}: case {i} panicked ({msg}); input saved to {}",
+                path.display()
+            );
+        }
+    }
+    eprintln!("fuzz {name}: {n} cases, no panic");
+}
+
+fn zero_inputs(g: &shardc_ir::Graph) -> HashMap<String, Tensor> {
+    g.args
+        .iter()
+        .map(|a| (g.name_of(a.value).to_string(), Tensor::zeros(g.ty(a.value))))
+        .collect()
+}
+
+#[test]
+fn tir_parser_verifier_and_interpreter_never_panic() {
+    let mut files = Vec::new();
+    corpus(&root().join("tests/tir"), ".tir", &mut files);
+    corpus(&root().join("examples"), ".tir", &mut files);
+    let counters = std::cell::RefCell::new((0usize, 0usize, 0usize));
+    fuzz("tir", &files, cases() * 5, 0x5EED_0001, |bytes| {
+        let src = String::from_utf8_lossy(bytes);
+        let Ok(g) = parse(&src) else { return };
+        counters.borrow_mut().0 += 1;
+        if verify(&g).is_err() {
+            return;
+        }
+        counters.borrow_mut().1 += 1;
+        let printed = print(&g);
+        assert_eq!(
+            parse(&printed).expect("printed graphs parse"),
+            g,
+            "round trip"
+        );
+        let small = g.values.iter().all(|v| v.ty.numel() <= 4096) && g.mesh.world_size() <= 8;
+        if small
+            && g.args
+                .iter()
+                .all(|a| a.kind == ArgKind::Input || a.kind == ArgKind::Param)
+        {
+            let world = g.mesh.world_size();
+            if world == 1 {
+                let _ = run(&g, &zero_inputs(&g), Precision::F32);
+            } else {
+                let _ =
+                    shardc_ir::interp::run_spmd(&g, &vec![zero_inputs(&g); world], Precision::F64);
+            }
+            counters.borrow_mut().2 += 1;
+        }
+    });
+    let (parsed, verified, executed) = *counters.borrow();
+    eprintln!("  of which {parsed} parsed, {verified} verified, {executed} ran on the interpreter");
+    assert!(
+        parsed > 0 && verified > 0,
+        "the mutations never produced a valid file: the fuzzer is not exercising the parser"
+    );
+}
+
+#[test]
+fn config_json_never_panics() {
+    let mut files = Vec::new();
+    corpus(&root().join("tests/fixtures"), "config.json", &mut files);
+    corpus(&root().join("examples"), "config.json", &mut files);
+    fuzz("config", &files, cases(), 0x5EED_0002, |bytes| {
+        let _ = parse_config(&String::from_utf8_lossy(bytes));
+    });
+}
+
+#[test]
+fn safetensors_loading_never_panics() {
+    let dir = std::env::temp_dir().join(format!("shardc-fuzz-st-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = root().join("tests/fixtures/hf/gpt2-tiny");
+    std::fs::copy(fixture.join("config.json"), dir.join("config.json")).unwrap();
+    let mut files = Vec::new();
+    corpus(
+        &root().join("tests/fixtures/hf"),
+        ".safetensors",
+        &mut files,
+    );
+    // Header-focused mutations matter most: keep the mutated file small by cutting the data.
+    let files: Vec<Vec<u8>> = files
+        .into_iter()
+        .map(|f| f[..f.len().min(8192)].to_vec())
+        .chain(std::iter::once(
+            std::fs::read(fixture.join("model.safetensors")).unwrap(),
+        ))
+        .collect();
+    let opts = BuildOptions {
+        batch: 1,
+        seq: 4,
+        emit_logits: false,
+    };
+    fuzz("safetensors", &files, cases() / 2, 0x5EED_0003, |bytes| {
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        let _ = import_dir(&dir, opts);
+        let _ = read_tensors(&dir.join("model.safetensors"));
+    });
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn token_files_never_panic() {
+    let mut files = Vec::new();
+    corpus(&root().join("tests/fixtures"), "tokens.bin", &mut files);
+    fuzz("tokens", &files, cases(), 0x5EED_0004, |bytes| {
+        if let Ok(f) = TokenFile::from_bytes(Path::new("fuzz.bin"), bytes) {
+            let _ = f.batch(0, 2, 4);
+            let _ = f.batch(usize::MAX / 4, 2, 4);
+        }
+    });
+}
