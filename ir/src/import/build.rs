@@ -82,10 +82,12 @@ impl Ctx<'_> {
         transposed: bool,
         hint: &str,
     ) -> Result<ValueId, String> {
-        let y = self.b.matmul(x, w, transposed, hint)?;
         match bias {
-            Some(bias) => self.b.binary(Op::Add, y, bias, hint),
-            None => Ok(y),
+            Some(bias) => {
+                let y = self.b.matmul(x, w, transposed, &format!("{hint}_nobias"))?;
+                self.b.binary(Op::Add, y, bias, hint)
+            }
+            None => self.b.matmul(x, w, transposed, hint),
         }
     }
 
