@@ -86,6 +86,29 @@ fn dtype_size(dtype: Dtype) -> usize {
     dtype.bitsize() / 8
 }
 
+/// The data of a tensor must be exactly as long as its shape and dtype say.
+fn check_byte_length(
+    path: &Path,
+    name: &str,
+    view: &safetensors::tensor::TensorView,
+) -> Result<(), ImportError> {
+    let need = view
+        .shape()
+        .iter()
+        .try_fold(dtype_size(view.dtype()), |acc, &d| acc.checked_mul(d));
+    if need != Some(view.data().len()) {
+        let need = need.map_or("more than addressable".to_string(), |n| n.to_string());
+        return Err(fail(
+            path,
+            format!(
+                "tensor `{name}` holds {} bytes, not the {need} its shape needs",
+                view.data().len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Reads every parameter named in `sources` from the checkpoint in `dir`.
 ///
 /// Returns the tensors by graph parameter name (f32), and warnings for checkpoint tensors that
@@ -143,17 +166,7 @@ pub fn load_weights(
                 format!("tensor `{key}` has shape {:?} but the config implies {:?} (for parameter `%{}`)", view.shape(), s.key_shape, s.param),
             ));
         }
-        let numel: usize = view.shape().iter().product();
-        if view.data().len() != numel * dtype_size(view.dtype()) {
-            return Err(fail(
-                path,
-                format!(
-                    "tensor `{key}` holds {} bytes, not the {} its shape needs",
-                    view.data().len(),
-                    numel * dtype_size(view.dtype())
-                ),
-            ));
-        }
+        check_byte_length(path, &key, &view)?;
         let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
             fail(
                 path,
@@ -196,18 +209,8 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ImportError
         .map_err(|e| fail(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
+        check_byte_length(path, &name, &view)?;
         let shape = view.shape().to_vec();
-        let numel: usize = shape.iter().product();
-        if view.data().len() != numel * dtype_size(view.dtype()) {
-            return Err(fail(
-                path,
-                format!(
-                    "tensor `{name}` holds {} bytes, not the {} its shape needs",
-                    view.data().len(),
-                    numel * dtype_size(view.dtype())
-                ),
-            ));
-        }
         let data = view.data();
         let t = match view.dtype() {
             Dtype::I64 => Tensor::int(
