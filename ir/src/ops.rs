@@ -154,8 +154,8 @@ op_table! {
         "(x - mean) / sqrt(var + eps) * gamma + beta over the last dim";
     RmsNorm => "rms_norm", Arity::Exact(2), [req("eps", K::Float)], infer_rms_norm,
         "x / sqrt(mean(x^2) + eps) * gamma over the last dim";
-    Rope => "rope", Arity::Exact(2), [req("theta", K::Float)], infer_rope,
-        "rotary embedding of x[..., T, H, D] at positions[T] (rotate-half form)";
+    Rope => "rope", Arity::Exact(2), [req("theta", K::Float), opt("inverse", K::Bool)], infer_rope,
+        "rotary embedding of x[..., T, H, D] at positions[T] (rotate-half form); inverse rotates back";
     Embedding => "embedding", Arity::Exact(2), [], infer_embedding,
         "table[V, D] gathered at integer ids[...] -> [..., D]";
     CrossEntropy => "cross_entropy", Arity::Exact(2), [], infer_cross_entropy,
@@ -166,6 +166,27 @@ op_table! {
         "concatenate the ranks' shards along `dim`";
     ReduceScatter => "reduce_scatter", Arity::Exact(1), [req("axis", K::Str), req("dim", K::Int)], infer_reduce_scatter,
         "sum over the ranks, each keeping its shard of `dim`";
+    Identity => "identity", Arity::Exact(1), [req("axis", K::Str)], infer_identity,
+        "forward no-op on a value replicated over `axis`; its gradient is all-reduced over `axis` (Megatron's f)";
+    GreaterEqual => "greater_equal", Arity::Exact(2), [], infer_binary,
+        "1 where a >= b else 0, broadcasting (a mask; not differentiable)";
+    Pad => "pad", Arity::Exact(1), [req("dim", K::Int), req("before", K::Int), req("after", K::Int)], infer_pad,
+        "zeros added before and after along `dim` (the adjoint of slice)";
+    GeluGrad => "gelu_grad", Arity::Exact(2), [opt("approximate", K::Str)], infer_elementwise_grad,
+        "gelu'(x) * dy for (x, dy)";
+    SiluGrad => "silu_grad", Arity::Exact(2), [], infer_elementwise_grad, "silu'(x) * dy for (x, dy)";
+    LayerNormGrad => "layer_norm_grad", Arity::Exact(3), [req("eps", K::Float)], infer_norm_grad,
+        "d layer_norm / dx applied to dy, for (x, gamma, dy)";
+    LayerNormGammaGrad => "layer_norm_gamma_grad", Arity::Exact(2), [req("eps", K::Float)], infer_gamma_grad,
+        "sum over rows of dy * normalised x, for (x, dy) -> [D]";
+    RmsNormGrad => "rms_norm_grad", Arity::Exact(3), [req("eps", K::Float)], infer_norm_grad,
+        "d rms_norm / dx applied to dy, for (x, gamma, dy)";
+    RmsNormGammaGrad => "rms_norm_gamma_grad", Arity::Exact(2), [req("eps", K::Float)], infer_gamma_grad,
+        "sum over rows of dy * x / rms(x), for (x, dy) -> [D]";
+    EmbeddingGrad => "embedding_grad", Arity::Exact(2), [req("rows", K::Int)], infer_embedding_grad,
+        "scatter-add of dy[..., D] into [rows, D] at ids[...], for (ids, dy)";
+    CrossEntropyGrad => "cross_entropy_grad", Arity::Exact(3), [], infer_cross_entropy_grad,
+        "(softmax(logits) - onehot(targets)) * dy, for (logits, targets, dy)";
     AllToAll => "all_to_all", Arity::Exact(1), [req("axis", K::Str), req("split_dim", K::Int), req("concat_dim", K::Int)], infer_all_to_all,
         "split `split_dim` across the ranks, concatenate what arrives along `concat_dim`";
 }
@@ -587,6 +608,73 @@ fn infer_all_to_all(ctx: &InferCtx) -> Result<TensorType, String> {
     shape[split] = divide(x, split, n, ctx.attrs.str("axis").unwrap_or_default())?;
     shape[concat] = shape[concat].saturating_mul(n);
     Ok(TensorType::new(x.dtype, shape))
+}
+
+fn infer_identity(ctx: &InferCtx) -> Result<TensorType, String> {
+    axis_size(ctx)?;
+    Ok(ctx.inputs[0].clone())
+}
+
+fn infer_pad(ctx: &InferCtx) -> Result<TensorType, String> {
+    let x = ctx.inputs[0];
+    let dim = normalize_dim(int_attr(ctx.attrs, "dim")?, x.rank())?;
+    let (before, after) = (int_attr(ctx.attrs, "before")?, int_attr(ctx.attrs, "after")?);
+    if before < 0 || after < 0 {
+        return Err(format!("pad amounts must not be negative, found before = {before}, after = {after}"));
+    }
+    let mut shape = x.shape.clone();
+    shape[dim] = shape[dim].saturating_add(before as usize).saturating_add(after as usize);
+    Ok(TensorType::new(x.dtype, shape))
+}
+
+/// (x, dy) with equal float types -> that type.
+fn infer_elementwise_grad(ctx: &InferCtx) -> Result<TensorType, String> {
+    let x = float_input(ctx, 0, "x")?;
+    if ctx.inputs[1] != x {
+        return Err(format!("dy must have x's type {x}, found {}", ctx.inputs[1]));
+    }
+    if let Some(a) = ctx.attrs.str("approximate").filter(|a| *a != "tanh" && *a != "none") {
+        return Err(format!("approximate = \"{a}\" is not known; use \"tanh\" or \"none\""));
+    }
+    Ok(x.clone())
+}
+
+/// (x, gamma, dy) -> x's type.
+fn infer_norm_grad(ctx: &InferCtx) -> Result<TensorType, String> {
+    let x = float_input(ctx, 0, "x")?;
+    check_vector(x, ctx.inputs[1], "gamma")?;
+    if ctx.inputs[2] != x {
+        return Err(format!("dy must have x's type {x}, found {}", ctx.inputs[2]));
+    }
+    Ok(x.clone())
+}
+
+/// (x, dy) -> [D].
+fn infer_gamma_grad(ctx: &InferCtx) -> Result<TensorType, String> {
+    let x = float_input(ctx, 0, "x")?;
+    if ctx.inputs[1] != x {
+        return Err(format!("dy must have x's type {x}, found {}", ctx.inputs[1]));
+    }
+    let d = *x.shape.last().ok_or("x must have rank >= 1")?;
+    Ok(TensorType::new(x.dtype, vec![d]))
+}
+
+fn infer_embedding_grad(ctx: &InferCtx) -> Result<TensorType, String> {
+    let ids = int_input(ctx, 0, "the ids")?;
+    let dy = float_input(ctx, 1, "dy")?;
+    let rows = usize::try_from(int_attr(ctx.attrs, "rows")?).map_err(|_| "rows must not be negative".to_string())?;
+    if dy.rank() != ids.rank() + 1 || dy.shape[..ids.rank()] != ids.shape[..] {
+        return Err(format!("dy must be the ids' shape plus a feature dim: ids {ids}, dy {dy}"));
+    }
+    Ok(TensorType::new(dy.dtype, vec![rows, dy.shape[ids.rank()]]))
+}
+
+fn infer_cross_entropy_grad(ctx: &InferCtx) -> Result<TensorType, String> {
+    let logits = infer_cross_entropy(&InferCtx { inputs: &ctx.inputs[..2], attrs: ctx.attrs, mesh: ctx.mesh })?;
+    if ctx.inputs[2] != &logits {
+        return Err(format!("dy must have the per-row loss type {logits}, found {}", ctx.inputs[2]));
+    }
+    Ok(ctx.inputs[0].clone())
 }
 
 /// Checks `attrs` against the op's table row: every required attribute is present with its

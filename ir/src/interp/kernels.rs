@@ -4,6 +4,7 @@
 //! cross-entropy accumulate in f64 and round once to the storage type, so f32 results differ
 //! from a perfectly rounded computation by at most one rounding per op.
 
+use super::grad_kernels as grad;
 use super::real::Real;
 use super::Val;
 use crate::attrs::Attrs;
@@ -375,13 +376,15 @@ pub(crate) fn eval<T: Real>(
             let r = out.rank();
             let (t, h, d) = (out.shape[r - 3], out.shape[r - 2], out.shape[r - 1]);
             let theta = attrs.float("theta").unwrap_or(10000.0);
+            // The inverse rotation (the adjoint: rotations are orthogonal) turns by -angle.
+            let sign = if attrs.bool_or("inverse", false) { -1.0 } else { 1.0 };
             let half = d / 2;
             let inv_freq: Vec<f64> = (0..half)
                 .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
                 .collect();
             let mut y = vec![T::ZERO; x.len()];
             for (bi, (xs, ys)) in x.chunks(d).zip(y.chunks_mut(d)).enumerate() {
-                let p = pos[(bi / h) % t] as f64;
+                let p = sign * pos[(bi / h) % t] as f64;
                 for i in 0..half {
                     let (s, c) = (p * inv_freq[i]).sin_cos();
                     let (x1, x2) = (xs[i].to_f64(), xs[i + half].to_f64());
@@ -416,6 +419,56 @@ pub(crate) fn eval<T: Real>(
                 y.push(T::from_f64(lse - row[t as usize].to_f64()).round_to(dt));
             }
             Val::F(y)
+        }
+        Op::Identity => ins[0].clone(),
+        Op::GreaterEqual => {
+            let (sa, sb) = (&tys[0].shape, &tys[1].shape);
+            match (ins[0], ins[1]) {
+                (Val::F(a), Val::F(b)) => Val::F(binary(a, sa, b, sb, &out.shape, |x, y| if x >= y { T::from_f64(1.0) } else { T::ZERO })),
+                (Val::I(a), Val::I(b)) => Val::I(binary(a, sa, b, sb, &out.shape, |x, y| (x >= y) as i64)),
+                _ => return Err("operands must both be floating or both integer".into()),
+            }
+        }
+        Op::Pad => {
+            let x = tys[0];
+            let dim = normalize_dim(attrs.int("dim").unwrap_or(0), x.rank())?;
+            let os = strides(&out.shape);
+            let base = attrs.int("before").unwrap_or(0) as usize * os[dim];
+            let positions: Vec<usize> = strided_offsets(&x.shape, &os).into_iter().map(|o| o + base).collect();
+            match ins[0] {
+                Val::F(v) => {
+                    let mut y = vec![T::ZERO; out.numel()];
+                    positions.iter().zip(v).for_each(|(&o, &x)| y[o] = x);
+                    Val::F(y)
+                }
+                Val::I(v) => {
+                    let mut y = vec![0; out.numel()];
+                    positions.iter().zip(v).for_each(|(&o, &x)| y[o] = x);
+                    Val::I(y)
+                }
+            }
+        }
+        Op::GeluGrad => {
+            let tanh = attrs.str("approximate").unwrap_or("tanh") == "tanh";
+            let (x, dy) = (f(0)?, f(1)?);
+            Val::F(x.iter().zip(dy).map(|(x, g)| T::from_f64(grad::gelu_derivative(x.to_f64(), tanh) * g.to_f64()).round_to(dt)).collect())
+        }
+        Op::SiluGrad => {
+            let (x, dy) = (f(0)?, f(1)?);
+            Val::F(x.iter().zip(dy).map(|(x, g)| T::from_f64(grad::silu_derivative(x.to_f64()) * g.to_f64()).round_to(dt)).collect())
+        }
+        Op::LayerNormGrad | Op::RmsNormGrad => {
+            let eps = attrs.float("eps").unwrap_or(1e-5);
+            Val::F(grad::norm_grad(f(0)?, f(1)?, f(2)?, eps, op == Op::LayerNormGrad, dt))
+        }
+        Op::LayerNormGammaGrad | Op::RmsNormGammaGrad => {
+            let eps = attrs.float("eps").unwrap_or(1e-5);
+            Val::F(grad::norm_gamma_grad(f(0)?, f(1)?, out.shape[0], eps, op == Op::LayerNormGammaGrad, dt))
+        }
+        Op::EmbeddingGrad => Val::F(grad::embedding_grad(int(0)?, f(1)?, out.shape[0], out.shape[1], dt)?),
+        Op::CrossEntropyGrad => {
+            let v = *out.shape.last().unwrap_or(&1);
+            Val::F(grad::cross_entropy_grad(f(0)?, int(1)?, f(2)?, v, dt)?)
         }
         Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll => {
             return Err("collectives are executed by the SPMD driver".into())

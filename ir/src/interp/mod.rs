@@ -10,6 +10,7 @@
 //! [`Precision::F64`] as f64. Values declared bf16/f16 are rounded to that type after every op
 //! in both modes, so mixed-precision graphs see the rounding they would on a device.
 
+pub mod grad_kernels;
 pub mod kernels;
 mod real;
 
