@@ -40,19 +40,10 @@ pub fn import(a: &ImportArgs) -> Result<()> {
     // The default sequence length needs the config; read it first (errors come from import_dir).
     let seq = match (a.seq, config_text) {
         (Some(s), _) => s,
-        (None, Ok(text)) => shardc_ir::import::parse_config(&text)
-            .map(|(c, _)| c.max_positions.min(1024))
-            .unwrap_or(1),
+        (None, Ok(text)) => shardc_ir::import::parse_config(&text).map(|(c, _)| c.max_positions.min(1024)).unwrap_or(1),
         (None, Err(_)) => 1,
     };
-    let m = import_dir(
-        &a.model_dir,
-        BuildOptions {
-            batch: a.batch,
-            seq,
-            emit_logits: a.logits,
-        },
-    )?;
+    let m = import_dir(&a.model_dir, BuildOptions { batch: a.batch, seq, emit_logits: a.logits })?;
     for w in &m.warnings {
         eprintln!("warning: {w}");
     }
@@ -64,10 +55,7 @@ pub fn import(a: &ImportArgs) -> Result<()> {
     let c = &m.config;
     let kind = match c.family {
         Family::Gpt2 { .. } => "gpt2".to_string(),
-        Family::Llama { .. } => format!(
-            "llama ({} query heads, {} key/value heads)",
-            c.heads, c.kv_heads
-        ),
+        Family::Llama { .. } => format!("llama ({} query heads, {} key/value heads)", c.heads, c.kv_heads),
     };
     eprintln!(
         "imported {kind}: {} layers, hidden {}, vocabulary {}, {} parameters; graph for batch {} x seq {}: {} nodes",
@@ -81,19 +69,13 @@ pub fn import(a: &ImportArgs) -> Result<()> {
     );
     match (&m.weights, &a.weights_out) {
         (Some(w), Some(out)) => {
-            let sorted: BTreeMap<String, Tensor> =
-                w.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            let sorted: BTreeMap<String, Tensor> = w.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             weights::write_tensors(out, &sorted)?;
-            eprintln!(
-                "wrote {} parameter tensors to {}",
-                sorted.len(),
-                out.display()
-            );
+            eprintln!("wrote {} parameter tensors to {}", sorted.len(), out.display());
         }
-        (None, Some(_)) => bail!(
-            "{} has no model.safetensors, so there are no weights to write",
-            a.model_dir.display()
-        ),
+        (None, Some(_)) => {
+            bail!("{} has no model.safetensors, so there are no weights to write", a.model_dir.display())
+        }
         _ => {}
     }
     if let Some(out) = &a.output {
@@ -113,11 +95,7 @@ pub fn check(a: &CheckArgs) -> Result<()> {
                 g.nodes.len(),
                 g.args_of(ArgKind::Param).count(),
                 thousands(g.param_count()),
-                if g.mesh.axes.is_empty() {
-                    String::new()
-                } else {
-                    format!(", mesh {}", g.mesh)
-                }
+                if g.mesh.axes.is_empty() { String::new() } else { format!(", mesh {}", g.mesh) }
             ),
             Err(e) => {
                 eprintln!("{e}\n");
@@ -142,18 +120,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         .args_of(ArgKind::Param)
         .find(|&p| {
             model.graph.nodes.iter().any(|n| {
-                n.op == Op::Embedding
-                    && n.inputs[0] == p
-                    && n.inputs[1] == model.graph.find("tokens").unwrap_or(p)
+                n.op == Op::Embedding && n.inputs[0] == p && n.inputs[1] == model.graph.find("tokens").unwrap_or(p)
             })
         })
         .map(|p| model.graph.ty(p).shape[0]);
     if let (Some(v), Some(max)) = (vocab, data.max_token()) {
         if max as usize >= v {
-            bail!(
-                "{}: holds token id {max} but the model's vocabulary has {v} entries",
-                a.data.display()
-            );
+            bail!("{}: holds token id {max} but the model's vocabulary has {v} entries", a.data.display());
         }
     }
     let available = data.num_batches(a.batch, a.seq);
@@ -171,29 +144,16 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         EvalPrecision::F32 => Precision::F32,
         EvalPrecision::F64 => Precision::F64,
     };
-    let loss_index = model
-        .graph
-        .outputs
-        .iter()
-        .position(|&o| model.graph.name_of(o) == "loss")
-        .unwrap_or(0);
+    let loss_index = model.graph.outputs.iter().position(|&o| model.graph.name_of(o) == "loss").unwrap_or(0);
     let mut inputs = model.params.clone();
     let mut losses = Vec::new();
     let start = std::time::Instant::now();
     for k in 0..a.batches {
         let (x, y) = data.batch(k, a.batch, a.seq)?;
-        inputs.insert(
-            "tokens".into(),
-            Tensor::int(DType::I64, vec![a.batch, a.seq], x),
-        );
-        inputs.insert(
-            "targets".into(),
-            Tensor::int(DType::I64, vec![a.batch, a.seq], y),
-        );
+        inputs.insert("tokens".into(), Tensor::int(DType::I64, vec![a.batch, a.seq], x));
+        inputs.insert("targets".into(), Tensor::int(DType::I64, vec![a.batch, a.seq], y));
         let out = run(&model.graph, &inputs, precision)?;
-        let loss = out[loss_index]
-            .scalar()
-            .ok_or_else(|| anyhow!("the `%loss` output is not a scalar"))?;
+        let loss = out[loss_index].scalar().ok_or_else(|| anyhow!("the `%loss` output is not a scalar"))?;
         if !a.json {
             println!("batch {k}: loss {loss:.6}");
         }
@@ -217,12 +177,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         println!("{obj}");
     } else {
         let what = match &model.config {
-            Some(c) => format!(
-                "{} ({} layers, hidden {})",
-                c.model_type(),
-                c.layers,
-                c.hidden
-            ),
+            Some(c) => format!("{} ({} layers, hidden {})", c.model_type(), c.layers, c.hidden),
             None => format!("graph {}", model.graph.name),
         };
         println!(
@@ -248,22 +203,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
 pub fn data(c: &DataCommand) -> Result<()> {
     match c {
         DataCommand::Prepare(a) => {
-            let text = std::fs::read(&a.text)
-                .with_context(|| format!("cannot read {}", a.text.display()))?;
+            let text = std::fs::read(&a.text).with_context(|| format!("cannot read {}", a.text.display()))?;
             if text.is_empty() {
-                bail!(
-                    "{} is empty; there is nothing to tokenize",
-                    a.text.display()
-                );
+                bail!("{} is empty; there is nothing to tokenize", a.text.display());
             }
             let tokens = byte_tokens(&text);
-            write_llmc(&a.output, &tokens)
-                .with_context(|| format!("cannot write {}", a.output.display()))?;
-            println!(
-                "wrote {} tokens (byte-level, vocabulary 256) to {}",
-                thousands(tokens.len()),
-                a.output.display()
-            );
+            write_llmc(&a.output, &tokens).with_context(|| format!("cannot write {}", a.output.display()))?;
+            println!("wrote {} tokens (byte-level, vocabulary 256) to {}", thousands(tokens.len()), a.output.display());
             Ok(())
         }
     }
@@ -279,22 +225,9 @@ pub fn ops() -> Result<()> {
         let attrs: Vec<String> = info
             .attrs
             .iter()
-            .map(|s| {
-                format!(
-                    "{}{}: {}",
-                    s.name,
-                    if s.required { "" } else { "?" },
-                    s.kind.name()
-                )
-            })
+            .map(|s| format!("{}{}: {}", s.name, if s.required { "" } else { "?" }, s.kind.name()))
             .collect();
-        println!(
-            "{:<15} {:<3} {:<55} {}",
-            info.name,
-            arity,
-            attrs.join(", "),
-            info.summary
-        );
+        println!("{:<15} {:<3} {:<55} {}", info.name, arity, attrs.join(", "), info.summary);
     }
     Ok(())
 }

@@ -21,23 +21,16 @@ pub struct LoadedModel {
 /// Reads, parses and verifies a graph file (.tir, or .json in the serde form), rendering any
 /// error at its source line.
 pub fn read_graph(path: &Path) -> Result<Graph> {
-    let src =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let src = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     if path.extension().is_some_and(|e| e == "json") {
         let g: Graph = serde_json::from_str(&src).map_err(|e| {
-            anyhow!(
-                "{}:{}:{}: not a shardc graph in JSON form: {e}",
-                path.display(),
-                e.line(),
-                e.column()
-            )
+            anyhow!("{}:{}:{}: not a shardc graph in JSON form: {e}", path.display(), e.line(), e.column())
         })?;
         // The JSON form carries no source lines; report the verifier's messages as they are.
         verify(&g).map_err(|e| anyhow!("{} does not verify:\n{e}", path.display()))?;
         return Ok(g);
     }
-    let (g, map) =
-        parse_with_source_map(&src).map_err(|d| anyhow!(render::parse_error(path, &src, &d)))?;
+    let (g, map) = parse_with_source_map(&src).map_err(|d| anyhow!(render::parse_error(path, &src, &d)))?;
     verify(&g).map_err(|e| anyhow!(render::verify_errors(path, &src, &g, &map, &e)))?;
     Ok(g)
 }
@@ -51,36 +44,19 @@ pub fn load_model(
     seed: u64,
 ) -> Result<LoadedModel> {
     let (graph, mut params, config, mut weights_from) = if path.is_dir() {
-        let m = import_dir(
-            path,
-            BuildOptions {
-                batch,
-                seq,
-                emit_logits: false,
-            },
-        )?;
+        let m = import_dir(path, BuildOptions { batch, seq, emit_logits: false })?;
         for w in &m.warnings {
             eprintln!("warning: {w}");
         }
-        let from = if m.weights.is_some() {
-            format!("{}", path.join("model.safetensors").display())
-        } else {
-            String::new()
-        };
+        let from =
+            if m.weights.is_some() { format!("{}", path.join("model.safetensors").display()) } else { String::new() };
         (m.graph, m.weights.unwrap_or_default(), Some(m.config), from)
     } else {
         let g = read_graph(path)?;
         for (name, want) in [("tokens", DType::I64), ("targets", DType::I64)] {
-            let v = g.find(name).filter(|&v| {
-                g.args
-                    .iter()
-                    .any(|a| a.value == v && a.kind == ArgKind::Input)
-            });
+            let v = g.find(name).filter(|&v| g.args.iter().any(|a| a.value == v && a.kind == ArgKind::Input));
             let Some(v) = v else {
-                bail!(
-                    "{}: a model graph needs an `input %{name}: i64[{batch}, {seq}]` argument",
-                    path.display()
-                );
+                bail!("{}: a model graph needs an `input %{name}: i64[{batch}, {seq}]` argument", path.display());
             };
             let ty = g.ty(v);
             if ty.dtype.is_float() != want.is_float() || ty.shape != [batch, seq] {
@@ -91,10 +67,7 @@ pub fn load_model(
             }
         }
         if g.find("loss").is_none_or(|v| !g.outputs.contains(&v)) {
-            bail!(
-                "{}: a model graph needs an output named `%loss`",
-                path.display()
-            );
+            bail!("{}: a model graph needs an output named `%loss`", path.display());
         }
         (g, HashMap::new(), None, String::new())
     };
@@ -104,13 +77,7 @@ pub fn load_model(
         for p in graph.args_of(ArgKind::Param) {
             let v = graph.value(p);
             let t = loaded.get(&v.name).ok_or_else(|| {
-                anyhow!(
-                    "{}: has no tensor `{}` for parameter `%{}: {}`",
-                    file.display(),
-                    v.name,
-                    v.name,
-                    v.ty
-                )
+                anyhow!("{}: has no tensor `{}` for parameter `%{}: {}`", file.display(), v.name, v.name, v.ty)
             })?;
             if t.shape != v.ty.shape {
                 bail!(
@@ -130,10 +97,5 @@ pub fn load_model(
         params = shardc_runtime::init::init_params(&graph, seed);
         weights_from = format!("GPT-2-style random initialisation (seed {seed}; no weights given)");
     }
-    Ok(LoadedModel {
-        graph,
-        params,
-        config,
-        weights_from,
-    })
+    Ok(LoadedModel { graph, params, config, weights_from })
 }

@@ -7,14 +7,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 /// `error: MESSAGE`, then the location and the source line with a caret line.
-pub fn source_error(
-    path: &Path,
-    src: &str,
-    line: usize,
-    col: usize,
-    len: usize,
-    message: &str,
-) -> String {
+pub fn source_error(path: &Path, src: &str, line: usize, col: usize, len: usize, message: &str) -> String {
     let mut out = format!("error: {message}\n");
     let text = src.lines().nth(line.saturating_sub(1)).unwrap_or("");
     let num = line.to_string();
@@ -22,12 +15,7 @@ pub fn source_error(
     let _ = writeln!(out, "{pad}--> {}:{line}:{col}", path.display());
     let _ = writeln!(out, "{pad} |");
     let _ = writeln!(out, "{num} | {text}");
-    let _ = write!(
-        out,
-        "{pad} | {}{}",
-        " ".repeat(col.saturating_sub(1)),
-        "^".repeat(len.max(1))
-    );
+    let _ = write!(out, "{pad} | {}{}", " ".repeat(col.saturating_sub(1)), "^".repeat(len.max(1)));
     out
 }
 
@@ -37,27 +25,13 @@ pub fn parse_error(path: &Path, src: &str, d: &Diagnostic) -> String {
 }
 
 /// Every verifier error, each at the line that defines the offending node's value.
-pub fn verify_errors(
-    path: &Path,
-    src: &str,
-    g: &shardc_ir::Graph,
-    map: &SourceMap,
-    errs: &VerifyErrors,
-) -> String {
+pub fn verify_errors(path: &Path, src: &str, g: &shardc_ir::Graph, map: &SourceMap, errs: &VerifyErrors) -> String {
     let mut out = Vec::new();
     for e in &errs.0 {
         let node = e.node.and_then(|i| g.nodes.get(i));
-        let line = e
-            .value
-            .and_then(|v| map.value_lines.get(v.index()))
-            .copied();
+        let line = e.value.and_then(|v| map.value_lines.get(v.index())).copied();
         let message = match node {
-            Some(n) => format!(
-                "`{}` defining `%{}`: {}",
-                n.op.name(),
-                g.name_of(n.output),
-                e.message
-            ),
+            Some(n) => format!("`{}` defining `%{}`: {}", n.op.name(), g.name_of(n.output), e.message),
             None => e.message.clone(),
         };
         out.push(match line {
@@ -67,12 +41,7 @@ pub fn verify_errors(
                 source_error(path, src, line, col, text.trim().len(), &message)
             }
             _ if e.context.is_empty() => format!("error: {}\n --> {}", e.message, path.display()),
-            _ => format!(
-                "error: {}\n --> {}\n    {}",
-                e.message,
-                path.display(),
-                e.context
-            ),
+            _ => format!("error: {}\n --> {}\n    {}", e.message, path.display(), e.context),
         });
     }
     out.join("\n\n")

@@ -4,10 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn shardc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_shardc"))
-        .args(args)
-        .output()
-        .expect("shardc runs")
+    Command::new(env!("CARGO_BIN_EXE_shardc")).args(args).output().expect("shardc runs")
 }
 
 fn root() -> PathBuf {
@@ -33,16 +30,8 @@ fn stderr(o: &Output) -> String {
 }
 
 fn expected_loss(model: &str) -> f64 {
-    let text = std::fs::read_to_string(
-        root()
-            .join("tests/fixtures/hf")
-            .join(model)
-            .join("expected.json"),
-    )
-    .unwrap();
-    serde_json::from_str::<serde_json::Value>(&text).unwrap()["loss"]
-        .as_f64()
-        .unwrap()
+    let text = std::fs::read_to_string(root().join("tests/fixtures/hf").join(model).join("expected.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&text).unwrap()["loss"].as_f64().unwrap()
 }
 
 #[test]
@@ -52,96 +41,38 @@ fn import_check_and_eval_reproduce_hugging_face() {
         let tokens = dir.join("tokens.bin");
         let want = expected_loss(model);
         // Straight from the directory, JSON output.
-        let o = shardc(&[
-            "eval",
-            s(&dir),
-            "--data",
-            s(&tokens),
-            "--batch",
-            "2",
-            "--seq",
-            "16",
-            "--json",
-        ]);
+        let o = shardc(&["eval", s(&dir), "--data", s(&tokens), "--batch", "2", "--seq", "16", "--json"]);
         assert!(o.status.success(), "{}", stderr(&o));
-        let v: serde_json::Value =
-            serde_json::from_str(stdout(&o).trim()).expect("one JSON object on stdout");
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON object on stdout");
         let loss = v["loss"].as_f64().unwrap();
-        assert!(
-            ((loss - want) / want).abs() < 1e-5,
-            "{model}: eval loss {loss}, Hugging Face {want}"
-        );
+        assert!(((loss - want) / want).abs() < 1e-5, "{model}: eval loss {loss}, Hugging Face {want}");
         // Through the text IR and a weights file.
-        let (tir, weights) = (
-            tmp(&format!("{model}.tir")),
-            tmp(&format!("{model}.safetensors")),
-        );
-        let o = shardc(&[
-            "import",
-            s(&dir),
-            "--batch",
-            "2",
-            "--seq",
-            "16",
-            "-o",
-            s(&tir),
-            "--weights-out",
-            s(&weights),
-        ]);
+        let (tir, weights) = (tmp(&format!("{model}.tir")), tmp(&format!("{model}.safetensors")));
+        let o =
+            shardc(&["import", s(&dir), "--batch", "2", "--seq", "16", "-o", s(&tir), "--weights-out", s(&weights)]);
         assert!(o.status.success(), "{}", stderr(&o));
         assert!(stderr(&o).contains("parameters"), "{}", stderr(&o));
         let o = shardc(&["check", s(&tir)]);
-        assert!(
-            o.status.success() && stdout(&o).contains(": ok: graph"),
-            "{}",
-            stderr(&o)
-        );
-        let o = shardc(&[
-            "eval",
-            s(&tir),
-            "--weights",
-            s(&weights),
-            "--data",
-            s(&tokens),
-            "--batch",
-            "2",
-            "--seq",
-            "16",
-        ]);
+        assert!(o.status.success() && stdout(&o).contains(": ok: graph"), "{}", stderr(&o));
+        let o =
+            shardc(&["eval", s(&tir), "--weights", s(&weights), "--data", s(&tokens), "--batch", "2", "--seq", "16"]);
         assert!(o.status.success(), "{}", stderr(&o));
         let line = stdout(&o).lines().last().unwrap().to_string();
         let loss: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        assert!(
-            ((loss - want) / want).abs() < 1e-5,
-            "{model}: .tir eval printed `{line}`, Hugging Face {want}"
-        );
+        assert!(((loss - want) / want).abs() < 1e-5, "{model}: .tir eval printed `{line}`, Hugging Face {want}");
     }
 }
 
 #[test]
 fn check_renders_errors_at_the_source_line() {
     let bad = tmp("bad.tir");
-    std::fs::write(
-        &bad,
-        "graph g\ninput %x: f32[2, 3]\n%y: f32[3, 3] = matmul(%x, %x)\noutput %y\n",
-    )
-    .unwrap();
+    std::fs::write(&bad, "graph g\ninput %x: f32[2, 3]\n%y: f32[3, 3] = matmul(%x, %x)\noutput %y\n").unwrap();
     let o = shardc(&["check", s(&bad)]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(
-        e.contains("error: `matmul` defining `%y`: contracting dimensions differ"),
-        "{e}"
-    );
-    assert!(
-        e.contains("bad.tir:3:1") && e.contains("3 | %y: f32[3, 3] = matmul(%x, %x)"),
-        "{e}"
-    );
-    std::fs::write(
-        &bad,
-        "graph g\ninput %x: f32[2, 3]\n%y: f32[2, 3] = frob(%x)\noutput %y\n",
-    )
-    .unwrap();
+    assert!(e.contains("error: `matmul` defining `%y`: contracting dimensions differ"), "{e}");
+    assert!(e.contains("bad.tir:3:1") && e.contains("3 | %y: f32[3, 3] = matmul(%x, %x)"), "{e}");
+    std::fs::write(&bad, "graph g\ninput %x: f32[2, 3]\n%y: f32[2, 3] = frob(%x)\noutput %y\n").unwrap();
     let e = stderr(&shardc(&["check", s(&bad)]));
     assert!(
         e.contains("unknown op `frob`")
@@ -157,82 +88,30 @@ fn data_prepare_and_eval_errors_are_clear() {
     std::fs::write(&text, "To be, or not to be, that is the question.\n").unwrap();
     let bin = tmp("tiny.bin");
     let o = shardc(&["data", "prepare", s(&text), "-o", s(&bin)]);
-    assert!(
-        o.status.success() && stdout(&o).contains("wrote 43 tokens"),
-        "{}",
-        stdout(&o)
-    );
+    assert!(o.status.success() && stdout(&o).contains("wrote 43 tokens"), "{}", stdout(&o));
     let model = root().join("tests/fixtures/hf/gpt2-tiny");
     // 43 tokens hold 2 batches of 2 x 10; asking for 3 is an error that says so.
-    let o = shardc(&[
-        "eval",
-        s(&model),
-        "--data",
-        s(&bin),
-        "--batch",
-        "2",
-        "--seq",
-        "10",
-        "--batches",
-        "3",
-    ]);
+    let o = shardc(&["eval", s(&model), "--data", s(&bin), "--batch", "2", "--seq", "10", "--batches", "3"]);
     assert!(!o.status.success());
-    assert!(
-        stderr(&o).contains("hold 2 batches of 2 x 10"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("hold 2 batches of 2 x 10"), "{}", stderr(&o));
     // A sequence longer than the model's positions.
-    let o = shardc(&[
-        "eval",
-        s(&model),
-        "--data",
-        s(&bin),
-        "--batch",
-        "1",
-        "--seq",
-        "100",
-    ]);
-    assert!(
-        stderr(&o).contains("exceeds the model's 64 positions"),
-        "{}",
-        stderr(&o)
-    );
+    let o = shardc(&["eval", s(&model), "--data", s(&bin), "--batch", "1", "--seq", "100"]);
+    assert!(stderr(&o).contains("exceeds the model's 64 positions"), "{}", stderr(&o));
     // An unsupported model type names the file.
     let dir = tmp("bert");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("config.json"), r#"{"model_type": "bert"}"#).unwrap();
     let o = shardc(&["import", s(&dir)]);
-    assert!(
-        stderr(&o).contains("config.json: model_type `bert` is not supported"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stderr(&o).contains("config.json: model_type `bert` is not supported"), "{}", stderr(&o));
 }
 
 #[test]
 fn a_model_without_weights_is_initialised_and_says_so() {
     let model = root().join("examples/shakespeare-char");
     let bin = tmp("shakespeare.bin");
-    let o = shardc(&[
-        "data",
-        "prepare",
-        s(&root().join("examples/data/shakespeare.txt")),
-        "-o",
-        s(&bin),
-    ]);
+    let o = shardc(&["data", "prepare", s(&root().join("examples/data/shakespeare.txt")), "-o", s(&bin)]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = shardc(&[
-        "eval",
-        s(&model),
-        "--data",
-        s(&bin),
-        "--batch",
-        "2",
-        "--seq",
-        "32",
-        "--json",
-    ]);
+    let o = shardc(&["eval", s(&model), "--data", s(&bin), "--batch", "2", "--seq", "32", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     // An untrained byte-level model predicts about uniformly: loss near ln(256) = 5.545.

@@ -119,20 +119,14 @@ fn corpus(dir: &Path, ext: &str, out: &mut Vec<Vec<u8>>) {
     for p in paths {
         if p.is_dir() {
             corpus(&p, ext, out);
-        } else if p
-            .file_name()
-            .is_some_and(|f| f.to_string_lossy().ends_with(ext))
-        {
+        } else if p.file_name().is_some_and(|f| f.to_string_lossy().ends_with(ext)) {
             out.push(std::fs::read(&p).unwrap());
         }
     }
 }
 
 fn cases() -> usize {
-    std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(4000)
+    std::env::var("FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(4000)
 }
 
 /// Runs `f` on `n` mutants of the corpus; fails with the offending input on a panic.
@@ -153,20 +147,14 @@ fn fuzz(name: &str, corpus: &[Vec<u8>], n: usize, seed: u64, f: impl Fn(&[u8])) 
                 .unwrap_or_default();
             let path = std::env::temp_dir().join(format!("shardc-fuzz-{name}-{i}.bin"));
             std::fs::write(&path, &input).unwrap();
-            panic!(
-                "{name}: case {i} panicked ({msg}); input saved to {}",
-                path.display()
-            );
+            panic!("{name}: case {i} panicked ({msg}); input saved to {}", path.display());
         }
     }
     eprintln!("fuzz {name}: {n} cases, no panic");
 }
 
 fn zero_inputs(g: &shardc_ir::Graph) -> HashMap<String, Tensor> {
-    g.args
-        .iter()
-        .map(|a| (g.name_of(a.value).to_string(), Tensor::zeros(g.ty(a.value))))
-        .collect()
+    g.args.iter().map(|a| (g.name_of(a.value).to_string(), Tensor::zeros(g.ty(a.value)))).collect()
 }
 
 #[test]
@@ -184,23 +172,14 @@ fn tir_parser_verifier_and_interpreter_never_panic() {
         }
         counters.borrow_mut().1 += 1;
         let printed = print(&g);
-        assert_eq!(
-            parse(&printed).expect("printed graphs parse"),
-            g,
-            "round trip"
-        );
+        assert_eq!(parse(&printed).expect("printed graphs parse"), g, "round trip");
         let small = g.values.iter().all(|v| v.ty.numel() <= 4096) && g.mesh.world_size() <= 8;
-        if small
-            && g.args
-                .iter()
-                .all(|a| a.kind == ArgKind::Input || a.kind == ArgKind::Param)
-        {
+        if small && g.args.iter().all(|a| a.kind == ArgKind::Input || a.kind == ArgKind::Param) {
             let world = g.mesh.world_size();
             if world == 1 {
                 let _ = run(&g, &zero_inputs(&g), Precision::F32);
             } else {
-                let _ =
-                    shardc_ir::interp::run_spmd(&g, &vec![zero_inputs(&g); world], Precision::F64);
+                let _ = shardc_ir::interp::run_spmd(&g, &vec![zero_inputs(&g); world], Precision::F64);
             }
             counters.borrow_mut().2 += 1;
         }
@@ -230,24 +209,14 @@ fn safetensors_loading_never_panics() {
     let fixture = root().join("tests/fixtures/hf/gpt2-tiny");
     std::fs::copy(fixture.join("config.json"), dir.join("config.json")).unwrap();
     let mut files = Vec::new();
-    corpus(
-        &root().join("tests/fixtures/hf"),
-        ".safetensors",
-        &mut files,
-    );
+    corpus(&root().join("tests/fixtures/hf"), ".safetensors", &mut files);
     // Header-focused mutations matter most: keep the mutated file small by cutting the data.
     let files: Vec<Vec<u8>> = files
         .into_iter()
         .map(|f| f[..f.len().min(8192)].to_vec())
-        .chain(std::iter::once(
-            std::fs::read(fixture.join("model.safetensors")).unwrap(),
-        ))
+        .chain(std::iter::once(std::fs::read(fixture.join("model.safetensors")).unwrap()))
         .collect();
-    let opts = BuildOptions {
-        batch: 1,
-        seq: 4,
-        emit_logits: false,
-    };
+    let opts = BuildOptions { batch: 1, seq: 4, emit_logits: false };
     fuzz("safetensors", &files, cases() / 2, 0x5EED_0003, |bytes| {
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
         let _ = import_dir(&dir, opts);

@@ -9,9 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/hf")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
 }
 
 /// Imports the fixture, runs it, and returns (logits rel error, loss rel error).
@@ -19,24 +17,9 @@ fn check(name: &str, precision: Precision) -> (f64, f64) {
     let dir = fixture(name);
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
-    let (b, t) = (
-        expected["batch"].as_u64().unwrap() as usize,
-        expected["seq"].as_u64().unwrap() as usize,
-    );
-    let model = import_dir(
-        &dir,
-        BuildOptions {
-            batch: b,
-            seq: t,
-            emit_logits: true,
-        },
-    )
-    .expect("imports");
-    assert!(
-        model.warnings.is_empty(),
-        "unexpected warnings: {:?}",
-        model.warnings
-    );
+    let (b, t) = (expected["batch"].as_u64().unwrap() as usize, expected["seq"].as_u64().unwrap() as usize);
+    let model = import_dir(&dir, BuildOptions { batch: b, seq: t, emit_logits: true }).expect("imports");
+    assert!(model.warnings.is_empty(), "unexpected warnings: {:?}", model.warnings);
     verify(&model.graph).expect("imported graph verifies");
     let tensors = read_tensors(&dir.join("expected.safetensors")).unwrap();
     let mut inputs: HashMap<String, _> = model.weights.expect("fixture has weights");
@@ -54,28 +37,19 @@ fn check(name: &str, precision: Precision) -> (f64, f64) {
 #[test]
 fn gpt2_matches_hugging_face_in_f32() {
     let (logits, loss) = check("gpt2-tiny", Precision::F32);
-    assert!(
-        logits < 1e-5 && loss < 1e-5,
-        "gpt2 f32: logits rel err {logits:e}, loss rel err {loss:e}"
-    );
+    assert!(logits < 1e-5 && loss < 1e-5, "gpt2 f32: logits rel err {logits:e}, loss rel err {loss:e}");
 }
 
 #[test]
 fn llama_matches_hugging_face_in_f32() {
     let (logits, loss) = check("llama-tiny", Precision::F32);
-    assert!(
-        logits < 1e-5 && loss < 1e-5,
-        "llama f32: logits rel err {logits:e}, loss rel err {loss:e}"
-    );
+    assert!(logits < 1e-5 && loss < 1e-5, "llama f32: logits rel err {logits:e}, loss rel err {loss:e}");
 }
 
 #[test]
 fn f64_interpretation_agrees_too() {
     for name in ["gpt2-tiny", "llama-tiny"] {
         let (logits, loss) = check(name, Precision::F64);
-        assert!(
-            logits < 1e-5 && loss < 1e-5,
-            "{name} f64: logits rel err {logits:e}, loss rel err {loss:e}"
-        );
+        assert!(logits < 1e-5 && loss < 1e-5, "{name} f64: logits rel err {logits:e}, loss rel err {loss:e}");
     }
 }

@@ -64,30 +64,17 @@ fn numbers(s: &str) -> Vec<f64> {
 #[test]
 fn every_tir_file_round_trips() {
     let errors = root().join("tests/tir/errors");
-    let files: Vec<PathBuf> = files_under("tests")
-        .into_iter()
-        .chain(files_under("examples"))
-        .filter(|p| !p.starts_with(&errors))
-        .collect();
-    assert!(
-        files.len() >= 6,
-        "expected the repository's .tir files, found {}",
-        files.len()
-    );
+    let files: Vec<PathBuf> =
+        files_under("tests").into_iter().chain(files_under("examples")).filter(|p| !p.starts_with(&errors)).collect();
+    assert!(files.len() >= 6, "expected the repository's .tir files, found {}", files.len());
     for path in &files {
         let src = std::fs::read_to_string(path).unwrap();
         let g = parse(&src).unwrap_or_else(|d| panic!("{}:{d}", path.display()));
         verify(&g).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let printed = print(&g);
-        let again = parse(&printed)
-            .unwrap_or_else(|d| panic!("{}: printed form does not parse: {d}", path.display()));
+        let again = parse(&printed).unwrap_or_else(|d| panic!("{}: printed form does not parse: {d}", path.display()));
         assert_eq!(again, g, "{}: parse(print(g)) != g", path.display());
-        assert_eq!(
-            print(&again),
-            printed,
-            "{}: the printer is not a fixed point",
-            path.display()
-        );
+        assert_eq!(print(&again), printed, "{}: the printer is not a fixed point", path.display());
         let json = serde_json::to_string(&g).unwrap();
         let from_json: Graph = serde_json::from_str(&json).unwrap();
         assert_eq!(from_json, g, "{}: JSON round trip", path.display());
@@ -106,31 +93,20 @@ fn run_case(path: &Path, precision: Precision, tol: f64, ops_seen: &mut BTreeSet
     for line in directives(&src, "input") {
         let (name, values) = line.split_once('=').expect("# input %x = [..]");
         let name = name.trim().trim_start_matches('%');
-        let v = g
-            .find(name)
-            .unwrap_or_else(|| panic!("{}: no argument %{name}", path.display()));
+        let v = g.find(name).unwrap_or_else(|| panic!("{}: no argument %{name}", path.display()));
         let ty = g.ty(v);
         let values = numbers(values);
         let t = if ty.dtype.is_float() {
             Tensor::f64(ty.dtype, ty.shape.clone(), values)
         } else {
-            Tensor::int(
-                ty.dtype,
-                ty.shape.clone(),
-                values.iter().map(|&x| x as i64).collect(),
-            )
+            Tensor::int(ty.dtype, ty.shape.clone(), values.iter().map(|&x| x as i64).collect())
         };
         inputs.insert(name.to_string(), t);
     }
     let world = g.mesh.world_size();
-    let outs = run_spmd(&g, &vec![inputs; world], precision)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let outs = run_spmd(&g, &vec![inputs; world], precision).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let expects = directives(&src, "expect");
-    assert!(
-        !expects.is_empty(),
-        "{}: no `# expect` lines",
-        path.display()
-    );
+    assert!(!expects.is_empty(), "{}: no `# expect` lines", path.display());
     for line in expects {
         let (lhs, values) = line.split_once('=').expect("# expect %y = [..]");
         let lhs: Vec<&str> = lhs.split_whitespace().collect();
@@ -140,9 +116,7 @@ fn run_case(path: &Path, precision: Precision, tol: f64, ops_seen: &mut BTreeSet
             _ => panic!("{}: bad expect line `{line}`", path.display()),
         };
         let name = name.trim_start_matches('%');
-        let v = g
-            .find(name)
-            .unwrap_or_else(|| panic!("{}: no value %{name}", path.display()));
+        let v = g.find(name).unwrap_or_else(|| panic!("{}: no value %{name}", path.display()));
         let k = g
             .outputs
             .iter()
@@ -150,15 +124,13 @@ fn run_case(path: &Path, precision: Precision, tol: f64, ops_seen: &mut BTreeSet
             .unwrap_or_else(|| panic!("{}: %{name} is not an output", path.display()));
         let got = outs[rank][k].to_f64();
         let want = numbers(values);
-        assert_eq!(
-            got.len(),
-            want.len(),
-            "{}: %{name} has {} elements",
-            path.display(),
-            got.len()
-        );
+        assert_eq!(got.len(), want.len(), "{}: %{name} has {} elements", path.display(), got.len());
         let err = max_rel_error(&got, &want);
-        assert!(err <= tol, "{} ({precision:?}): rank {rank} %{name} = {got:?}, expected {want:?} (rel err {err:e})", path.display());
+        assert!(
+            err <= tol,
+            "{} ({precision:?}): rank {rank} %{name} = {got:?}, expected {want:?} (rel err {err:e})",
+            path.display()
+        );
     }
 }
 
@@ -170,15 +142,8 @@ fn op_files_compute_the_expected_values() {
         run_case(path, Precision::F64, 1e-9, &mut seen);
         run_case(path, Precision::F32, 1e-5, &mut seen);
     }
-    let missing: Vec<&str> = Op::ALL
-        .iter()
-        .map(|o| o.name())
-        .filter(|n| !seen.contains(n))
-        .collect();
-    assert!(
-        missing.is_empty(),
-        "ops without an interpreter test in tests/tir/ops: {missing:?}"
-    );
+    let missing: Vec<&str> = Op::ALL.iter().map(|o| o.name()).filter(|n| !seen.contains(n)).collect();
+    assert!(missing.is_empty(), "ops without an interpreter test in tests/tir/ops: {missing:?}");
 }
 
 #[test]
@@ -191,17 +156,9 @@ fn verifier_error_files_fail_with_their_messages() {
         let errs = verify(&g).expect_err(&format!("{} should fail verification", path.display()));
         let text = errs.to_string();
         let wanted = directives(&src, "error:");
-        assert!(
-            !wanted.is_empty(),
-            "{}: no `# error:` lines",
-            path.display()
-        );
+        assert!(!wanted.is_empty(), "{}: no `# error:` lines", path.display());
         for w in wanted {
-            assert!(
-                text.contains(w),
-                "{}: expected an error containing `{w}`, got:\n{text}",
-                path.display()
-            );
+            assert!(text.contains(w), "{}: expected an error containing `{w}`, got:\n{text}", path.display());
         }
         // Every node error names its node and prints it.
         for e in &errs.0 {
@@ -225,24 +182,9 @@ fn parse_error_files_fail_at_their_location() {
         let src = std::fs::read_to_string(path).unwrap();
         let d = parse(&src).expect_err(&format!("{} should not parse", path.display()));
         let wanted = directives(&src, "error:");
-        let [w] = wanted.as_slice() else {
-            panic!(
-                "{}: needs exactly one `# error: LINE:COL TEXT`",
-                path.display()
-            )
-        };
+        let [w] = wanted.as_slice() else { panic!("{}: needs exactly one `# error: LINE:COL TEXT`", path.display()) };
         let (loc, text) = w.split_once(' ').expect("LINE:COL TEXT");
-        assert_eq!(
-            format!("{}:{}", d.line, d.col),
-            loc,
-            "{}: {d}",
-            path.display()
-        );
-        assert!(
-            d.message.contains(text),
-            "{}: expected `{text}` in `{}`",
-            path.display(),
-            d.message
-        );
+        assert_eq!(format!("{}:{}", d.line, d.col), loc, "{}: {d}", path.display());
+        assert!(d.message.contains(text), "{}: expected `{text}` in `{}`", path.display(), d.message);
     }
 }

@@ -84,10 +84,7 @@ fn mesh_is_empty(m: &Mesh) -> bool {
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Self {
-        Graph {
-            name: name.into(),
-            ..Default::default()
-        }
+        Graph { name: name.into(), ..Default::default() }
     }
 
     pub fn value(&self, id: ValueId) -> &Value {
@@ -104,18 +101,12 @@ impl Graph {
 
     /// The value called `name`, if any.
     pub fn find(&self, name: &str) -> Option<ValueId> {
-        self.values
-            .iter()
-            .position(|v| v.name == name)
-            .map(|i| ValueId(i as u32))
+        self.values.iter().position(|v| v.name == name).map(|i| ValueId(i as u32))
     }
 
     /// The arguments of one kind, in order.
     pub fn args_of(&self, kind: ArgKind) -> impl Iterator<Item = ValueId> + '_ {
-        self.args
-            .iter()
-            .filter(move |a| a.kind == kind)
-            .map(|a| a.value)
+        self.args.iter().filter(move |a| a.kind == kind).map(|a| a.value)
     }
 
     fn fresh_value(&mut self, name: String, ty: TensorType) -> ValueId {
@@ -144,12 +135,7 @@ impl Graph {
     ) -> Result<ValueId, String> {
         let ty = self.infer(op, inputs, &attrs)?;
         let output = self.fresh_value(name.into(), ty);
-        self.nodes.push(Node {
-            op,
-            inputs: inputs.to_vec(),
-            attrs,
-            output,
-        });
+        self.nodes.push(Node { op, inputs: inputs.to_vec(), attrs, output });
         Ok(output)
     }
 
@@ -157,20 +143,11 @@ impl Graph {
     pub fn infer(&self, op: Op, inputs: &[ValueId], attrs: &Attrs) -> Result<TensorType, String> {
         let info = op.info();
         if !info.arity.accepts(inputs.len()) {
-            return Err(format!(
-                "`{}` takes {:?} operands, given {}",
-                info.name,
-                info.arity,
-                inputs.len()
-            ));
+            return Err(format!("`{}` takes {:?} operands, given {}", info.name, info.arity, inputs.len()));
         }
         crate::ops::check_attrs(op, attrs)?;
         let tys: Vec<&TensorType> = inputs.iter().map(|&v| self.ty(v)).collect();
-        (info.infer)(&InferCtx {
-            inputs: &tys,
-            attrs,
-            mesh: &self.mesh,
-        })
+        (info.infer)(&InferCtx { inputs: &tys, attrs, mesh: &self.mesh })
     }
 
     /// Renumbers values densely in definition order (arguments, then nodes). Builders call this
@@ -178,11 +155,7 @@ impl Graph {
     pub fn finish(&mut self) {
         let mut map = vec![u32::MAX; self.values.len()];
         let mut values = Vec::with_capacity(self.values.len());
-        let order = self
-            .args
-            .iter()
-            .map(|a| a.value)
-            .chain(self.nodes.iter().map(|n| n.output));
+        let order = self.args.iter().map(|a| a.value).chain(self.nodes.iter().map(|n| n.output));
         for old in order {
             map[old.index()] = values.len() as u32;
             values.push(self.values[old.index()].clone());
@@ -208,18 +181,12 @@ impl Graph {
 
     /// Number of scalar elements over all parameters.
     pub fn param_count(&self) -> usize {
-        self.args_of(ArgKind::Param)
-            .map(|v| self.ty(v).numel())
-            .sum()
+        self.args_of(ArgKind::Param).map(|v| self.ty(v).numel()).sum()
     }
 
     /// Map from value name to id.
     pub fn names(&self) -> HashMap<&str, ValueId> {
-        self.values
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (v.name.as_str(), ValueId(i as u32)))
-            .collect()
+        self.values.iter().enumerate().map(|(i, v)| (v.name.as_str(), ValueId(i as u32))).collect()
     }
 }
 
@@ -227,66 +194,77 @@ impl Graph {
 /// shapes, and errors that say which value could not be built.
 pub struct Builder {
     pub graph: Graph,
+    names: std::collections::HashSet<String>,
     counter: usize,
 }
 
 impl Builder {
     pub fn new(name: impl Into<String>) -> Self {
-        Builder {
-            graph: Graph::new(name),
-            counter: 0,
-        }
+        Self::from_graph(Graph::new(name))
     }
 
-    pub fn param(&mut self, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
-        self.graph
-            .add_arg(ArgKind::Param, name, TensorType::new(dtype, shape.to_vec()))
+    /// Continues building on an existing graph (its nodes stay first).
+    pub fn from_graph(graph: Graph) -> Self {
+        let names = graph.values.iter().map(|v| v.name.clone()).collect();
+        Builder { graph, names, counter: 0 }
     }
 
-    pub fn input(&mut self, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
-        self.graph
-            .add_arg(ArgKind::Input, name, TensorType::new(dtype, shape.to_vec()))
-    }
-
-    /// Adds a node named `hint` (made unique with a numeric suffix when taken).
-    pub fn op(
-        &mut self,
-        op: Op,
-        inputs: &[ValueId],
-        attrs: Attrs,
-        hint: &str,
-    ) -> Result<ValueId, String> {
-        let name = if self.graph.find(hint).is_none() && !hint.is_empty() {
+    /// `hint` if no value has that name yet, else `hint` with the next free numeric suffix.
+    fn fresh_name(&mut self, hint: &str) -> String {
+        let base = if hint.is_empty() { "v" } else { hint };
+        let name = if !hint.is_empty() && !self.names.contains(hint) {
             hint.to_string()
         } else {
             loop {
                 self.counter += 1;
-                let candidate = format!(
-                    "{}{}",
-                    if hint.is_empty() { "v" } else { hint },
-                    self.counter
-                );
-                if self.graph.find(&candidate).is_none() {
+                let candidate = format!("{base}{}", self.counter);
+                if !self.names.contains(&candidate) {
                     break candidate;
                 }
             }
         };
+        self.names.insert(name.clone());
+        name
+    }
+
+    pub fn param(&mut self, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
+        self.arg(ArgKind::Param, name, dtype, shape)
+    }
+
+    pub fn input(&mut self, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
+        self.arg(ArgKind::Input, name, dtype, shape)
+    }
+
+    /// Declares an argument named `name` (made unique when taken).
+    pub fn arg(&mut self, kind: ArgKind, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
+        let name = self.fresh_name(name);
+        self.graph.add_arg(kind, name, TensorType::new(dtype, shape.to_vec()))
+    }
+
+    /// Adds a node named `hint` (made unique with a numeric suffix when taken).
+    pub fn op(&mut self, op: Op, inputs: &[ValueId], attrs: Attrs, hint: &str) -> Result<ValueId, String> {
+        let name = self.fresh_name(hint);
         self.graph
             .add_node(op, inputs, attrs, name.clone())
             .map_err(|e| format!("building `%{name}` ({}): {e}", op.name()))
+    }
+
+    /// Gives the value `v` the name `name` when no other value has it (returns whether it did).
+    pub fn rename(&mut self, v: ValueId, name: &str) -> bool {
+        if self.names.contains(name) {
+            return false;
+        }
+        self.names.remove(&self.graph.values[v.index()].name);
+        self.names.insert(name.to_string());
+        self.graph.values[v.index()].name = name.to_string();
+        true
     }
 
     pub fn unary(&mut self, op: Op, x: ValueId, hint: &str) -> Result<ValueId, String> {
         self.op(op, &[x], Attrs::new(), hint)
     }
 
-    pub fn binary(
-        &mut self,
-        op: Op,
-        a: ValueId,
-        b: ValueId,
-        hint: &str,
-    ) -> Result<ValueId, String> {
+    pub fn binary(&mut self, op: Op, a: ValueId, b: ValueId, hint: &str) -> Result<ValueId, String> {
         self.op(op, &[a, b], Attrs::new(), hint)
     }
 
@@ -301,51 +279,20 @@ impl Builder {
 
     pub fn reshape(&mut self, x: ValueId, shape: &[usize], hint: &str) -> Result<ValueId, String> {
         let shape = shape.iter().map(|&d| d as i64).collect();
-        self.op(
-            Op::Reshape,
-            &[x],
-            Attrs::new().with("shape", Attr::Ints(shape)),
-            hint,
-        )
+        self.op(Op::Reshape, &[x], Attrs::new().with("shape", Attr::Ints(shape)), hint)
     }
 
     pub fn transpose(&mut self, x: ValueId, perm: &[i64], hint: &str) -> Result<ValueId, String> {
-        self.op(
-            Op::Transpose,
-            &[x],
-            Attrs::new().with("perm", Attr::Ints(perm.to_vec())),
-            hint,
-        )
+        self.op(Op::Transpose, &[x], Attrs::new().with("perm", Attr::Ints(perm.to_vec())), hint)
     }
 
-    pub fn matmul(
-        &mut self,
-        a: ValueId,
-        b: ValueId,
-        transpose_b: bool,
-        hint: &str,
-    ) -> Result<ValueId, String> {
-        let attrs = if transpose_b {
-            Attrs::new().with("transpose_b", Attr::Bool(true))
-        } else {
-            Attrs::new()
-        };
+    pub fn matmul(&mut self, a: ValueId, b: ValueId, transpose_b: bool, hint: &str) -> Result<ValueId, String> {
+        let attrs = if transpose_b { Attrs::new().with("transpose_b", Attr::Bool(true)) } else { Attrs::new() };
         self.op(Op::MatMul, &[a, b], attrs, hint)
     }
 
-    pub fn reduce(
-        &mut self,
-        op: Op,
-        x: ValueId,
-        dims: &[i64],
-        hint: &str,
-    ) -> Result<ValueId, String> {
-        self.op(
-            op,
-            &[x],
-            Attrs::new().with("dims", Attr::Ints(dims.to_vec())),
-            hint,
-        )
+    pub fn reduce(&mut self, op: Op, x: ValueId, dims: &[i64], hint: &str) -> Result<ValueId, String> {
+        self.op(op, &[x], Attrs::new().with("dims", Attr::Ints(dims.to_vec())), hint)
     }
 
     pub fn ty(&self, v: ValueId) -> &TensorType {

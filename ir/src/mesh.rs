@@ -22,31 +22,24 @@ impl Mesh {
     pub fn parse(s: &str) -> Result<Mesh, String> {
         let mut axes: Vec<MeshAxis> = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, size) = part.split_once('=').ok_or_else(|| {
-                format!("mesh axis `{part}` must be written NAME=SIZE, e.g. tp=4")
-            })?;
+            let (name, size) = part
+                .split_once('=')
+                .ok_or_else(|| format!("mesh axis `{part}` must be written NAME=SIZE, e.g. tp=4"))?;
             let name = name.trim();
             if !is_identifier(name) {
                 return Err(format!("mesh axis name `{name}` is not an identifier"));
             }
-            let size: usize = size.trim().parse().map_err(|_| {
-                format!(
-                    "mesh axis `{name}` has size `{}`, not a positive integer",
-                    size.trim()
-                )
-            })?;
+            let size: usize = size
+                .trim()
+                .parse()
+                .map_err(|_| format!("mesh axis `{name}` has size `{}`, not a positive integer", size.trim()))?;
             if size == 0 {
-                return Err(format!(
-                    "mesh axis `{name}` has size 0; sizes must be at least 1"
-                ));
+                return Err(format!("mesh axis `{name}` has size 0; sizes must be at least 1"));
             }
             if axes.iter().any(|a| a.name == name) {
                 return Err(format!("mesh axis `{name}` is named twice"));
             }
-            axes.push(MeshAxis {
-                name: name.to_string(),
-                size,
-            });
+            axes.push(MeshAxis { name: name.to_string(), size });
         }
         Ok(Mesh { axes })
     }
@@ -77,10 +70,7 @@ impl Mesh {
     }
 
     fn rank_of(&self, coords: &[usize]) -> usize {
-        coords
-            .iter()
-            .zip(&self.axes)
-            .fold(0, |acc, (c, a)| acc * a.size + c)
+        coords.iter().zip(&self.axes).fold(0, |acc, (c, a)| acc * a.size + c)
     }
 
     /// The coordinate of `rank` along the named axis.
@@ -141,8 +131,6 @@ mod tests {
         assert!(Mesh::parse("dp=0").unwrap_err().contains("size 0"));
         assert!(Mesh::parse("dp").unwrap_err().contains("NAME=SIZE"));
         assert!(Mesh::parse("dp=2,dp=2").unwrap_err().contains("twice"));
-        assert!(Mesh::parse("tp=x")
-            .unwrap_err()
-            .contains("not a positive integer"));
+        assert!(Mesh::parse("tp=x").unwrap_err().contains("not a positive integer"));
     }
 }

@@ -42,19 +42,11 @@ pub struct AttrSpec {
 }
 
 const fn req(name: &'static str, kind: AttrKind) -> AttrSpec {
-    AttrSpec {
-        name,
-        kind,
-        required: true,
-    }
+    AttrSpec { name, kind, required: true }
 }
 
 const fn opt(name: &'static str, kind: AttrKind) -> AttrSpec {
-    AttrSpec {
-        name,
-        kind,
-        required: false,
-    }
+    AttrSpec { name, kind, required: false }
 }
 
 /// Everything the shape rule of an op sees.
@@ -203,10 +195,7 @@ impl Op {
 
     /// True for the ops that communicate between ranks.
     pub fn is_collective(self) -> bool {
-        matches!(
-            self,
-            Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll
-        )
+        matches!(self, Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll)
     }
 }
 
@@ -218,34 +207,21 @@ pub fn normalize_dim(dim: i64, rank: usize) -> Result<usize, String> {
     } else if dim < -r || dim >= r {
         Err(format!("dimension {dim} is out of range for rank {rank}"))
     } else {
-        Ok(if dim < 0 {
-            (dim + r) as usize
-        } else {
-            dim as usize
-        })
+        Ok(if dim < 0 { (dim + r) as usize } else { dim as usize })
     }
 }
 
 fn shape_attr(attrs: &Attrs, name: &str) -> Result<Shape, String> {
-    let v = attrs
-        .ints(name)
-        .ok_or_else(|| format!("missing int list attribute `{name}`"))?;
-    v.iter()
-        .map(|&d| usize::try_from(d).map_err(|_| format!("`{name}` has negative extent {d}")))
-        .collect()
+    let v = attrs.ints(name).ok_or_else(|| format!("missing int list attribute `{name}`"))?;
+    v.iter().map(|&d| usize::try_from(d).map_err(|_| format!("`{name}` has negative extent {d}"))).collect()
 }
 
 fn int_attr(attrs: &Attrs, name: &str) -> Result<i64, String> {
-    attrs
-        .int(name)
-        .ok_or_else(|| format!("missing int attribute `{name}`"))
+    attrs.int(name).ok_or_else(|| format!("missing int attribute `{name}`"))
 }
 
 fn axis_size(ctx: &InferCtx) -> Result<usize, String> {
-    let axis = ctx
-        .attrs
-        .str("axis")
-        .ok_or("missing string attribute `axis`")?;
+    let axis = ctx.attrs.str("axis").ok_or("missing string attribute `axis`")?;
     ctx.mesh.axis_size(axis).ok_or_else(|| {
         if ctx.mesh.axes.is_empty() {
             format!("mesh axis `{axis}` is not declared: the graph has no `mesh` line")
@@ -266,19 +242,13 @@ fn float_input<'a>(ctx: &'a InferCtx, i: usize, role: &str) -> Result<&'a Tensor
 fn int_input<'a>(ctx: &'a InferCtx, i: usize, role: &str) -> Result<&'a TensorType, String> {
     let t = ctx.inputs[i];
     if !t.dtype.is_int() {
-        return Err(format!(
-            "{role} must be an integer type (i32 or i64), found {}",
-            t
-        ));
+        return Err(format!("{role} must be an integer type (i32 or i64), found {}", t));
     }
     Ok(t)
 }
 
 fn infer_full(ctx: &InferCtx) -> Result<TensorType, String> {
-    let dtype = ctx
-        .attrs
-        .dtype("dtype")
-        .ok_or("missing dtype attribute `dtype`")?;
+    let dtype = ctx.attrs.dtype("dtype").ok_or("missing dtype attribute `dtype`")?;
     let shape = shape_attr(ctx.attrs, "shape")?;
     if let Some(dim) = ctx.attrs.int("dim") {
         normalize_dim(dim, shape.len())?;
@@ -294,12 +264,9 @@ fn infer_axis_index(ctx: &InferCtx) -> Result<TensorType, String> {
 fn infer_binary(ctx: &InferCtx) -> Result<TensorType, String> {
     let (a, b) = (ctx.inputs[0], ctx.inputs[1]);
     if a.dtype != b.dtype {
-        return Err(format!(
-            "operands have different dtypes: {a} and {b}; insert a cast"
-        ));
+        return Err(format!("operands have different dtypes: {a} and {b}; insert a cast"));
     }
-    let shape = broadcast_shapes(&a.shape, &b.shape)
-        .ok_or_else(|| format!("shapes {a} and {b} do not broadcast"))?;
+    let shape = broadcast_shapes(&a.shape, &b.shape).ok_or_else(|| format!("shapes {a} and {b} do not broadcast"))?;
     Ok(TensorType::new(a.dtype, shape))
 }
 
@@ -310,17 +277,12 @@ fn infer_float_unary(ctx: &InferCtx) -> Result<TensorType, String> {
 fn infer_gelu(ctx: &InferCtx) -> Result<TensorType, String> {
     match ctx.attrs.str("approximate") {
         None | Some("tanh") | Some("none") => infer_float_unary(ctx),
-        Some(other) => Err(format!(
-            "approximate = \"{other}\" is not known; use \"tanh\" or \"none\""
-        )),
+        Some(other) => Err(format!("approximate = \"{other}\" is not known; use \"tanh\" or \"none\"")),
     }
 }
 
 fn infer_cast(ctx: &InferCtx) -> Result<TensorType, String> {
-    let dtype = ctx
-        .attrs
-        .dtype("dtype")
-        .ok_or("missing dtype attribute `dtype`")?;
+    let dtype = ctx.attrs.dtype("dtype").ok_or("missing dtype attribute `dtype`")?;
     Ok(TensorType::new(dtype, ctx.inputs[0].shape.clone()))
 }
 
@@ -328,45 +290,25 @@ fn infer_reshape(ctx: &InferCtx) -> Result<TensorType, String> {
     let x = ctx.inputs[0];
     let shape = shape_attr(ctx.attrs, "shape")?;
     if numel(&shape) != x.numel() {
-        return Err(format!(
-            "cannot reshape {x} ({} elements) to {:?} ({} elements)",
-            x.numel(),
-            shape,
-            numel(&shape)
-        ));
+        return Err(format!("cannot reshape {x} ({} elements) to {:?} ({} elements)", x.numel(), shape, numel(&shape)));
     }
     Ok(TensorType::new(x.dtype, shape))
 }
 
 fn infer_transpose(ctx: &InferCtx) -> Result<TensorType, String> {
     let x = ctx.inputs[0];
-    let perm = ctx
-        .attrs
-        .ints("perm")
-        .ok_or("missing int list attribute `perm`")?;
+    let perm = ctx.attrs.ints("perm").ok_or("missing int list attribute `perm`")?;
     let mut seen = vec![false; x.rank()];
     if perm.len() != x.rank() {
-        return Err(format!(
-            "perm {perm:?} has {} entries but the operand {x} has rank {}",
-            perm.len(),
-            x.rank()
-        ));
+        return Err(format!("perm {perm:?} has {} entries but the operand {x} has rank {}", perm.len(), x.rank()));
     }
     for &p in perm {
         match usize::try_from(p).ok().filter(|&p| p < x.rank()) {
             Some(p) if !seen[p] => seen[p] = true,
-            _ => {
-                return Err(format!(
-                    "perm {perm:?} is not a permutation of 0..{}",
-                    x.rank()
-                ))
-            }
+            _ => return Err(format!("perm {perm:?} is not a permutation of 0..{}", x.rank())),
         }
     }
-    Ok(TensorType::new(
-        x.dtype,
-        perm.iter().map(|&p| x.shape[p as usize]).collect::<Shape>(),
-    ))
+    Ok(TensorType::new(x.dtype, perm.iter().map(|&p| x.shape[p as usize]).collect::<Shape>()))
 }
 
 fn infer_slice(ctx: &InferCtx) -> Result<TensorType, String> {
@@ -374,10 +316,7 @@ fn infer_slice(ctx: &InferCtx) -> Result<TensorType, String> {
     let dim = normalize_dim(int_attr(ctx.attrs, "dim")?, x.rank())?;
     let (start, end) = (int_attr(ctx.attrs, "start")?, int_attr(ctx.attrs, "end")?);
     if start < 0 || end < start || end as usize > x.shape[dim] {
-        return Err(format!(
-            "slice {start}..{end} is not within 0..{} of dimension {dim} of {x}",
-            x.shape[dim]
-        ));
+        return Err(format!("slice {start}..{end} is not within 0..{} of dimension {dim} of {x}", x.shape[dim]));
     }
     let mut shape = x.shape.clone();
     shape[dim] = (end - start) as usize;
@@ -389,8 +328,8 @@ fn infer_concat(ctx: &InferCtx) -> Result<TensorType, String> {
     let dim = normalize_dim(int_attr(ctx.attrs, "dim")?, first.rank())?;
     let mut shape = first.shape.clone();
     for (i, t) in ctx.inputs.iter().enumerate().skip(1) {
-        let same_elsewhere = t.rank() == first.rank()
-            && (0..t.rank()).all(|d| d == dim || t.shape[d] == first.shape[d]);
+        let same_elsewhere =
+            t.rank() == first.rank() && (0..t.rank()).all(|d| d == dim || t.shape[d] == first.shape[d]);
         if t.dtype != first.dtype || !same_elsewhere {
             return Err(format!(
                 "operand {i} is {t} but operand 0 is {first}; they must agree except in dimension {dim}"
@@ -411,35 +350,17 @@ fn infer_broadcast_to(ctx: &InferCtx) -> Result<TensorType, String> {
 }
 
 fn infer_matmul(ctx: &InferCtx) -> Result<TensorType, String> {
-    let (a, b) = (
-        float_input(ctx, 0, "the left operand")?,
-        float_input(ctx, 1, "the right operand")?,
-    );
+    let (a, b) = (float_input(ctx, 0, "the left operand")?, float_input(ctx, 1, "the right operand")?);
     if a.dtype != b.dtype {
-        return Err(format!(
-            "operands have different dtypes: {a} and {b}; insert a cast"
-        ));
+        return Err(format!("operands have different dtypes: {a} and {b}; insert a cast"));
     }
     if a.rank() < 2 || b.rank() < 2 {
-        return Err(format!(
-            "matmul needs operands of rank >= 2, found {a} and {b}"
-        ));
+        return Err(format!("matmul needs operands of rank >= 2, found {a} and {b}"));
     }
-    let (ta, tb) = (
-        ctx.attrs.bool_or("transpose_a", false),
-        ctx.attrs.bool_or("transpose_b", false),
-    );
+    let (ta, tb) = (ctx.attrs.bool_or("transpose_a", false), ctx.attrs.bool_or("transpose_b", false));
     let (ra, rb) = (a.rank(), b.rank());
-    let (m, ka) = if ta {
-        (a.shape[ra - 1], a.shape[ra - 2])
-    } else {
-        (a.shape[ra - 2], a.shape[ra - 1])
-    };
-    let (kb, n) = if tb {
-        (b.shape[rb - 1], b.shape[rb - 2])
-    } else {
-        (b.shape[rb - 2], b.shape[rb - 1])
-    };
+    let (m, ka) = if ta { (a.shape[ra - 1], a.shape[ra - 2]) } else { (a.shape[ra - 2], a.shape[ra - 1]) };
+    let (kb, n) = if tb { (b.shape[rb - 1], b.shape[rb - 2]) } else { (b.shape[rb - 2], b.shape[rb - 1]) };
     if ka != kb {
         return Err(format!(
             "contracting dimensions differ: {a}{} has K = {ka}, {b}{} has K = {kb}",
@@ -455,13 +376,8 @@ fn infer_matmul(ctx: &InferCtx) -> Result<TensorType, String> {
 
 /// Normalised, sorted, de-duplicated reduction dims.
 pub fn reduce_dims(attrs: &Attrs, rank: usize) -> Result<Vec<usize>, String> {
-    let dims = attrs
-        .ints("dims")
-        .ok_or("missing int list attribute `dims`")?;
-    let mut out = dims
-        .iter()
-        .map(|&d| normalize_dim(d, rank))
-        .collect::<Result<Vec<_>, _>>()?;
+    let dims = attrs.ints("dims").ok_or("missing int list attribute `dims`")?;
+    let mut out = dims.iter().map(|&d| normalize_dim(d, rank)).collect::<Result<Vec<_>, _>>()?;
     out.sort_unstable();
     if out.windows(2).any(|w| w[0] == w[1]) {
         return Err(format!("dims {dims:?} name a dimension twice"));
@@ -491,24 +407,16 @@ fn infer_softmax(ctx: &InferCtx) -> Result<TensorType, String> {
     if ctx.attrs.bool_or("causal", false) {
         let r = x.rank();
         if r < 2 || x.shape[r - 1] < x.shape[r - 2] {
-            return Err(format!(
-                "causal softmax needs [..., queries, keys] with keys >= queries, found {x}"
-            ));
+            return Err(format!("causal softmax needs [..., queries, keys] with keys >= queries, found {x}"));
         }
     }
     Ok(x.clone())
 }
 
 fn check_vector(x: &TensorType, v: &TensorType, role: &str) -> Result<(), String> {
-    let d = *x
-        .shape
-        .last()
-        .ok_or("the normalised operand must have rank >= 1")?;
+    let d = *x.shape.last().ok_or("the normalised operand must have rank >= 1")?;
     if v.shape != [d] || v.dtype != x.dtype {
-        return Err(format!(
-            "{role} must be {}[{d}] to match {x}, found {v}",
-            x.dtype
-        ));
+        return Err(format!("{role} must be {}[{d}] to match {x}, found {v}", x.dtype));
     }
     Ok(())
 }
@@ -534,10 +442,7 @@ fn infer_rope(ctx: &InferCtx) -> Result<TensorType, String> {
         return Err(format!("rope needs x[..., T, H, D] with even D, found {x}"));
     }
     if pos.shape != [x.shape[r - 3]] {
-        return Err(format!(
-            "positions must be [{}] (one per token of {x}), found {pos}",
-            x.shape[r - 3]
-        ));
+        return Err(format!("positions must be [{}] (one per token of {x}), found {pos}", x.shape[r - 3]));
     }
     Ok(x.clone())
 }
@@ -557,7 +462,9 @@ fn infer_cross_entropy(ctx: &InferCtx) -> Result<TensorType, String> {
     let logits = float_input(ctx, 0, "the logits")?;
     let targets = int_input(ctx, 1, "the targets")?;
     if logits.rank() == 0 || targets.shape[..] != logits.shape[..logits.rank() - 1] {
-        return Err(format!("targets must have the shape of the logits without their last dim: logits {logits}, targets {targets}"));
+        return Err(format!(
+            "targets must have the shape of the logits without their last dim: logits {logits}, targets {targets}"
+        ));
     }
     Ok(TensorType::new(logits.dtype, targets.shape.clone()))
 }
@@ -566,9 +473,7 @@ fn infer_all_reduce(ctx: &InferCtx) -> Result<TensorType, String> {
     axis_size(ctx)?;
     match ctx.attrs.str("reduce") {
         None | Some("sum") | Some("max") => Ok(ctx.inputs[0].clone()),
-        Some(other) => Err(format!(
-            "reduce = \"{other}\" is not known; use \"sum\" or \"max\""
-        )),
+        Some(other) => Err(format!("reduce = \"{other}\" is not known; use \"sum\" or \"max\"")),
     }
 }
 
@@ -583,9 +488,7 @@ fn infer_all_gather(ctx: &InferCtx) -> Result<TensorType, String> {
 
 fn divide(x: &TensorType, dim: usize, n: usize, axis: &str) -> Result<usize, String> {
     if !x.shape[dim].is_multiple_of(n) {
-        return Err(format!(
-            "dimension {dim} of {x} does not divide over the {n} ranks of axis `{axis}`"
-        ));
+        return Err(format!("dimension {dim} of {x} does not divide over the {n} ranks of axis `{axis}`"));
     }
     Ok(x.shape[dim] / n)
 }
@@ -684,11 +587,7 @@ pub fn check_attrs(op: Op, attrs: &Attrs) -> Result<(), String> {
     for spec in info.attrs {
         match attrs.get(spec.name) {
             None if spec.required => {
-                return Err(format!(
-                    "missing required attribute `{}` ({})",
-                    spec.name,
-                    spec.kind.name()
-                ))
+                return Err(format!("missing required attribute `{}` ({})", spec.name, spec.kind.name()))
             }
             None => {}
             // An integer literal is accepted where a float is expected (`eps = 1` means 1.0).
@@ -710,11 +609,7 @@ pub fn check_attrs(op: Op, attrs: &Attrs) -> Result<(), String> {
             return Err(if known.is_empty() {
                 format!("`{}` takes no attributes, found `{name}`", info.name)
             } else {
-                format!(
-                    "`{}` has no attribute `{name}`; it takes {}",
-                    info.name,
-                    known.join(", ")
-                )
+                format!("`{}` has no attribute `{name}`; it takes {}", info.name, known.join(", "))
             });
         }
     }

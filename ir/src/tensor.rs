@@ -38,61 +38,29 @@ impl Tensor {
     /// A floating tensor from f32 values.
     pub fn f32(shape: impl Into<Shape>, data: Vec<f32>) -> Tensor {
         let shape = shape.into();
-        assert_eq!(
-            numel(&shape),
-            data.len(),
-            "Tensor::f32: data length does not match the shape"
-        );
-        Tensor {
-            dtype: DType::F32,
-            shape,
-            data: Data::F32(data),
-        }
+        assert_eq!(numel(&shape), data.len(), "Tensor::f32: data length does not match the shape");
+        Tensor { dtype: DType::F32, shape, data: Data::F32(data) }
     }
 
     /// A floating tensor of logical type `dtype` from f64 values.
     pub fn f64(dtype: DType, shape: impl Into<Shape>, data: Vec<f64>) -> Tensor {
         let shape = shape.into();
-        assert_eq!(
-            numel(&shape),
-            data.len(),
-            "Tensor::f64: data length does not match the shape"
-        );
-        Tensor {
-            dtype,
-            shape,
-            data: Data::F64(data),
-        }
+        assert_eq!(numel(&shape), data.len(), "Tensor::f64: data length does not match the shape");
+        Tensor { dtype, shape, data: Data::F64(data) }
     }
 
     /// An integer tensor of logical type `dtype` (i32 or i64).
     pub fn int(dtype: DType, shape: impl Into<Shape>, data: Vec<i64>) -> Tensor {
         let shape = shape.into();
-        assert_eq!(
-            numel(&shape),
-            data.len(),
-            "Tensor::int: data length does not match the shape"
-        );
-        Tensor {
-            dtype,
-            shape,
-            data: Data::I64(data),
-        }
+        assert_eq!(numel(&shape), data.len(), "Tensor::int: data length does not match the shape");
+        Tensor { dtype, shape, data: Data::I64(data) }
     }
 
     /// A zero-filled tensor of the given type (f32 storage for floats).
     pub fn zeros(ty: &TensorType) -> Tensor {
         let n = ty.numel();
-        let data = if ty.dtype.is_float() {
-            Data::F32(vec![0.0; n])
-        } else {
-            Data::I64(vec![0; n])
-        };
-        Tensor {
-            dtype: ty.dtype,
-            shape: ty.shape.clone(),
-            data,
-        }
+        let data = if ty.dtype.is_float() { Data::F32(vec![0.0; n]) } else { Data::I64(vec![0; n]) };
+        Tensor { dtype: ty.dtype, shape: ty.shape.clone(), data }
     }
 
     pub fn ty(&self) -> TensorType {
@@ -130,16 +98,9 @@ impl Tensor {
 /// Largest absolute difference divided by the largest absolute value of `expected`
 /// (the "relative error" every numeric test in this project quotes).
 pub fn max_rel_error(actual: &[f64], expected: &[f64]) -> f64 {
-    assert_eq!(
-        actual.len(),
-        expected.len(),
-        "max_rel_error: lengths differ"
-    );
+    assert_eq!(actual.len(), expected.len(), "max_rel_error: lengths differ");
     let scale = expected.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    let diff = actual
-        .iter()
-        .zip(expected)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    let diff = actual.iter().zip(expected).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
     if scale == 0.0 {
         diff
     } else {

@@ -76,11 +76,7 @@ pub fn print(g: &Graph) -> String {
         out.push_str(&print_node(g, n));
         out.push('\n');
     }
-    let outs: Vec<String> = g
-        .outputs
-        .iter()
-        .map(|&v| format!("%{}", g.name_of(v)))
-        .collect();
+    let outs: Vec<String> = g.outputs.iter().map(|&v| format!("%{}", g.name_of(v))).collect();
     let _ = writeln!(out, "output {}", outs.join(", "));
     out
 }
@@ -88,18 +84,8 @@ pub fn print(g: &Graph) -> String {
 /// One node as its line of `.tir` (used in verifier messages too).
 pub fn print_node(g: &Graph, n: &Node) -> String {
     let v = g.value(n.output);
-    let args: Vec<String> = n
-        .inputs
-        .iter()
-        .map(|&i| format!("%{}", g.name_of(i)))
-        .collect();
-    let mut s = format!(
-        "%{}: {} = {}({})",
-        v.name,
-        v.ty,
-        n.op.name(),
-        args.join(", ")
-    );
+    let args: Vec<String> = n.inputs.iter().map(|&i| format!("%{}", g.name_of(i))).collect();
+    let mut s = format!("%{}: {} = {}({})", v.name, v.ty, n.op.name(), args.join(", "));
     if !n.attrs.is_empty() {
         let attrs: Vec<String> = n.attrs.iter().map(|(k, a)| format!("{k} = {a}")).collect();
         let _ = write!(s, " {{{}}}", attrs.join(", "));
@@ -109,9 +95,7 @@ pub fn print_node(g: &Graph, n: &Node) -> String {
 
 /// Is `s` a valid value (or graph) name?
 pub fn is_value_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
 }
 
 /// Parses a `.tir` source into a graph.
@@ -130,12 +114,7 @@ pub struct SourceMap {
 pub fn parse_with_source_map(src: &str) -> Result<(Graph, SourceMap), Diagnostic> {
     let mut p = Parser::default();
     let g = p.run(src)?;
-    Ok((
-        g,
-        SourceMap {
-            value_lines: p.lines,
-        },
-    ))
+    Ok((g, SourceMap { value_lines: p.lines }))
 }
 
 #[derive(Default)]
@@ -178,21 +157,11 @@ impl<'a> Cursor<'a> {
             }
             chars.push(c);
         }
-        Cursor {
-            line_no,
-            chars,
-            pos: 0,
-            _src: line,
-        }
+        Cursor { line_no, chars, pos: 0, _src: line }
     }
 
     fn err_at(&self, col0: usize, len: usize, message: impl Into<String>) -> Diagnostic {
-        Diagnostic {
-            line: self.line_no,
-            col: col0 + 1,
-            len: len.max(1),
-            message: message.into(),
-        }
+        Diagnostic { line: self.line_no, col: col0 + 1, len: len.max(1), message: message.into() }
     }
 
     fn err(&self, message: impl Into<String>) -> Diagnostic {
@@ -202,10 +171,7 @@ impl<'a> Cursor<'a> {
 
     fn peek_token_len(&self) -> usize {
         let rest = &self.chars[self.pos.min(self.chars.len())..];
-        let n = rest
-            .iter()
-            .take_while(|c| !c.is_whitespace() && !",(){}[]:=".contains(**c))
-            .count();
+        let n = rest.iter().take_while(|c| !c.is_whitespace() && !",(){}[]:=".contains(**c)).count();
         n.max(1)
     }
 
@@ -238,11 +204,7 @@ impl<'a> Cursor<'a> {
         if self.eat(c) {
             Ok(())
         } else if self.at_end() {
-            Err(self.err_at(
-                self.chars.len(),
-                1,
-                format!("expected `{c}` {what}, found end of line"),
-            ))
+            Err(self.err_at(self.chars.len(), 1, format!("expected `{c}` {what}, found end of line")))
         } else {
             let found = self.describe_next();
             Err(self.err(format!("expected `{c}` {what}, found {found}")))
@@ -254,9 +216,7 @@ impl<'a> Cursor<'a> {
             return "end of line".into();
         }
         let len = self.peek_token_len();
-        let tok: String = self.chars[self.pos..self.pos + len.min(self.chars.len() - self.pos)]
-            .iter()
-            .collect();
+        let tok: String = self.chars[self.pos..self.pos + len.min(self.chars.len() - self.pos)].iter().collect();
         format!("`{tok}`")
     }
 
@@ -300,11 +260,7 @@ impl<'a> Cursor<'a> {
                 let found = self.describe_next();
                 self.err(format!("expected {what} (an integer), found {found}"))
             } else {
-                self.err_at(
-                    start,
-                    w.chars().count(),
-                    format!("`{w}` is not an integer ({what})"),
-                )
+                self.err_at(start, w.chars().count(), format!("`{w}` is not an integer ({what})"))
             }
         })
     }
@@ -313,23 +269,14 @@ impl<'a> Cursor<'a> {
         self.skip_ws();
         let start = self.pos;
         let v = self.int(what)?;
-        usize::try_from(v).map_err(|_| {
-            self.err_at(
-                start,
-                self.pos - start,
-                format!("{what} must not be negative, found {v}"),
-            )
-        })
+        usize::try_from(v)
+            .map_err(|_| self.err_at(start, self.pos - start, format!("{what} must not be negative, found {v}")))
     }
 
     fn ty(&mut self) -> PResult<TensorType> {
         let (start, name) = self.ident("a type such as f32[2, 3]")?;
         let dtype = DType::from_name(&name).ok_or_else(|| {
-            self.err_at(
-                start,
-                name.len(),
-                format!("unknown dtype `{name}`; expected one of f32, bf16, f16, i32, i64"),
-            )
+            self.err_at(start, name.len(), format!("unknown dtype `{name}`; expected one of f32, bf16, f16, i32, i64"))
         })?;
         self.expect('[', "to open the shape")?;
         let mut shape = Vec::new();
@@ -409,18 +356,17 @@ impl<'a> Cursor<'a> {
                 if let Ok(i) = w.parse::<i64>() {
                     return Ok(Attr::Int(i));
                 }
-                let looks_float = w.chars().any(|c| c.is_ascii_digit())
-                    || matches!(w.as_str(), "inf" | "-inf" | "NaN");
+                let looks_float = w.chars().any(|c| c.is_ascii_digit()) || matches!(w.as_str(), "inf" | "-inf" | "NaN");
                 match w.parse::<f64>() {
                     Ok(x) if looks_float => Ok(Attr::Float(x)),
-                    _ => Err(self.err_at(start, len, format!("`{w}` is not a value: expected true, false, a number, a string, a list or a dtype"))),
+                    _ => Err(self.err_at(
+                        start,
+                        len,
+                        format!("`{w}` is not a value: expected true, false, a number, a string, a list or a dtype"),
+                    )),
                 }
             }
-            None => Err(self.err_at(
-                self.chars.len(),
-                1,
-                "expected an attribute value, found end of line",
-            )),
+            None => Err(self.err_at(self.chars.len(), 1, "expected an attribute value, found end of line")),
         }
     }
 }
@@ -440,31 +386,15 @@ impl Parser {
                 return Err(c.err(format!("unexpected {found} after the end of the item")));
             }
         }
-        let eof = |message: &str| Diagnostic {
-            line: last_line,
-            col: 1,
-            len: 1,
-            message: message.into(),
-        };
-        let graph = self
-            .graph
-            .take()
-            .ok_or_else(|| eof("empty file: a .tir file starts with `graph NAME`"))?;
+        let eof = |message: &str| Diagnostic { line: last_line, col: 1, len: 1, message: message.into() };
+        let graph = self.graph.take().ok_or_else(|| eof("empty file: a .tir file starts with `graph NAME`"))?;
         if !self.saw_output {
-            return Err(eof(
-                "missing `output %value, ...` line at the end of the graph",
-            ));
+            return Err(eof("missing `output %value, ...` line at the end of the graph"));
         }
         Ok(graph)
     }
 
-    fn define(
-        &mut self,
-        c: &Cursor,
-        start: usize,
-        name: String,
-        ty: TensorType,
-    ) -> PResult<ValueId> {
+    fn define(&mut self, c: &Cursor, start: usize, name: String, ty: TensorType) -> PResult<ValueId> {
         let g = self.graph.as_mut().expect("checked by item()");
         if self.names.contains_key(&name) {
             return Err(c.err_at(
@@ -474,10 +404,7 @@ impl Parser {
             ));
         }
         let id = ValueId(g.values.len() as u32);
-        g.values.push(Value {
-            name: name.clone(),
-            ty,
-        });
+        g.values.push(Value { name: name.clone(), ty });
         self.names.insert(name, id);
         self.lines.push(c.line_no);
         Ok(id)
@@ -500,14 +427,9 @@ impl Parser {
         if c.peek() == Some('%') {
             return self.node(c);
         }
-        let (start, kw) =
-            c.ident("`graph`, `mesh`, `param`, `input`, `output` or a `%value` definition")?;
+        let (start, kw) = c.ident("`graph`, `mesh`, `param`, `input`, `output` or a `%value` definition")?;
         if self.graph.is_none() && kw != "graph" {
-            return Err(c.err_at(
-                start,
-                kw.len(),
-                format!("expected `graph NAME` as the first line, found `{kw}`"),
-            ));
+            return Err(c.err_at(start, kw.len(), format!("expected `graph NAME` as the first line, found `{kw}`")));
         }
         match kw.as_str() {
             "graph" => {
@@ -589,15 +511,11 @@ impl Parser {
             return Err(c.err("expected `graph NAME` as the first line"));
         }
         let (s, name) = c.value_ref("the defined value")?;
-        c.expect(
-            ':',
-            "and the result type after the value name (`%x: f32[2] = ...`)",
-        )?;
+        c.expect(':', "and the result type after the value name (`%x: f32[2] = ...`)")?;
         let ty = c.ty()?;
         c.expect('=', "after the result type")?;
         let (os, opname) = c.ident("an op name")?;
-        let op = Op::from_name(&opname)
-            .ok_or_else(|| c.err_at(os, opname.len(), format!("unknown op `{opname}`")))?;
+        let op = Op::from_name(&opname).ok_or_else(|| c.err_at(os, opname.len(), format!("unknown op `{opname}`")))?;
         c.expect('(', "to open the operand list")?;
         let mut inputs = Vec::new();
         if !c.eat(')') {
@@ -615,11 +533,7 @@ impl Parser {
             loop {
                 let (as_, aname) = c.ident("an attribute name")?;
                 if attrs.get(&aname).is_some() {
-                    return Err(c.err_at(
-                        as_,
-                        aname.len(),
-                        format!("attribute `{aname}` is given twice"),
-                    ));
+                    return Err(c.err_at(as_, aname.len(), format!("attribute `{aname}` is given twice")));
                 }
                 c.expect('=', "after the attribute name")?;
                 let v = c.attr_value()?;
@@ -631,16 +545,7 @@ impl Parser {
             }
         }
         let output = self.define(c, s, name, ty)?;
-        self.graph
-            .as_mut()
-            .expect("checked above")
-            .nodes
-            .push(Node {
-                op,
-                inputs,
-                attrs,
-                output,
-            });
+        self.graph.as_mut().expect("checked above").nodes.push(Node { op, inputs, attrs, output });
         Ok(())
     }
 }
@@ -670,19 +575,9 @@ mod tests {
 
     #[test]
     fn floats_and_special_values_round_trip() {
-        for x in [
-            1e-5,
-            0.1,
-            -2.5,
-            1e300,
-            f64::INFINITY,
-            f64::NEG_INFINITY,
-            3.0,
-        ] {
+        for x in [1e-5, 0.1, -2.5, 1e300, f64::INFINITY, f64::NEG_INFINITY, 3.0] {
             let a = Attr::Float(x);
-            let src = format!(
-                "graph g\n%c: f32[] = full() {{dtype = f32, shape = [], value = {a}}}\noutput %c\n"
-            );
+            let src = format!("graph g\n%c: f32[] = full() {{dtype = f32, shape = [], value = {a}}}\noutput %c\n");
             let g = parse(&src).unwrap();
             assert_eq!(g.nodes[0].attrs.get("value"), Some(&a), "{src}");
         }

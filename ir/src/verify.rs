@@ -64,82 +64,51 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     let mut errs_on_values: Vec<(ValueId, String)> = Vec::new();
     let mut err = |node: Option<usize>, context: String, message: String| {
         let value = node.and_then(|i| g.nodes.get(i)).map(|n| n.output);
-        errs.push(VerifyError {
-            node,
-            value,
-            context,
-            message,
-        })
+        errs.push(VerifyError { node, value, context, message })
     };
 
     if !is_value_name(&g.name) {
-        err(
-            None,
-            String::new(),
-            format!("graph name `{}` must match [A-Za-z0-9_.]+", g.name),
-        );
+        err(None, String::new(), format!("graph name `{}` must match [A-Za-z0-9_.]+", g.name));
     }
     let mut seen_axes = HashSet::new();
     for a in &g.mesh.axes {
         if !crate::mesh::is_identifier(&a.name) || a.size == 0 || !seen_axes.insert(&a.name) {
-            err(
-                None,
-                format!("mesh {}", g.mesh),
-                format!("mesh axis `{}={}` is invalid or repeated", a.name, a.size),
-            );
+            err(None, format!("mesh {}", g.mesh), format!("mesh axis `{}={}` is invalid or repeated", a.name, a.size));
         }
     }
     let mut seen_names = HashSet::new();
     for (i, v) in g.values.iter().enumerate() {
         if !is_value_name(&v.name) {
-            err(
-                None,
-                String::new(),
-                format!("value name `{}` must match [A-Za-z0-9_.]+", v.name),
-            );
+            err(None, String::new(), format!("value name `{}` must match [A-Za-z0-9_.]+", v.name));
         }
         let bytes = checked_numel(&v.ty.shape).and_then(|n| n.checked_mul(v.ty.dtype.size_bytes()));
         if bytes.is_none_or(|b| b > MAX_TENSOR_BYTES) {
             errs_on_values.push((
                 ValueId(i as u32),
-                format!(
-                    "value `%{}` of type {} is larger than {MAX_TENSOR_BYTES} bytes",
-                    v.name, v.ty
-                ),
+                format!("value `%{}` of type {} is larger than {MAX_TENSOR_BYTES} bytes", v.name, v.ty),
             ));
         }
         if !seen_names.insert(v.name.as_str()) {
-            err(
-                None,
-                String::new(),
-                format!("value name `%{}` is used for two values", v.name),
-            );
+            err(None, String::new(), format!("value name `%{}` is used for two values", v.name));
         }
     }
 
     // Numbering: args then nodes, dense.
-    let expected = g
-        .args
-        .iter()
-        .map(|a| a.value)
-        .chain(g.nodes.iter().map(|n| n.output));
+    let expected = g.args.iter().map(|a| a.value).chain(g.nodes.iter().map(|n| n.output));
     let mut count = 0usize;
     for (i, v) in expected.enumerate() {
         count += 1;
         if v.index() != i {
-            err(None, String::new(), format!("value numbering is not canonical at definition {i} (found id {}); call Graph::finish()", v.0));
+            err(
+                None,
+                String::new(),
+                format!("value numbering is not canonical at definition {i} (found id {}); call Graph::finish()", v.0),
+            );
             break;
         }
     }
     if count != g.values.len() {
-        err(
-            None,
-            String::new(),
-            format!(
-                "{} values are declared but {count} are defined",
-                g.values.len()
-            ),
-        );
+        err(None, String::new(), format!("{} values are declared but {count} are defined", g.values.len()));
     }
     let n_values = g.values.len();
     let defined_name = |v: ValueId| {
@@ -152,56 +121,31 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
 
     for (i, n) in g.nodes.iter().enumerate() {
         if n.output.index() >= n_values || n.inputs.iter().any(|v| v.index() >= n_values) {
-            err(
-                Some(i),
-                format!("{:?}", n),
-                "refers to a value that does not exist".into(),
-            );
+            err(Some(i), format!("{:?}", n), "refers to a value that does not exist".into());
             continue;
         }
         let line = print_node(g, n);
         for &v in &n.inputs {
             if v >= n.output {
-                err(
-                    Some(i),
-                    line.clone(),
-                    format!("operand {} is used before it is defined", defined_name(v)),
-                );
+                err(Some(i), line.clone(), format!("operand {} is used before it is defined", defined_name(v)));
             }
         }
         let tys: Vec<&TensorType> = n.inputs.iter().map(|&v| g.ty(v)).collect();
         let info = n.op.info();
         if !info.arity.accepts(n.inputs.len()) {
-            err(
-                Some(i),
-                line,
-                format!(
-                    "`{}` takes {:?} operands, found {}",
-                    info.name,
-                    info.arity,
-                    n.inputs.len()
-                ),
-            );
+            err(Some(i), line, format!("`{}` takes {:?} operands, found {}", info.name, info.arity, n.inputs.len()));
             continue;
         }
         if let Err(m) = crate::ops::check_attrs(n.op, &n.attrs) {
             err(Some(i), line, m);
             continue;
         }
-        match (info.infer)(&InferCtx {
-            inputs: &tys,
-            attrs: &n.attrs,
-            mesh: &g.mesh,
-        }) {
+        match (info.infer)(&InferCtx { inputs: &tys, attrs: &n.attrs, mesh: &g.mesh }) {
             Err(m) => err(Some(i), line, m),
             Ok(ty) if &ty != g.ty(n.output) => err(
                 Some(i),
                 line,
-                format!(
-                    "declared type {} but `{}` of these operands gives {ty}",
-                    g.ty(n.output),
-                    info.name
-                ),
+                format!("declared type {} but `{}` of these operands gives {ty}", g.ty(n.output), info.name),
             ),
             Ok(_) => {}
         }
@@ -213,17 +157,9 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     let mut seen_out = HashSet::new();
     for &o in &g.outputs {
         if o.index() >= n_values {
-            err(
-                None,
-                "output".into(),
-                format!("output {} does not exist", defined_name(o)),
-            );
+            err(None, "output".into(), format!("output {} does not exist", defined_name(o)));
         } else if !seen_out.insert(o) {
-            err(
-                None,
-                "output".into(),
-                format!("output {} is listed twice", defined_name(o)),
-            );
+            err(None, "output".into(), format!("output {} is listed twice", defined_name(o)));
         }
     }
     errs.extend(errs_on_values.into_iter().map(|(v, message)| VerifyError {
@@ -259,11 +195,8 @@ mod tests {
 
     #[test]
     fn collective_needs_a_declared_axis() {
-        let e = errors("graph g\nmesh dp=2\ninput %x: f32[4]\n%y: f32[4] = all_reduce(%x) {axis = \"tp\"}\noutput %y\n");
-        assert!(
-            e[0].message.contains("mesh axis `tp` is not declared"),
-            "{}",
-            e[0]
-        );
+        let e =
+            errors("graph g\nmesh dp=2\ninput %x: f32[4]\n%y: f32[4] = all_reduce(%x) {axis = \"tp\"}\noutput %y\n");
+        assert!(e[0].message.contains("mesh axis `tp` is not declared"), "{}", e[0]);
     }
 }

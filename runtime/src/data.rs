@@ -35,27 +35,25 @@ pub struct TokenFile {
 impl TokenFile {
     /// Reads and checks a token file.
     pub fn open(path: &Path) -> Result<TokenFile, DataError> {
-        let bytes = std::fs::read(path).map_err(|e| DataError {
-            path: path.into(),
-            message: format!("cannot read: {e}"),
-        })?;
+        let bytes =
+            std::fs::read(path).map_err(|e| DataError { path: path.into(), message: format!("cannot read: {e}") })?;
         Self::from_bytes(path, &bytes)
     }
 
     /// Parses the bytes of a token file (`path` is only used in messages).
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TokenFile, DataError> {
-        let fail = |message: String| DataError {
-            path: path.into(),
-            message,
-        };
-        let header_int =
-            |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+        let fail = |message: String| DataError { path: path.into(), message };
+        let header_int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
         if bytes.len() >= HEADER_BYTES && header_int(0) == LLMC_MAGIC {
             let version = header_int(1);
             let width = match version {
                 1 => 2,
                 2 => 4,
-                v => return Err(fail(format!("llm.c token file version {v} is not supported (1: uint16 tokens, 2: uint32 tokens)"))),
+                v => {
+                    return Err(fail(format!(
+                        "llm.c token file version {v} is not supported (1: uint16 tokens, 2: uint32 tokens)"
+                    )))
+                }
             };
             let count = usize::try_from(header_int(2))
                 .map_err(|_| fail(format!("header token count {} is negative", header_int(2))))?;
@@ -68,13 +66,9 @@ impl TokenFile {
                 )));
             }
             let tokens = if width == 2 {
-                body.chunks_exact(2)
-                    .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
-                    .collect()
+                body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect()
             } else {
-                body.chunks_exact(4)
-                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-                    .collect()
+                body.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
             };
             return Ok(TokenFile {
                 path: path.into(),
@@ -88,15 +82,8 @@ impl TokenFile {
                 bytes.len()
             )));
         }
-        let tokens = bytes
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
-            .collect();
-        Ok(TokenFile {
-            path: path.into(),
-            tokens,
-            format: "raw uint16",
-        })
+        let tokens = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect();
+        Ok(TokenFile { path: path.into(), tokens, format: "raw uint16" })
     }
 
     pub fn len(&self) -> usize {
@@ -119,16 +106,8 @@ impl TokenFile {
     }
 
     /// Batch `k`: (inputs, targets), each `batch * seq` tokens, row-major.
-    pub fn batch(
-        &self,
-        k: usize,
-        batch: usize,
-        seq: usize,
-    ) -> Result<(Vec<i64>, Vec<i64>), DataError> {
-        let need = (k.saturating_add(1))
-            .saturating_mul(batch)
-            .saturating_mul(seq)
-            .saturating_add(1);
+    pub fn batch(&self, k: usize, batch: usize, seq: usize) -> Result<(Vec<i64>, Vec<i64>), DataError> {
+        let need = (k.saturating_add(1)).saturating_mul(batch).saturating_mul(seq).saturating_add(1);
         if batch == 0 || seq == 0 || need > self.len() {
             return Err(DataError {
                 path: self.path.clone(),
@@ -138,18 +117,11 @@ impl TokenFile {
                 ),
             });
         }
-        let (mut x, mut y) = (
-            Vec::with_capacity(batch * seq),
-            Vec::with_capacity(batch * seq),
-        );
+        let (mut x, mut y) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
         for b in 0..batch {
             let start = (k * batch + b) * seq;
             x.extend(self.tokens[start..start + seq].iter().map(|&t| t as i64));
-            y.extend(
-                self.tokens[start + 1..start + seq + 1]
-                    .iter()
-                    .map(|&t| t as i64),
-            );
+            y.extend(self.tokens[start + 1..start + seq + 1].iter().map(|&t| t as i64));
         }
         Ok((x, y))
     }
@@ -168,12 +140,8 @@ pub fn write_llmc(path: &Path, tokens: &[u16]) -> std::io::Result<()> {
     header[2] = i32::try_from(tokens.len())
         .map_err(|_| std::io::Error::other("more than 2^31 tokens do not fit llm.c's header"))?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + tokens.len() * 2);
-    header
-        .iter()
-        .for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
-    tokens
-        .iter()
-        .for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
+    header.iter().for_each(|h| bytes.extend_from_slice(&h.to_le_bytes()));
+    tokens.iter().for_each(|t| bytes.extend_from_slice(&t.to_le_bytes()));
     let tmp = path.with_extension("tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -207,11 +175,7 @@ mod tests {
         assert_eq!(x, vec![10, 11, 12, 13, 14, 15, 16, 17, 18, 19]);
         assert_eq!(y, vec![11, 12, 13, 14, 15, 16, 17, 18, 19, 20]);
         assert_eq!(f.num_batches(2, 5), 2);
-        assert!(f
-            .batch(2, 2, 5)
-            .unwrap_err()
-            .to_string()
-            .contains("needs 31 tokens"));
+        assert!(f.batch(2, 2, 5).unwrap_err().to_string().contains("needs 31 tokens"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

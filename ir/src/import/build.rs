@@ -123,30 +123,15 @@ impl Ctx<'_> {
         let (bsz, t) = (self.o.batch, self.o.seq);
         let (h, kvh, dh) = (self.c.heads, self.c.kv_heads, self.c.head_dim);
         let g = h / kvh;
-        let mut q = self
-            .b
-            .reshape(q, &[bsz, t, h, dh], &format!("{l}.q_heads"))?;
-        let mut k = self
-            .b
-            .reshape(k, &[bsz, t, kvh, dh], &format!("{l}.k_heads"))?;
-        let v = self
-            .b
-            .reshape(v, &[bsz, t, kvh, dh], &format!("{l}.v_heads"))?;
+        let mut q = self.b.reshape(q, &[bsz, t, h, dh], &format!("{l}.q_heads"))?;
+        let mut k = self.b.reshape(k, &[bsz, t, kvh, dh], &format!("{l}.k_heads"))?;
+        let v = self.b.reshape(v, &[bsz, t, kvh, dh], &format!("{l}.v_heads"))?;
         if let Family::Llama { rope_theta } = self.c.family {
             let attrs = Attrs::new().with("theta", Attr::Float(rope_theta));
-            q = self.b.op(
-                Op::Rope,
-                &[q, positions],
-                attrs.clone(),
-                &format!("{l}.q_rope"),
-            )?;
-            k = self
-                .b
-                .op(Op::Rope, &[k, positions], attrs, &format!("{l}.k_rope"))?;
+            q = self.b.op(Op::Rope, &[q, positions], attrs.clone(), &format!("{l}.q_rope"))?;
+            k = self.b.op(Op::Rope, &[k, positions], attrs, &format!("{l}.k_rope"))?;
         }
-        let q = self
-            .b
-            .reshape(q, &[bsz, t, kvh, g, dh], &format!("{l}.q_groups"))?;
+        let q = self.b.reshape(q, &[bsz, t, kvh, g, dh], &format!("{l}.q_groups"))?;
         let q = self.b.transpose(q, &[0, 2, 3, 1, 4], &format!("{l}.q_t"))?;
         let kv = |s: &mut Self, x: ValueId, name: &str| -> Result<ValueId, String> {
             let x = s.b.transpose(x, &[0, 2, 1, 3], &format!("{l}.{name}_t"))?;
@@ -155,33 +140,16 @@ impl Ctx<'_> {
         let k = kv(self, k, "k")?;
         let v = kv(self, v, "v")?;
         let scores = self.b.matmul(q, k, true, &format!("{l}.scores"))?;
-        let scale = self
-            .b
-            .scalar(1.0 / (dh as f64).sqrt(), DType::F32, &format!("{l}.scale"))?;
-        let scores = self
-            .b
-            .binary(Op::Mul, scores, scale, &format!("{l}.scores_scaled"))?;
-        let probs = self.b.op(
-            Op::Softmax,
-            &[scores],
-            Attrs::new().with("causal", Attr::Bool(true)),
-            &format!("{l}.probs"),
-        )?;
+        let scale = self.b.scalar(1.0 / (dh as f64).sqrt(), DType::F32, &format!("{l}.scale"))?;
+        let scores = self.b.binary(Op::Mul, scores, scale, &format!("{l}.scores_scaled"))?;
+        let probs =
+            self.b.op(Op::Softmax, &[scores], Attrs::new().with("causal", Attr::Bool(true)), &format!("{l}.probs"))?;
         let ctx = self.b.matmul(probs, v, false, &format!("{l}.context"))?;
-        let ctx = self
-            .b
-            .transpose(ctx, &[0, 3, 1, 2, 4], &format!("{l}.context_t"))?;
-        self.b
-            .reshape(ctx, &[bsz, t, h * dh], &format!("{l}.context_merged"))
+        let ctx = self.b.transpose(ctx, &[0, 3, 1, 2, 4], &format!("{l}.context_t"))?;
+        self.b.reshape(ctx, &[bsz, t, h * dh], &format!("{l}.context_merged"))
     }
 
-    fn gpt2_layer(
-        &mut self,
-        x: ValueId,
-        i: usize,
-        positions: ValueId,
-        gelu_tanh: bool,
-    ) -> Result<ValueId, String> {
+    fn gpt2_layer(&mut self, x: ValueId, i: usize, positions: ValueId, gelu_tanh: bool) -> Result<ValueId, String> {
         let (d, f) = (self.c.hidden, self.c.ffn_hidden);
         let p = format!("h.{i}");
         let l = format!("h{i}");
@@ -197,13 +165,7 @@ impl Ctx<'_> {
                 range,
                 &[d, 3 * d],
             );
-            let b = self.param_from(
-                &format!("{p}.attn.{name}.bias"),
-                &[d],
-                &format!("{fused}.bias"),
-                range,
-                &[3 * d],
-            );
+            let b = self.param_from(&format!("{p}.attn.{name}.bias"), &[d], &format!("{fused}.bias"), range, &[3 * d]);
             qkv.push(self.linear(a, w, Some(b), false, &format!("{l}.{name}"))?);
         }
         let ctx = self.attention(qkv[0], qkv[1], qkv[2], positions, &l)?;
@@ -233,11 +195,7 @@ impl Ctx<'_> {
         let (h, kvh) = (self.c.heads, self.c.kv_heads);
         let p = format!("layers.{i}");
         let l = format!("l{i}");
-        let a = self.norm(
-            x,
-            &format!("{p}.input_layernorm"),
-            &format!("{l}.attn_norm"),
-        )?;
+        let a = self.norm(x, &format!("{p}.input_layernorm"), &format!("{l}.attn_norm"))?;
         let mut qkv = Vec::new();
         for (name, out) in [("q", h * dh), ("k", kvh * dh), ("v", kvh * dh)] {
             let w = self.param(&format!("{p}.self_attn.{name}_proj.weight"), &[out, d]);
@@ -250,18 +208,11 @@ impl Ctx<'_> {
         }
         let ctx = self.attention(qkv[0], qkv[1], qkv[2], positions, &l)?;
         let wo = self.param(&format!("{p}.self_attn.o_proj.weight"), &[d, h * dh]);
-        let bo = if self.c.attention_bias {
-            Some(self.param(&format!("{p}.self_attn.o_proj.bias"), &[d]))
-        } else {
-            None
-        };
+        let bo =
+            if self.c.attention_bias { Some(self.param(&format!("{p}.self_attn.o_proj.bias"), &[d])) } else { None };
         let o = self.linear(ctx, wo, bo, true, &format!("{l}.attn_out"))?;
         let x = self.b.binary(Op::Add, x, o, &format!("{l}.resid_attn"))?;
-        let m = self.norm(
-            x,
-            &format!("{p}.post_attention_layernorm"),
-            &format!("{l}.mlp_norm"),
-        )?;
+        let m = self.norm(x, &format!("{p}.post_attention_layernorm"), &format!("{l}.mlp_norm"))?;
         let proj = |s: &mut Self,
                     name: &str,
                     shape: [usize; 2],
@@ -270,11 +221,7 @@ impl Ctx<'_> {
                     hint: &str|
          -> Result<ValueId, String> {
             let w = s.param(&format!("{p}.mlp.{name}.weight"), &shape);
-            let b = if s.c.mlp_bias {
-                Some(s.param(&format!("{p}.mlp.{name}.bias"), &[bias]))
-            } else {
-                None
-            };
+            let b = if s.c.mlp_bias { Some(s.param(&format!("{p}.mlp.{name}.bias"), &[bias])) } else { None };
             s.linear(input, w, b, true, hint)
         };
         let gate = proj(self, "gate_proj", [f, d], f, m, &format!("{l}.mlp_gate"))?;
@@ -296,18 +243,10 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
         return Err("batch and sequence length must be at least 1".into());
     }
     if t > config.max_positions {
-        return Err(format!(
-            "sequence length {t} exceeds the model's {} positions",
-            config.max_positions
-        ));
+        return Err(format!("sequence length {t} exceeds the model's {} positions", config.max_positions));
     }
     let name = format!("{}_{}l_{}d", config.model_type(), config.layers, d);
-    let mut cx = Ctx {
-        b: Builder::new(name),
-        c: config,
-        o: options,
-        sources: Vec::new(),
-    };
+    let mut cx = Ctx { b: Builder::new(name), c: config, o: options, sources: Vec::new() };
     let (embed_name, final_norm, head_name) = match config.family {
         Family::Gpt2 { .. } => ("wte.weight", "ln_f", "lm_head.weight"),
         Family::Llama { .. } => ("embed_tokens.weight", "norm", "lm_head.weight"),
@@ -320,12 +259,10 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
         .with("shape", Attr::Ints(vec![t as i64]))
         .with("dim", Attr::Int(0));
     let positions = cx.b.op(Op::Iota, &[], iota, "positions")?;
-    let mut x =
-        cx.b.op(Op::Embedding, &[wte, tokens], Attrs::new(), "tok_emb")?;
+    let mut x = cx.b.op(Op::Embedding, &[wte, tokens], Attrs::new(), "tok_emb")?;
     if let Family::Gpt2 { .. } = config.family {
         let wpe = cx.param("wpe.weight", &[config.max_positions, d]);
-        let pos =
-            cx.b.op(Op::Embedding, &[wpe, positions], Attrs::new(), "pos_emb")?;
+        let pos = cx.b.op(Op::Embedding, &[wpe, positions], Attrs::new(), "pos_emb")?;
         x = cx.b.binary(Op::Add, x, pos, "emb")?;
     }
     for i in 0..config.layers {
@@ -335,27 +272,11 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
         };
     }
     let x = cx.norm(x, final_norm, "final_norm")?;
-    let head = if config.tie_word_embeddings {
-        wte
-    } else {
-        cx.param(head_name, &[v, d])
-    };
+    let head = if config.tie_word_embeddings { wte } else { cx.param(head_name, &[v, d]) };
     let logits = cx.b.matmul(x, head, true, "logits")?;
-    let ce = cx.b.op(
-        Op::CrossEntropy,
-        &[logits, targets],
-        Attrs::new(),
-        "token_loss",
-    )?;
+    let ce = cx.b.op(Op::CrossEntropy, &[logits, targets], Attrs::new(), "token_loss")?;
     let loss = cx.b.reduce(Op::ReduceMean, ce, &[0, 1], "loss")?;
-    let outputs = if options.emit_logits {
-        vec![loss, logits]
-    } else {
-        vec![loss]
-    };
+    let outputs = if options.emit_logits { vec![loss, logits] } else { vec![loss] };
     let sources = cx.sources;
-    Ok(Built {
-        graph: cx.b.finish(&outputs),
-        sources,
-    })
+    Ok(Built { graph: cx.b.finish(&outputs), sources })
 }

@@ -53,9 +53,7 @@ pub struct ConfigError {
 }
 
 fn err<T>(message: impl Into<String>) -> Result<T, ConfigError> {
-    Err(ConfigError {
-        message: message.into(),
-    })
+    Err(ConfigError { message: message.into() })
 }
 
 struct Fields<'a> {
@@ -80,14 +78,7 @@ impl<'a> Fields<'a> {
     }
 
     fn req_usize(&mut self, key: &'static str) -> Result<usize, ConfigError> {
-        self.usize(key)?.map_or_else(
-            || {
-                err(format!(
-                    "`{key}` is missing; it is required for this model type"
-                ))
-            },
-            Ok,
-        )
+        self.usize(key)?.map_or_else(|| err(format!("`{key}` is missing; it is required for this model type")), Ok)
     }
 
     fn f64(&mut self, key: &'static str) -> Result<Option<f64>, ConfigError> {
@@ -128,12 +119,7 @@ impl<'a> Fields<'a> {
         self.map
             .keys()
             .filter(|k| !self.used.contains(&k.as_str()) && !ignored.contains(&k.as_str()))
-            .map(|k| {
-                format!(
-                    "config.json field `{k}` is not used by shardc's {} import and was ignored",
-                    "model"
-                )
-            })
+            .map(|k| format!("config.json field `{k}` is not used by shardc's {} import and was ignored", "model"))
             .collect()
     }
 }
@@ -182,19 +168,10 @@ const IGNORED: &[&str] = &[
 /// Parses and validates a `config.json` text. Returns the config and warnings (unknown fields).
 pub fn parse_config(text: &str) -> Result<(ModelConfig, Vec<String>), ConfigError> {
     let json: Json = serde_json::from_str(text).map_err(|e| ConfigError {
-        message: format!(
-            "not valid JSON at line {}, column {}: {e}",
-            e.line(),
-            e.column()
-        ),
+        message: format!("not valid JSON at line {}, column {}: {e}", e.line(), e.column()),
     })?;
-    let map = json.as_object().ok_or_else(|| ConfigError {
-        message: "the top level must be a JSON object".into(),
-    })?;
-    let mut f = Fields {
-        map,
-        used: Vec::new(),
-    };
+    let map = json.as_object().ok_or_else(|| ConfigError { message: "the top level must be a JSON object".into() })?;
+    let mut f = Fields { map, used: Vec::new() };
     let model_type = match f.str("model_type")? {
         Some(t) => t,
         None => return err("`model_type` is missing; shardc imports `gpt2` and `llama` configs"),
@@ -202,20 +179,12 @@ pub fn parse_config(text: &str) -> Result<(ModelConfig, Vec<String>), ConfigErro
     let config = match model_type {
         "gpt2" => gpt2(&mut f)?,
         "llama" => llama(&mut f)?,
-        other => {
-            return err(format!(
-                "model_type `{other}` is not supported; shardc imports `gpt2` and `llama`"
-            ))
-        }
+        other => return err(format!("model_type `{other}` is not supported; shardc imports `gpt2` and `llama`")),
     };
     if config.hidden == 0 || config.heads == 0 {
         return err("hidden size and head count must be positive");
     }
-    let warnings = f
-        .unknown(IGNORED)
-        .into_iter()
-        .map(|w| w.replace("model", model_type))
-        .collect();
+    let warnings = f.unknown(IGNORED).into_iter().map(|w| w.replace("model", model_type)).collect();
     Ok((config, warnings))
 }
 
@@ -223,30 +192,20 @@ fn gpt2(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     let hidden = f.req_usize("n_embd")?;
     let heads = f.req_usize("n_head")?;
     if hidden % heads != 0 {
-        return err(format!(
-            "`n_embd` ({hidden}) must be a multiple of `n_head` ({heads})"
-        ));
+        return err(format!("`n_embd` ({hidden}) must be a multiple of `n_head` ({heads})"));
     }
     let gelu_tanh = match f.str("activation_function")?.unwrap_or("gelu_new") {
         "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => true,
         "gelu" => false,
-        other => return err(format!("`activation_function: \"{other}\"` is not supported; use gelu_new, gelu_pytorch_tanh or gelu")),
+        other => {
+            return err(format!(
+                "`activation_function: \"{other}\"` is not supported; use gelu_new, gelu_pytorch_tanh or gelu"
+            ))
+        }
     };
-    f.expect_bool(
-        "scale_attn_weights",
-        true,
-        "GPT-2 scales attention scores by 1/sqrt(head_dim)",
-    )?;
-    f.expect_bool(
-        "scale_attn_by_inverse_layer_idx",
-        false,
-        "per-layer score scaling is not implemented",
-    )?;
-    f.expect_bool(
-        "add_cross_attention",
-        false,
-        "shardc imports decoder-only models",
-    )?;
+    f.expect_bool("scale_attn_weights", true, "GPT-2 scales attention scores by 1/sqrt(head_dim)")?;
+    f.expect_bool("scale_attn_by_inverse_layer_idx", false, "per-layer score scaling is not implemented")?;
+    f.expect_bool("add_cross_attention", false, "shardc imports decoder-only models")?;
     let max_positions = match f.usize("n_positions")? {
         Some(n) => n,
         None => f.req_usize("n_ctx")?,
@@ -273,53 +232,49 @@ fn llama(f: &mut Fields) -> Result<ModelConfig, ConfigError> {
     let heads = f.req_usize("num_attention_heads")?;
     let kv_heads = f.usize("num_key_value_heads")?.unwrap_or(heads);
     if heads % kv_heads != 0 {
-        return err(format!("`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads` ({kv_heads})"));
+        return err(format!(
+            "`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads` ({kv_heads})"
+        ));
     }
     let head_dim = match f.usize("head_dim")? {
         Some(d) => d,
         None if hidden % heads == 0 => hidden / heads,
-        None => return err(format!("`hidden_size` ({hidden}) must be a multiple of `num_attention_heads` ({heads}), or give `head_dim`")),
+        None => {
+            return err(format!(
+                "`hidden_size` ({hidden}) must be a multiple of `num_attention_heads` ({heads}), or give `head_dim`"
+            ))
+        }
     };
     if head_dim % 2 != 0 {
-        return err(format!(
-            "head_dim {head_dim} must be even for rotary embeddings"
-        ));
+        return err(format!("head_dim {head_dim} must be even for rotary embeddings"));
     }
     match f.str("hidden_act")?.unwrap_or("silu") {
         "silu" | "swish" => {}
-        other => {
-            return err(format!(
-                "`hidden_act: \"{other}\"` is not supported; Llama's MLP uses silu"
-            ))
-        }
+        other => return err(format!("`hidden_act: \"{other}\"` is not supported; Llama's MLP uses silu")),
     }
     // Newer transformers nest rope settings in `rope_parameters`; older ones use `rope_theta`
     // and `rope_scaling`.
     let mut rope_theta = f.f64("rope_theta")?.unwrap_or(10000.0);
     for key in ["rope_parameters", "rope_scaling"] {
         if let Some(v) = f.get(key) {
-            let obj = v.as_object().ok_or_else(|| ConfigError {
-                message: format!("`{key}` must be an object, found {v}"),
-            })?;
-            let kind = obj
-                .get("rope_type")
-                .or_else(|| obj.get("type"))
-                .and_then(Json::as_str)
-                .unwrap_or("default");
+            let obj = v
+                .as_object()
+                .ok_or_else(|| ConfigError { message: format!("`{key}` must be an object, found {v}") })?;
+            let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(Json::as_str).unwrap_or("default");
             if kind != "default" {
-                return err(format!("`{key}` with rope_type \"{kind}\" is not supported; only default RoPE is implemented"));
+                return err(format!(
+                    "`{key}` with rope_type \"{kind}\" is not supported; only default RoPE is implemented"
+                ));
             }
             if let Some(t) = obj.get("rope_theta") {
                 rope_theta = t.as_f64().ok_or_else(|| ConfigError {
                     message: format!("`{key}.rope_theta` must be a number, found {t}"),
                 })?;
             }
-            if let Some(p) = obj
-                .get("partial_rotary_factor")
-                .and_then(Json::as_f64)
-                .filter(|&p| p != 1.0)
-            {
-                return err(format!("`{key}.partial_rotary_factor: {p}` is not supported; rotary covers the whole head"));
+            if let Some(p) = obj.get("partial_rotary_factor").and_then(Json::as_f64).filter(|&p| p != 1.0) {
+                return err(format!(
+                    "`{key}.partial_rotary_factor: {p}` is not supported; rotary covers the whole head"
+                ));
             }
         }
     }
@@ -349,15 +304,12 @@ mod tests {
         let e = parse_config(r#"{"model_type": "bert"}"#).unwrap_err();
         assert!(e.message.contains("model_type `bert` is not supported"));
         let e = parse_config(r#"{"model_type": "gpt2", "n_embd": 64, "n_head": 4}"#).unwrap_err();
-        assert!(
-            e.message.contains("`n_positions`") || e.message.contains("`n_ctx`"),
-            "{e}"
-        );
-        let e = parse_config(r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3}"#).unwrap_err();
-        assert!(
-            e.message.contains("multiple of `num_key_value_heads`"),
-            "{e}"
-        );
+        assert!(e.message.contains("`n_positions`") || e.message.contains("`n_ctx`"), "{e}");
+        let e = parse_config(
+            r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 3}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("multiple of `num_key_value_heads`"), "{e}");
         let e = parse_config(r#"{"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}, "hidden_size": 64, "num_attention_heads": 4}"#).unwrap_err();
         assert!(e.message.contains("yarn"), "{e}");
         let e = parse_config("{\"model_type\": \"gpt2\",\n \"n_embd\": }").unwrap_err();
@@ -372,9 +324,6 @@ mod tests {
         .unwrap();
         assert_eq!(c.head_dim, 4);
         assert_eq!(w.len(), 1);
-        assert!(
-            w[0].contains("`frobnicate`") && w[0].contains("gpt2"),
-            "{w:?}"
-        );
+        assert!(w[0].contains("`frobnicate`") && w[0].contains("gpt2"), "{w:?}");
     }
 }

@@ -44,14 +44,9 @@ pub fn import_dir(dir: &Path, options: BuildOptions) -> Result<Imported, ImportE
         path: config_path.clone(),
         message: format!("cannot read ({e}); a model directory holds a Hugging Face config.json"),
     })?;
-    let (config, mut warnings) = parse_config(&text).map_err(|e| ImportError {
-        path: config_path.clone(),
-        message: e.message,
-    })?;
-    let built = build_graph(&config, options).map_err(|message| ImportError {
-        path: config_path.clone(),
-        message,
-    })?;
+    let (config, mut warnings) =
+        parse_config(&text).map_err(|e| ImportError { path: config_path.clone(), message: e.message })?;
+    let built = build_graph(&config, options).map_err(|message| ImportError { path: config_path.clone(), message })?;
     let weights = if weights::has_weights(dir) {
         let (w, warn) = weights::load_weights(dir, &built.sources)?;
         warnings.extend(warn);
@@ -59,10 +54,5 @@ pub fn import_dir(dir: &Path, options: BuildOptions) -> Result<Imported, ImportE
     } else {
         None
     };
-    Ok(Imported {
-        config,
-        graph: built.graph,
-        weights,
-        warnings,
-    })
+    Ok(Imported { config, graph: built.graph, weights, warnings })
 }

@@ -19,10 +19,7 @@ pub fn has_weights(dir: &Path) -> bool {
 }
 
 fn fail(path: &Path, message: impl Into<String>) -> ImportError {
-    ImportError {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
+    ImportError { path: path.to_path_buf(), message: message.into() }
 }
 
 /// The checkpoint files: one, or those named by the index.
@@ -32,24 +29,16 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
         return Ok(vec![single]);
     }
     let index = dir.join("model.safetensors.index.json");
-    let text =
-        std::fs::read_to_string(&index).map_err(|e| fail(&index, format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(&index).map_err(|e| fail(&index, format!("cannot read: {e}")))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| fail(&index, format!("not valid JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| fail(&index, "has no `weight_map` object"))?;
+    let map =
+        json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| fail(&index, "has no `weight_map` object"))?;
     let mut files: Vec<String> = Vec::new();
     for (k, v) in map {
-        let f = v
-            .as_str()
-            .ok_or_else(|| fail(&index, format!("weight_map entry `{k}` is not a file name")))?;
+        let f = v.as_str().ok_or_else(|| fail(&index, format!("weight_map entry `{k}` is not a file name")))?;
         if f.contains('/') || f.contains("..") {
-            return Err(fail(
-                &index,
-                format!("weight_map entry `{k}` names `{f}`, outside the model directory"),
-            ));
+            return Err(fail(&index, format!("weight_map entry `{k}` names `{f}`, outside the model directory")));
         }
         if !files.iter().any(|x| x == f) {
             files.push(f.to_string());
@@ -62,22 +51,12 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
 /// Converts one tensor's little-endian bytes to f32.
 fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32)
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F64 => {
+            bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32).collect()
+        }
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         _ => return None,
     })
 }
@@ -87,23 +66,13 @@ fn dtype_size(dtype: Dtype) -> usize {
 }
 
 /// The data of a tensor must be exactly as long as its shape and dtype say.
-fn check_byte_length(
-    path: &Path,
-    name: &str,
-    view: &safetensors::tensor::TensorView,
-) -> Result<(), ImportError> {
-    let need = view
-        .shape()
-        .iter()
-        .try_fold(dtype_size(view.dtype()), |acc, &d| acc.checked_mul(d));
+fn check_byte_length(path: &Path, name: &str, view: &safetensors::tensor::TensorView) -> Result<(), ImportError> {
+    let need = view.shape().iter().try_fold(dtype_size(view.dtype()), |acc, &d| acc.checked_mul(d));
     if need != Some(view.data().len()) {
         let need = need.map_or("more than addressable".to_string(), |n| n.to_string());
         return Err(fail(
             path,
-            format!(
-                "tensor `{name}` holds {} bytes, not the {need} its shape needs",
-                view.data().len()
-            ),
+            format!("tensor `{name}` holds {} bytes, not the {need} its shape needs", view.data().len()),
         ));
     }
     Ok(())
@@ -120,16 +89,12 @@ pub fn load_weights(
     let files = checkpoint_files(dir)?;
     let blobs: Vec<(PathBuf, Vec<u8>)> = files
         .into_iter()
-        .map(|p| {
-            std::fs::read(&p)
-                .map(|b| (p.clone(), b))
-                .map_err(|e| fail(&p, format!("cannot read: {e}")))
-        })
+        .map(|p| std::fs::read(&p).map(|b| (p.clone(), b)).map_err(|e| fail(&p, format!("cannot read: {e}"))))
         .collect::<Result<_, _>>()?;
     let mut tables = Vec::new();
     for (path, bytes) in &blobs {
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| fail(path, format!("not a valid safetensors file: {e}")))?;
+        let st =
+            SafeTensors::deserialize(bytes).map_err(|e| fail(path, format!("not a valid safetensors file: {e}")))?;
         tables.push((path.as_path(), st));
     }
     // key -> (file index)
@@ -143,10 +108,7 @@ pub fn load_weights(
     let mut out = HashMap::new();
     let shown = tables[0].0;
     for s in sources {
-        let found = PREFIXES
-            .iter()
-            .map(|p| format!("{p}{}", s.key))
-            .find(|k| where_is.contains_key(k));
+        let found = PREFIXES.iter().map(|p| format!("{p}{}", s.key)).find(|k| where_is.contains_key(k));
         let Some(key) = found else {
             return Err(fail(
                 shown,
@@ -157,34 +119,28 @@ pub fn load_weights(
             ));
         };
         let (path, st) = &tables[where_is[&key]];
-        let view = st
-            .tensor(&key)
-            .map_err(|e| fail(path, format!("tensor `{key}`: {e}")))?;
+        let view = st.tensor(&key).map_err(|e| fail(path, format!("tensor `{key}`: {e}")))?;
         if view.shape() != s.key_shape.as_slice() {
             return Err(fail(
                 path,
-                format!("tensor `{key}` has shape {:?} but the config implies {:?} (for parameter `%{}`)", view.shape(), s.key_shape, s.param),
+                format!(
+                    "tensor `{key}` has shape {:?} but the config implies {:?} (for parameter `%{}`)",
+                    view.shape(),
+                    s.key_shape,
+                    s.param
+                ),
             ));
         }
         check_byte_length(path, &key, &view)?;
         let values = to_f32(view.dtype(), view.data()).ok_or_else(|| {
-            fail(
-                path,
-                format!(
-                    "tensor `{key}` has dtype {:?}; expected F32, F64, BF16 or F16",
-                    view.dtype()
-                ),
-            )
+            fail(path, format!("tensor `{key}` has dtype {:?}; expected F32, F64, BF16 or F16", view.dtype()))
         })?;
         used.insert(key.clone());
         let (shape, values) = match s.last_dim_range {
             None => (s.key_shape.clone(), values),
             Some((start, end)) => {
                 let last = *s.key_shape.last().expect("fused tensors have rank >= 1");
-                let cut: Vec<f32> = values
-                    .chunks(last)
-                    .flat_map(|row| row[start..end].iter().copied())
-                    .collect();
+                let cut: Vec<f32> = values.chunks(last).flat_map(|row| row[start..end].iter().copied()).collect();
                 let mut shape = s.key_shape.clone();
                 *shape.last_mut().expect("rank >= 1") = end - start;
                 (shape, cut)
@@ -205,8 +161,7 @@ pub fn load_weights(
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ImportError> {
     use crate::types::DType;
     let bytes = std::fs::read(path).map_err(|e| fail(path, format!("cannot read: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| fail(path, format!("not a valid safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| fail(path, format!("not a valid safetensors file: {e}")))?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         check_byte_length(path, &name, &view)?;
@@ -216,16 +171,12 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ImportError
             Dtype::I64 => Tensor::int(
                 DType::I64,
                 shape,
-                data.chunks_exact(8)
-                    .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                    .collect(),
+                data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
             ),
             Dtype::I32 => Tensor::int(
                 DType::I32,
                 shape,
-                data.chunks_exact(4)
-                    .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64)
-                    .collect(),
+                data.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64).collect(),
             ),
             d => {
                 let logical = match d {
@@ -233,9 +184,8 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ImportError
                     Dtype::F16 => DType::F16,
                     _ => DType::F32,
                 };
-                let values = to_f32(d, data).ok_or_else(|| {
-                    fail(path, format!("tensor `{name}` has unsupported dtype {d:?}"))
-                })?;
+                let values = to_f32(d, data)
+                    .ok_or_else(|| fail(path, format!("tensor `{name}` has unsupported dtype {d:?}")))?;
                 let mut t = Tensor::f32(shape, values);
                 t.dtype = logical;
                 t
@@ -254,28 +204,17 @@ pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<
         .map(|(name, t)| {
             let (dtype, bytes) = match &t.data {
                 Data::I64(v) => (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                _ => (
-                    Dtype::F32,
-                    t.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect(),
-                ),
+                _ => (Dtype::F32, t.to_f32().iter().flat_map(|x| x.to_le_bytes()).collect()),
             };
             (name.clone(), dtype, t.shape.clone(), bytes)
         })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = encoded
         .iter()
-        .map(|(n, d, s, b)| {
-            safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v))
-        })
+        .map(|(n, d, s, b)| safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<Result<_, _>>()
         .map_err(|e| fail(path, format!("cannot encode: {e}")))?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .map_err(|e| fail(&tmp, format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        fail(
-            path,
-            format!("cannot move the written file into place: {e}"),
-        )
-    })
+    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| fail(&tmp, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| fail(path, format!("cannot move the written file into place: {e}")))
 }

@@ -72,7 +72,13 @@ pub(crate) fn norm_gamma_grad<T: Real>(x: &[T], dy: &[T], d: usize, eps: f64, ce
 }
 
 /// Scatter-add of the rows of dy into a [rows, d] table at `ids`.
-pub(crate) fn embedding_grad<T: Real>(ids: &[i64], dy: &[T], rows: usize, d: usize, dt: DType) -> Result<Vec<T>, String> {
+pub(crate) fn embedding_grad<T: Real>(
+    ids: &[i64],
+    dy: &[T],
+    rows: usize,
+    d: usize,
+    dt: DType,
+) -> Result<Vec<T>, String> {
     let mut acc = vec![0.0f64; rows * d];
     for (&id, row) in ids.iter().zip(dy.chunks(d.max(1))) {
         if id < 0 || id as usize >= rows {
@@ -87,7 +93,13 @@ pub(crate) fn embedding_grad<T: Real>(ids: &[i64], dy: &[T], rows: usize, d: usi
 }
 
 /// (softmax(logits) - onehot(target)) * dy per row of width `v`.
-pub(crate) fn cross_entropy_grad<T: Real>(logits: &[T], targets: &[i64], dy: &[T], v: usize, dt: DType) -> Result<Vec<T>, String> {
+pub(crate) fn cross_entropy_grad<T: Real>(
+    logits: &[T],
+    targets: &[i64],
+    dy: &[T],
+    v: usize,
+    dt: DType,
+) -> Result<Vec<T>, String> {
     let mut out = Vec::with_capacity(logits.len());
     for ((row, &t), g) in logits.chunks(v.max(1)).zip(targets).zip(dy) {
         if t < 0 || t as usize >= v {

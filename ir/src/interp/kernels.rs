@@ -37,15 +37,7 @@ pub(crate) fn strided_offsets(shape: &[usize], step: &[usize]) -> Vec<usize> {
 pub(crate) fn broadcast_offsets(out: &[usize], inp: &[usize]) -> Vec<usize> {
     let pad = out.len() - inp.len();
     let s = strides(inp);
-    let step: Vec<usize> = (0..out.len())
-        .map(|d| {
-            if d < pad || inp[d - pad] == 1 {
-                0
-            } else {
-                s[d - pad]
-            }
-        })
-        .collect();
+    let step: Vec<usize> = (0..out.len()).map(|d| if d < pad || inp[d - pad] == 1 { 0 } else { s[d - pad] }).collect();
     strided_offsets(out, &step)
 }
 
@@ -61,14 +53,7 @@ fn broadcast_to<E: Copy>(src: &[E], inp: &[usize], out: &[usize]) -> Vec<E> {
     }
 }
 
-fn binary<E: Copy>(
-    a: &[E],
-    sa: &[usize],
-    b: &[E],
-    sb: &[usize],
-    out: &[usize],
-    f: impl Fn(E, E) -> E,
-) -> Vec<E> {
+fn binary<E: Copy>(a: &[E], sa: &[usize], b: &[E], sb: &[usize], out: &[usize], f: impl Fn(E, E) -> E) -> Vec<E> {
     if sa == out && sb == out {
         return a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect();
     }
@@ -84,9 +69,7 @@ fn binary<E: Copy>(
 }
 
 fn map<T: Real>(x: &[T], dtype: DType, f: impl Fn(f64) -> f64) -> Vec<T> {
-    x.iter()
-        .map(|&v| T::from_f64(f(v.to_f64())).round_to(dtype))
-        .collect()
+    x.iter().map(|&v| T::from_f64(f(v.to_f64())).round_to(dtype)).collect()
 }
 
 /// GELU; `tanh` selects the tanh approximation (GPT-2's `gelu_new`).
@@ -148,9 +131,7 @@ pub(crate) fn eval<T: Real>(
         }
         Op::AxisIndex => {
             let axis = attrs.str("axis").unwrap_or_default();
-            Val::I(vec![
-                coord(axis).ok_or_else(|| format!("mesh axis `{axis}` is not declared"))? as i64,
-            ])
+            Val::I(vec![coord(axis).ok_or_else(|| format!("mesh axis `{axis}` is not declared"))? as i64])
         }
         Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Maximum => {
             let (sa, sb) = (&tys[0].shape, &tys[1].shape);
@@ -175,8 +156,7 @@ pub(crate) fn eval<T: Real>(
                         _ => x.max(y),
                     });
                     if op == Op::Div {
-                        div_by_zero =
-                            binary(a, sa, b, sb, &out.shape, |_, y| (y == 0) as i64).contains(&1);
+                        div_by_zero = binary(a, sa, b, sb, &out.shape, |_, y| (y == 0) as i64).contains(&1);
                     }
                     if div_by_zero {
                         return Err("integer division by zero".into());
@@ -200,11 +180,7 @@ pub(crate) fn eval<T: Real>(
         Op::Cast => match ins[0] {
             Val::F(v) if dt.is_float() => float_out(v.clone()),
             Val::F(v) => Val::I(v.iter().map(|&x| x.to_f64().trunc() as i64).collect()),
-            Val::I(v) if dt.is_float() => Val::F(
-                v.iter()
-                    .map(|&x| T::from_f64(x as f64).round_to(dt))
-                    .collect(),
-            ),
+            Val::I(v) if dt.is_float() => Val::F(v.iter().map(|&x| T::from_f64(x as f64).round_to(dt)).collect()),
             Val::I(v) if dt == DType::I32 => Val::I(v.iter().map(|&x| x as i32 as i64).collect()),
             Val::I(v) => Val::I(v.clone()),
         },
@@ -220,10 +196,7 @@ pub(crate) fn eval<T: Real>(
             let dim = normalize_dim(attrs.int("dim").unwrap_or(0), x.rank())?;
             let s = strides(&x.shape);
             let base = attrs.int("start").unwrap_or(0) as usize * s[dim];
-            let offs: Vec<usize> = strided_offsets(&out.shape, &s)
-                .into_iter()
-                .map(|o| o + base)
-                .collect();
+            let offs: Vec<usize> = strided_offsets(&out.shape, &s).into_iter().map(|o| o + base).collect();
             ins[0].gather(&offs)
         }
         Op::Concat => {
@@ -240,10 +213,7 @@ pub(crate) fn eval<T: Real>(
             let dims = reduce_dims(attrs, x.rank())?;
             let count: usize = dims.iter().map(|&d| x.shape[d]).product();
             // Output stride of every input dim (0 for reduced dims).
-            let kept: Vec<usize> = (0..x.rank())
-                .filter(|d| !dims.contains(d))
-                .map(|d| x.shape[d])
-                .collect();
+            let kept: Vec<usize> = (0..x.rank()).filter(|d| !dims.contains(d)).map(|d| x.shape[d]).collect();
             let ks = strides(&kept);
             let mut k = 0;
             let step: Vec<usize> = (0..x.rank())
@@ -260,11 +230,7 @@ pub(crate) fn eval<T: Real>(
             let n_out = numel(&kept);
             match ins[0] {
                 Val::F(v) => {
-                    let init = if op == Op::ReduceMax {
-                        f64::NEG_INFINITY
-                    } else {
-                        0.0
-                    };
+                    let init = if op == Op::ReduceMax { f64::NEG_INFINITY } else { 0.0 };
                     let mut acc = vec![init; n_out];
                     for (&o, &x) in offs.iter().zip(v.iter()) {
                         let x = x.to_f64();
@@ -281,20 +247,12 @@ pub(crate) fn eval<T: Real>(
                     if op == Op::ReduceMean {
                         acc.iter_mut().for_each(|a| *a /= count as f64);
                     }
-                    Val::F(
-                        acc.into_iter()
-                            .map(|a| T::from_f64(a).round_to(dt))
-                            .collect(),
-                    )
+                    Val::F(acc.into_iter().map(|a| T::from_f64(a).round_to(dt)).collect())
                 }
                 Val::I(v) => {
                     let mut acc = vec![if op == Op::ReduceMax { i64::MIN } else { 0 }; n_out];
                     for (&o, &x) in offs.iter().zip(v.iter()) {
-                        acc[o] = if op == Op::ReduceMax {
-                            acc[o].max(x)
-                        } else {
-                            acc[o].wrapping_add(x)
-                        };
+                        acc[o] = if op == Op::ReduceMax { acc[o].max(x) } else { acc[o].wrapping_add(x) };
                     }
                     if op == Op::ReduceMean {
                         acc.iter_mut().for_each(|a| *a /= count.max(1) as i64);
@@ -311,42 +269,24 @@ pub(crate) fn eval<T: Real>(
             let queries = if causal { out.shape[r - 2] } else { 1 };
             let mut y = vec![T::ZERO; x.len()];
             let mut row = vec![0.0f64; cols];
-            for (ri, (xs, ys)) in x
-                .chunks(cols.max(1))
-                .zip(y.chunks_mut(cols.max(1)))
-                .enumerate()
-            {
+            for (ri, (xs, ys)) in x.chunks(cols.max(1)).zip(y.chunks_mut(cols.max(1))).enumerate() {
                 // Query i sees keys 0..=i + (keys - queries).
-                let visible = if causal {
-                    (ri % queries) + (cols - queries) + 1
-                } else {
-                    cols
-                };
-                let m = xs[..visible]
-                    .iter()
-                    .fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
+                let visible = if causal { (ri % queries) + (cols - queries) + 1 } else { cols };
+                let m = xs[..visible].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
                 let mut sum = 0.0;
                 for j in 0..visible {
                     row[j] = (xs[j].to_f64() - m).exp();
                     sum += row[j];
                 }
                 for j in 0..cols {
-                    ys[j] = if j < visible {
-                        T::from_f64(row[j] / sum).round_to(dt)
-                    } else {
-                        T::ZERO
-                    };
+                    ys[j] = if j < visible { T::from_f64(row[j] / sum).round_to(dt) } else { T::ZERO };
                 }
             }
             Val::F(y)
         }
         Op::LayerNorm | Op::RmsNorm => {
             let (x, gamma) = (f(0)?, f(1)?);
-            let beta = if op == Op::LayerNorm {
-                Some(f(2)?)
-            } else {
-                None
-            };
+            let beta = if op == Op::LayerNorm { Some(f(2)?) } else { None };
             let eps = attrs.float("eps").unwrap_or(1e-5);
             let d = *out.shape.last().unwrap_or(&1);
             let mut y = Vec::with_capacity(x.len());
@@ -354,19 +294,14 @@ pub(crate) fn eval<T: Real>(
                 let n = d as f64;
                 let (mean, var) = if op == Op::LayerNorm {
                     let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-                    (
-                        mean,
-                        xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n,
-                    )
+                    (mean, xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n)
                 } else {
                     (0.0, xs.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / n)
                 };
                 let inv = 1.0 / (var + eps).sqrt();
                 for (j, v) in xs.iter().enumerate() {
                     let b = beta.map_or(0.0, |b| b[j].to_f64());
-                    y.push(
-                        T::from_f64((v.to_f64() - mean) * inv * gamma[j].to_f64() + b).round_to(dt),
-                    );
+                    y.push(T::from_f64((v.to_f64() - mean) * inv * gamma[j].to_f64() + b).round_to(dt));
                 }
             }
             Val::F(y)
@@ -379,9 +314,7 @@ pub(crate) fn eval<T: Real>(
             // The inverse rotation (the adjoint: rotations are orthogonal) turns by -angle.
             let sign = if attrs.bool_or("inverse", false) { -1.0 } else { 1.0 };
             let half = d / 2;
-            let inv_freq: Vec<f64> = (0..half)
-                .map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64))
-                .collect();
+            let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64)).collect();
             let mut y = vec![T::ZERO; x.len()];
             for (bi, (xs, ys)) in x.chunks(d).zip(y.chunks_mut(d)).enumerate() {
                 let p = sign * pos[(bi / h) % t] as f64;
@@ -424,7 +357,9 @@ pub(crate) fn eval<T: Real>(
         Op::GreaterEqual => {
             let (sa, sb) = (&tys[0].shape, &tys[1].shape);
             match (ins[0], ins[1]) {
-                (Val::F(a), Val::F(b)) => Val::F(binary(a, sa, b, sb, &out.shape, |x, y| if x >= y { T::from_f64(1.0) } else { T::ZERO })),
+                (Val::F(a), Val::F(b)) => {
+                    Val::F(binary(a, sa, b, sb, &out.shape, |x, y| if x >= y { T::from_f64(1.0) } else { T::ZERO }))
+                }
                 (Val::I(a), Val::I(b)) => Val::I(binary(a, sa, b, sb, &out.shape, |x, y| (x >= y) as i64)),
                 _ => return Err("operands must both be floating or both integer".into()),
             }
@@ -451,11 +386,21 @@ pub(crate) fn eval<T: Real>(
         Op::GeluGrad => {
             let tanh = attrs.str("approximate").unwrap_or("tanh") == "tanh";
             let (x, dy) = (f(0)?, f(1)?);
-            Val::F(x.iter().zip(dy).map(|(x, g)| T::from_f64(grad::gelu_derivative(x.to_f64(), tanh) * g.to_f64()).round_to(dt)).collect())
+            Val::F(
+                x.iter()
+                    .zip(dy)
+                    .map(|(x, g)| T::from_f64(grad::gelu_derivative(x.to_f64(), tanh) * g.to_f64()).round_to(dt))
+                    .collect(),
+            )
         }
         Op::SiluGrad => {
             let (x, dy) = (f(0)?, f(1)?);
-            Val::F(x.iter().zip(dy).map(|(x, g)| T::from_f64(grad::silu_derivative(x.to_f64()) * g.to_f64()).round_to(dt)).collect())
+            Val::F(
+                x.iter()
+                    .zip(dy)
+                    .map(|(x, g)| T::from_f64(grad::silu_derivative(x.to_f64()) * g.to_f64()).round_to(dt))
+                    .collect(),
+            )
         }
         Op::LayerNormGrad | Op::RmsNormGrad => {
             let eps = attrs.float("eps").unwrap_or(1e-5);
@@ -477,22 +422,12 @@ pub(crate) fn eval<T: Real>(
 }
 
 /// Concatenates `ins` along `dim` into a tensor of type `out`.
-pub(crate) fn concat<T: Real>(
-    ins: &[&Val<T>],
-    tys: &[&TensorType],
-    out: &TensorType,
-    dim: usize,
-) -> Val<T> {
+pub(crate) fn concat<T: Real>(ins: &[&Val<T>], tys: &[&TensorType], out: &TensorType, dim: usize) -> Val<T> {
     let os = strides(&out.shape);
     let mut positions: Vec<Vec<usize>> = Vec::new();
     let mut start = 0;
     for t in tys {
-        positions.push(
-            strided_offsets(&t.shape, &os)
-                .into_iter()
-                .map(|o| o + start * os[dim])
-                .collect(),
-        );
+        positions.push(strided_offsets(&t.shape, &os).into_iter().map(|o| o + start * os[dim]).collect());
         start += t.shape[dim];
     }
     fn place<E: Copy + Default>(parts: Vec<&[E]>, positions: &[Vec<usize>], n: usize) -> Vec<E> {
@@ -505,50 +440,20 @@ pub(crate) fn concat<T: Real>(
         y
     }
     match ins[0] {
-        Val::F(_) => Val::F(place(
-            ins.iter().map(|v| v.floats()).collect(),
-            &positions,
-            out.numel(),
-        )),
-        Val::I(_) => Val::I(place(
-            ins.iter().map(|v| v.ints()).collect(),
-            &positions,
-            out.numel(),
-        )),
+        Val::F(_) => Val::F(place(ins.iter().map(|v| v.floats()).collect(), &positions, out.numel())),
+        Val::I(_) => Val::I(place(ins.iter().map(|v| v.ints()).collect(), &positions, out.numel())),
     }
 }
 
-fn matmul<T: Real>(
-    a: &[T],
-    ta: &TensorType,
-    b: &[T],
-    tb: &TensorType,
-    out: &TensorType,
-    attrs: &Attrs,
-) -> Vec<T> {
-    let (tra, trb) = (
-        attrs.bool_or("transpose_a", false),
-        attrs.bool_or("transpose_b", false),
-    );
+fn matmul<T: Real>(a: &[T], ta: &TensorType, b: &[T], tb: &TensorType, out: &TensorType, attrs: &Attrs) -> Vec<T> {
+    let (tra, trb) = (attrs.bool_or("transpose_a", false), attrs.bool_or("transpose_b", false));
     let (ra, rb, ro) = (ta.rank(), tb.rank(), out.rank());
     let (m, n) = (out.shape[ro - 2], out.shape[ro - 1]);
-    let k = if tra {
-        ta.shape[ra - 2]
-    } else {
-        ta.shape[ra - 1]
-    };
+    let k = if tra { ta.shape[ra - 2] } else { ta.shape[ra - 1] };
     // Row and column strides of each matrix as stored, swapped when transposed.
     let (a_cols, b_cols) = (ta.shape[ra - 1], tb.shape[rb - 1]);
-    let (rsa, csa) = if tra {
-        (1, a_cols as isize)
-    } else {
-        (a_cols as isize, 1)
-    };
-    let (rsb, csb) = if trb {
-        (1, b_cols as isize)
-    } else {
-        (b_cols as isize, 1)
-    };
+    let (rsa, csa) = if tra { (1, a_cols as isize) } else { (a_cols as isize, 1) };
+    let (rsb, csb) = if trb { (1, b_cols as isize) } else { (b_cols as isize, 1) };
     let batch = &out.shape[..ro - 2];
     let a_mat = ta.shape[ra - 2] * ta.shape[ra - 1];
     let b_mat = tb.shape[rb - 2] * tb.shape[rb - 1];
@@ -557,18 +462,7 @@ fn matmul<T: Real>(
     let mut c = vec![T::ZERO; out.numel()];
     for (bi, cm) in c.chunks_mut((m * n).max(1)).enumerate().take(numel(batch)) {
         let (ao, bo) = (a_off[bi] * a_mat, b_off[bi] * b_mat);
-        T::gemm(
-            m,
-            k,
-            n,
-            &a[ao..ao + a_mat],
-            rsa,
-            csa,
-            &b[bo..bo + b_mat],
-            rsb,
-            csb,
-            cm,
-        );
+        T::gemm(m, k, n, &a[ao..ao + a_mat], rsa, csa, &b[bo..bo + b_mat], rsb, csb, cm);
     }
     c
 }

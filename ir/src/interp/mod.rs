@@ -59,32 +59,17 @@ pub enum InterpError {
     #[error("no value given for argument `%{name}` ({ty}); pass one tensor per graph argument")]
     MissingInput { name: String, ty: TensorType },
     #[error("argument `%{name}` is declared {expected} but the given tensor is {found}")]
-    InputMismatch {
-        name: String,
-        expected: TensorType,
-        found: TensorType,
-    },
+    InputMismatch { name: String, expected: TensorType, found: TensorType },
     #[error("the graph's mesh has {expected} ranks but inputs were given for {found}")]
     RankCount { expected: usize, found: usize },
     #[error("rank {rank}, node {node}: {message}\n    {line}")]
-    Node {
-        rank: usize,
-        node: usize,
-        line: String,
-        message: String,
-    },
+    Node { rank: usize, node: usize, line: String, message: String },
 }
 
 /// Runs a single-device graph (its mesh, if any, must have one rank). Returns the outputs in
 /// order.
-pub fn run(
-    g: &Graph,
-    inputs: &HashMap<String, Tensor>,
-    precision: Precision,
-) -> Result<Vec<Tensor>, InterpError> {
-    Ok(run_spmd(g, std::slice::from_ref(inputs), precision)?
-        .pop()
-        .unwrap_or_default())
+pub fn run(g: &Graph, inputs: &HashMap<String, Tensor>, precision: Precision) -> Result<Vec<Tensor>, InterpError> {
+    Ok(run_spmd(g, std::slice::from_ref(inputs), precision)?.pop().unwrap_or_default())
 }
 
 /// Runs an SPMD graph on every rank of its mesh; `inputs[r]` are rank r's arguments. Returns
@@ -110,10 +95,7 @@ impl<'g, T: Real> Machine<'g, T> {
     fn new(g: &'g Graph, inputs: &[HashMap<String, Tensor>]) -> Result<Self, InterpError> {
         let world = g.mesh.world_size();
         if inputs.len() != world {
-            return Err(InterpError::RankCount {
-                expected: world,
-                found: inputs.len(),
-            });
+            return Err(InterpError::RankCount { expected: world, found: inputs.len() });
         }
         let mut vals = vec![vec![None; g.values.len()]; world];
         for (rank, given) in inputs.iter().enumerate() {
@@ -121,29 +103,16 @@ impl<'g, T: Real> Machine<'g, T> {
                 let v = g.value(a.value);
                 let t = given
                     .get(&v.name)
-                    .ok_or_else(|| InterpError::MissingInput {
-                        name: v.name.clone(),
-                        ty: v.ty.clone(),
-                    })?;
-                let mismatch = || InterpError::InputMismatch {
-                    name: v.name.clone(),
-                    expected: v.ty.clone(),
-                    found: t.ty(),
-                };
-                if t.shape != v.ty.shape
-                    || t.dtype.is_float() != v.ty.dtype.is_float()
-                    || t.data.len() != t.numel()
-                {
+                    .ok_or_else(|| InterpError::MissingInput { name: v.name.clone(), ty: v.ty.clone() })?;
+                let mismatch =
+                    || InterpError::InputMismatch { name: v.name.clone(), expected: v.ty.clone(), found: t.ty() };
+                if t.shape != v.ty.shape || t.dtype.is_float() != v.ty.dtype.is_float() || t.data.len() != t.numel() {
                     return Err(mismatch());
                 }
                 let val = match (&t.data, v.ty.dtype.is_float()) {
                     (Data::I64(d), false) => Val::I(d.clone()),
                     (data, true) => Val::F(
-                        T::unwrap(data)
-                            .ok_or_else(mismatch)?
-                            .into_iter()
-                            .map(|x| x.round_to(v.ty.dtype))
-                            .collect(),
+                        T::unwrap(data).ok_or_else(mismatch)?.into_iter().map(|x| x.round_to(v.ty.dtype)).collect(),
                     ),
                     _ => return Err(mismatch()),
                 };
@@ -165,11 +134,7 @@ impl<'g, T: Real> Machine<'g, T> {
             last_use[o.index()] = usize::MAX;
         }
         for (i, n) in g.nodes.iter().enumerate() {
-            let results = if n.op.is_collective() {
-                self.collective(i)
-            } else {
-                self.local(i)
-            };
+            let results = if n.op.is_collective() { self.collective(i) } else { self.local(i) };
             for (rank, r) in results.into_iter().enumerate() {
                 self.vals[rank][n.output.index()] = Some(r?);
             }
@@ -185,27 +150,18 @@ impl<'g, T: Real> Machine<'g, T> {
             .map(|vals| {
                 g.outputs
                     .iter()
-                    .map(|&o| {
-                        to_tensor(g.ty(o), vals[o.index()].as_ref().expect("outputs are kept"))
-                    })
+                    .map(|&o| to_tensor(g.ty(o), vals[o.index()].as_ref().expect("outputs are kept")))
                     .collect()
             })
             .collect())
     }
 
     fn fail(&self, rank: usize, node: usize, message: String) -> InterpError {
-        InterpError::Node {
-            rank,
-            node,
-            line: print_node(self.g, &self.g.nodes[node]),
-            message,
-        }
+        InterpError::Node { rank, node, line: print_node(self.g, &self.g.nodes[node]), message }
     }
 
     fn operand(&self, rank: usize, v: ValueId) -> &Val<T> {
-        self.vals[rank][v.index()]
-            .as_ref()
-            .expect("the verifier guarantees operands dominate their uses")
+        self.vals[rank][v.index()].as_ref().expect("the verifier guarantees operands dominate their uses")
     }
 
     fn local(&self, i: usize) -> Vec<Result<Val<T>, InterpError>> {
@@ -215,8 +171,7 @@ impl<'g, T: Real> Machine<'g, T> {
             .map(|rank| {
                 let ins: Vec<&Val<T>> = n.inputs.iter().map(|&v| self.operand(rank, v)).collect();
                 let coord = |axis: &str| self.g.mesh.coord(rank, axis);
-                kernels::eval(n.op, &n.attrs, &ins, &tys, self.g.ty(n.output), coord)
-                    .map_err(|m| self.fail(rank, i, m))
+                kernels::eval(n.op, &n.attrs, &ins, &tys, self.g.ty(n.output), coord).map_err(|m| self.fail(rank, i, m))
             })
             .collect()
     }
@@ -229,13 +184,12 @@ impl<'g, T: Real> Machine<'g, T> {
         let dim = |name: &str| normalize_dim(n.attrs.int(name).unwrap_or(0), in_ty.rank());
         (0..self.vals.len())
             .map(|rank| {
-                let group = self.g.mesh.group(rank, axis).ok_or_else(|| {
-                    self.fail(rank, i, format!("mesh axis `{axis}` is not declared"))
-                })?;
-                let me = group
-                    .iter()
-                    .position(|&r| r == rank)
-                    .expect("a rank is in its own group");
+                let group = self
+                    .g
+                    .mesh
+                    .group(rank, axis)
+                    .ok_or_else(|| self.fail(rank, i, format!("mesh axis `{axis}` is not declared")))?;
+                let me = group.iter().position(|&r| r == rank).expect("a rank is in its own group");
                 let parts: Vec<&Val<T>> = group.iter().map(|&r| self.operand(r, x)).collect();
                 let size = group.len();
                 let result = match n.op {
@@ -252,13 +206,9 @@ impl<'g, T: Real> Machine<'g, T> {
                     }
                     Op::AllToAll => {
                         let (s, c) = (dim("split_dim"), dim("concat_dim"));
-                        let (s, c) = (
-                            s.map_err(|m| self.fail(rank, i, m))?,
-                            c.map_err(|m| self.fail(rank, i, m))?,
-                        );
+                        let (s, c) = (s.map_err(|m| self.fail(rank, i, m))?, c.map_err(|m| self.fail(rank, i, m))?);
                         // Rank `me` receives chunk `me` of every peer's split dim.
-                        let pieces: Vec<Val<T>> =
-                            parts.iter().map(|p| chunk(p, in_ty, s, size, me)).collect();
+                        let pieces: Vec<Val<T>> = parts.iter().map(|p| chunk(p, in_ty, s, size, me)).collect();
                         let mut piece_ty = in_ty.clone();
                         piece_ty.shape[s] /= size;
                         let refs: Vec<&Val<T>> = pieces.iter().collect();
@@ -280,28 +230,16 @@ fn reduce<T: Real>(parts: &[&Val<T>], max: bool, ty: &TensorType) -> Val<T> {
             let mut acc: Vec<f64> = first.iter().map(|x| x.to_f64()).collect();
             for p in &parts[1..] {
                 for (a, x) in acc.iter_mut().zip(p.floats()) {
-                    *a = if max {
-                        a.max(x.to_f64())
-                    } else {
-                        *a + x.to_f64()
-                    };
+                    *a = if max { a.max(x.to_f64()) } else { *a + x.to_f64() };
                 }
             }
-            Val::F(
-                acc.into_iter()
-                    .map(|a| T::from_f64(a).round_to(ty.dtype))
-                    .collect(),
-            )
+            Val::F(acc.into_iter().map(|a| T::from_f64(a).round_to(ty.dtype)).collect())
         }
         Val::I(first) => {
             let mut acc = first.clone();
             for p in &parts[1..] {
                 for (a, x) in acc.iter_mut().zip(p.ints()) {
-                    *a = if max {
-                        (*a).max(*x)
-                    } else {
-                        a.wrapping_add(*x)
-                    };
+                    *a = if max { (*a).max(*x) } else { a.wrapping_add(*x) };
                 }
             }
             Val::I(acc)
@@ -315,10 +253,7 @@ fn chunk<T: Real>(v: &Val<T>, ty: &TensorType, dim: usize, n: usize, k: usize) -
     let mut shape = ty.shape.clone();
     shape[dim] /= n;
     let base = k * shape[dim] * s[dim];
-    let offs: Vec<usize> = kernels::strided_offsets(&shape, &s)
-        .into_iter()
-        .map(|o| o + base)
-        .collect();
+    let offs: Vec<usize> = kernels::strided_offsets(&shape, &s).into_iter().map(|o| o + base).collect();
     v.gather(&offs)
 }
 
@@ -327,9 +262,5 @@ fn to_tensor<T: Real>(ty: &TensorType, v: &Val<T>) -> Tensor {
         Val::F(x) => T::wrap(x.clone()),
         Val::I(x) => Data::I64(x.clone()),
     };
-    Tensor {
-        dtype: ty.dtype,
-        shape: ty.shape.clone(),
-        data,
-    }
+    Tensor { dtype: ty.dtype, shape: ty.shape.clone(), data }
 }

@@ -31,8 +31,7 @@ fn gemm_fits(
     if m == 0 || n == 0 || k == 0 {
         return false;
     }
-    let last =
-        |r: usize, c: usize, rs: isize, cs: isize| (r - 1) * rs as usize + (c - 1) * cs as usize;
+    let last = |r: usize, c: usize, rs: isize, cs: isize| (r - 1) * rs as usize + (c - 1) * cs as usize;
     assert!(
         rsa >= 0
             && csa >= 0
