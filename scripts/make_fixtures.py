@@ -4,6 +4,7 @@ For each tiny model (GPT-2 with tied LM head; Llama with grouped-query attention
   config.json, model.safetensors   the model as Hugging Face saves it
   tokens.bin                       B*T+1 tokens in llm.c's format (batch 0 of `shardc eval`)
   expected.safetensors             tokens, targets (int64 [B, T]), logits (f32 [B, T, V])
+  expected_grads.safetensors       d loss / d parameter, under the checkpoint's tensor names
   expected.json                    {"batch", "seq", "loss", "torch", "transformers"}
 
 Run through scripts/make_fixtures.sh, which makes the venv. Deterministic: fixed seeds.
@@ -35,6 +36,12 @@ def randomize(model, seed):
                 p.copy_(0.08 * noise)
 
 
+def safe_open_keys(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return list(f.keys())
+
+
 def write_tokens(path, tokens):
     header = [0] * 256
     header[0], header[1], header[2] = 20240520, 1, len(tokens)
@@ -54,9 +61,15 @@ def build(name, model, seed):
     write_tokens(os.path.join(d, "tokens.bin"), data.tolist())
     x = torch.stack([data[b * T : b * T + T] for b in range(B)])
     y = torch.stack([data[b * T + 1 : b * T + T + 1] for b in range(B)])
-    with torch.no_grad():
-        logits = model(input_ids=x).logits.float()
+    model.zero_grad()
+    logits = model(input_ids=x).logits.float()
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+    loss.backward()
+    # Gradients under the checkpoint's own names (tied weights appear once, as saved).
+    saved = set(safe_open_keys(os.path.join(d, "model.safetensors")))
+    grads = {k: p.grad.detach().contiguous() for k, p in model.named_parameters() if k in saved}
+    save_file(grads, os.path.join(d, "expected_grads.safetensors"))
+    logits = logits.detach()
     save_file(
         {"tokens": x.contiguous(), "targets": y.contiguous(), "logits": logits.contiguous()},
         os.path.join(d, "expected.safetensors"),

@@ -23,14 +23,22 @@ use std::path::{Path, PathBuf};
 
 fn files() -> Vec<PathBuf> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tir/grad");
-    let mut v: Vec<PathBuf> =
-        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "tir")).collect();
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "tir"))
+        .collect();
     v.sort();
     v
 }
 
 fn directives<'a>(src: &'a str, key: &str) -> Vec<&'a str> {
-    src.lines().filter_map(|l| l.trim().strip_prefix('#')).filter_map(|l| l.trim().strip_prefix(key)).map(str::trim).collect()
+    src.lines()
+        .filter_map(|l| l.trim().strip_prefix('#'))
+        .filter_map(|l| l.trim().strip_prefix(key))
+        .map(str::trim)
+        .collect()
 }
 
 type Inputs = Vec<HashMap<String, Tensor>>;
@@ -38,12 +46,16 @@ type Inputs = Vec<HashMap<String, Tensor>>;
 /// Per-rank inputs from the file's directives and a seeded generator.
 fn inputs(g: &Graph, src: &str, path: &Path) -> (Inputs, BTreeSet<String>) {
     let world = g.mesh.world_size();
-    let sharded: BTreeSet<String> =
-        directives(src, "sharded").iter().flat_map(|l| l.split_whitespace()).map(|s| s.trim_start_matches('%').to_string()).collect();
+    let sharded: BTreeSet<String> = directives(src, "sharded")
+        .iter()
+        .flat_map(|l| l.split_whitespace())
+        .map(|s| s.trim_start_matches('%').to_string())
+        .collect();
     let mut fixed = HashMap::new();
     for l in directives(src, "input") {
         let (n, v) = l.split_once('=').unwrap();
-        let vals: Vec<f64> = v.trim().trim_matches(|c| c == '[' || c == ']').split(',').map(|x| x.trim().parse().unwrap()).collect();
+        let vals: Vec<f64> =
+            v.trim().trim_matches(|c| c == '[' || c == ']').split(',').map(|x| x.trim().parse().unwrap()).collect();
         fixed.insert(n.trim().trim_start_matches('%').to_string(), vals);
     }
     let mut ranges = HashMap::new();
@@ -69,7 +81,12 @@ fn inputs(g: &Graph, src: &str, path: &Path) -> (Inputs, BTreeSet<String>) {
             let t = if v.ty.dtype.is_float() {
                 Tensor::f64(v.ty.dtype, v.ty.shape.clone(), vals)
             } else {
-                assert!(fixed.contains_key(&v.name), "{}: integer argument %{} needs an `# input` line", path.display(), v.name);
+                assert!(
+                    fixed.contains_key(&v.name),
+                    "{}: integer argument %{} needs an `# input` line",
+                    path.display(),
+                    v.name
+                );
                 Tensor::int(v.ty.dtype, v.ty.shape.clone(), vals.iter().map(|&x| x as i64).collect())
             };
             m.insert(v.name.clone(), t);
@@ -82,7 +99,10 @@ fn loss(g: &Graph, inputs: &Inputs) -> f64 {
     let out = run_spmd(g, inputs, Precision::F64).expect("runs");
     let l0 = out[0][0].scalar().unwrap();
     for (r, o) in out.iter().enumerate() {
-        assert!((o[0].scalar().unwrap() - l0).abs() <= 1e-12 * l0.abs().max(1.0), "the loss is not replicated (rank {r})");
+        assert!(
+            (o[0].scalar().unwrap() - l0).abs() <= 1e-12 * l0.abs().max(1.0),
+            "the loss is not replicated (rank {r})"
+        );
     }
     l0
 }
@@ -114,7 +134,8 @@ fn check(path: &Path, seen: &mut BTreeSet<&'static str>) {
     let eps = 1e-5;
     for (k, &p) in wrt.iter().enumerate() {
         let name = g.name_of(p).to_string();
-        let groups: Vec<Vec<usize>> = if sharded.contains(&name) { (0..world).map(|r| vec![r]).collect() } else { vec![(0..world).collect()] };
+        let groups: Vec<Vec<usize>> =
+            if sharded.contains(&name) { (0..world).map(|r| vec![r]).collect() } else { vec![(0..world).collect()] };
         for ranks in groups {
             let n = g.ty(p).numel();
             let mut fd = Vec::with_capacity(n);
@@ -149,7 +170,8 @@ fn autodiff_matches_finite_differences() {
         check(path, &mut seen);
     }
     eprintln!("{} gradient-check files, {} ops covered", files.len(), seen.len());
-    let missing: Vec<&str> = Op::ALL.iter().filter(|o| is_differentiable(**o)).map(|o| o.name()).filter(|n| !seen.contains(n)).collect();
+    let missing: Vec<&str> =
+        Op::ALL.iter().filter(|o| is_differentiable(**o)).map(|o| o.name()).filter(|n| !seen.contains(n)).collect();
     assert!(missing.is_empty(), "differentiable ops without a gradient check in tests/tir/grad: {missing:?}");
 }
 

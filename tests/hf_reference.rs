@@ -53,3 +53,50 @@ fn f64_interpretation_agrees_too() {
         assert!(logits < 1e-5 && loss < 1e-5, "{name} f64: logits rel err {logits:e}, loss rel err {loss:e}");
     }
 }
+
+/// Whole-model gradients: our autodiff of the imported graph against PyTorch's `loss.backward()`
+/// (tests/fixtures/hf/*/expected_grads.safetensors), every parameter, in f32.
+fn check_gradients(name: &str) -> f64 {
+    use shardc_ir::import::weights::load_from_files;
+    use shardc_ir::ArgKind;
+    let dir = fixture(name);
+    let model = import_dir(&dir, BuildOptions { batch: 2, seq: 16, emit_logits: false }).expect("imports");
+    let params: Vec<_> = model.graph.args_of(ArgKind::Param).collect();
+    let d =
+        shardc_passes::autodiff::differentiate(&model.graph, model.graph.outputs[0], &params).expect("differentiates");
+    verify(&d.graph).expect("the training graph verifies");
+    let (expected, _) = load_from_files(&[dir.join("expected_grads.safetensors")], &model.sources).expect("grads load");
+    let tensors = read_tensors(&dir.join("expected.safetensors")).unwrap();
+    let mut inputs: HashMap<String, _> = model.weights.expect("fixture has weights");
+    inputs.insert("tokens".into(), tensors["tokens"].clone());
+    inputs.insert("targets".into(), tensors["targets"].clone());
+    let out = run(&d.graph, &inputs, Precision::F32).expect("runs");
+    // Relative to each tensor's largest gradient, except that a tensor whose true gradient is
+    // zero up to rounding (GPT-2's key bias: softmax is invariant to it) is measured against the
+    // model's largest gradient instead.
+    let global = params
+        .iter()
+        .map(|&p| expected[model.graph.name_of(p)].to_f64().iter().fold(0.0f64, |m, x| m.max(x.abs())))
+        .fold(0.0, f64::max);
+    let mut worst = 0.0f64;
+    for (k, &p) in params.iter().enumerate() {
+        let pname = model.graph.name_of(p);
+        let (got, want) = (out[1 + k].to_f64(), expected[pname].to_f64());
+        let scale = want.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-3 * global);
+        let err = got.iter().zip(&want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(err < 1e-4, "{name}: gradient of %{pname}: rel err {err:e} (largest expected {scale:e})");
+        worst = worst.max(err);
+    }
+    eprintln!("{name}: {} parameter gradients, worst rel err {worst:.2e}", params.len());
+    worst
+}
+
+#[test]
+fn gpt2_gradients_match_pytorch() {
+    check_gradients("gpt2-tiny");
+}
+
+#[test]
+fn llama_gradients_match_pytorch() {
+    check_gradients("llama-tiny");
+}

@@ -33,6 +33,9 @@ pub struct Imported {
     pub graph: Graph,
     /// The parameters by graph name, when the directory holds a checkpoint.
     pub weights: Option<HashMap<String, Tensor>>,
+    /// Where each parameter lives in a Hugging Face checkpoint (also the layout of anything saved
+    /// under the checkpoint's names, such as gradients).
+    pub sources: Vec<ParamSource>,
     /// Things the user may want to know (ignored config fields, unused checkpoint tensors).
     pub warnings: Vec<String>,
 }
@@ -54,5 +57,5 @@ pub fn import_dir(dir: &Path, options: BuildOptions) -> Result<Imported, ImportE
     } else {
         None
     };
-    Ok(Imported { config, graph: built.graph, weights, warnings })
+    Ok(Imported { config, graph: built.graph, weights, sources: built.sources, warnings })
 }

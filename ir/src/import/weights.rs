@@ -86,9 +86,17 @@ pub fn load_weights(
     dir: &Path,
     sources: &[ParamSource],
 ) -> Result<(HashMap<String, Tensor>, Vec<String>), ImportError> {
-    let files = checkpoint_files(dir)?;
+    load_from_files(&checkpoint_files(dir)?, sources)
+}
+
+/// [`load_weights`] from explicit safetensors files (e.g. saved gradients, which use the
+/// checkpoint's names and layout).
+pub fn load_from_files(
+    files: &[PathBuf],
+    sources: &[ParamSource],
+) -> Result<(HashMap<String, Tensor>, Vec<String>), ImportError> {
     let blobs: Vec<(PathBuf, Vec<u8>)> = files
-        .into_iter()
+        .iter()
         .map(|p| std::fs::read(&p).map(|b| (p.clone(), b)).map_err(|e| fail(&p, format!("cannot read: {e}"))))
         .collect::<Result<_, _>>()?;
     let mut tables = Vec::new();
