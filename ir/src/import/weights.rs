@@ -97,7 +97,7 @@ pub fn load_from_files(
 ) -> Result<(HashMap<String, Tensor>, Vec<String>), ImportError> {
     let blobs: Vec<(PathBuf, Vec<u8>)> = files
         .iter()
-        .map(|p| std::fs::read(&p).map(|b| (p.clone(), b)).map_err(|e| fail(&p, format!("cannot read: {e}"))))
+        .map(|p| std::fs::read(p).map(|b| (p.clone(), b)).map_err(|e| fail(p, format!("cannot read: {e}"))))
         .collect::<Result<_, _>>()?;
     let mut tables = Vec::new();
     for (path, bytes) in &blobs {
