@@ -5,6 +5,7 @@ For each tiny model (GPT-2 with tied LM head; Llama with grouped-query attention
   tokens.bin                       B*T+1 tokens in llm.c's format (batch 0 of `shardc eval`)
   expected.safetensors             tokens, targets (int64 [B, T]), logits (f32 [B, T, V])
   expected_grads.safetensors       d loss / d parameter, under the checkpoint's tensor names
+  train_*                          5 AdamW steps on Shakespeare (see train_reference)
   expected.json                    {"batch", "seq", "loss", "torch", "transformers"}
 
 Run through scripts/make_fixtures.sh, which makes the venv. Deterministic: fixed seeds.
@@ -84,6 +85,50 @@ def build(name, model, seed):
     print(f"{name}: loss {loss.item():.6f}, {sum(p.numel() for p in model.parameters())} parameters")
 
 
+STEPS, LR, WD, BETAS, EPS, CLIP = 5, 1e-3, 0.1, (0.9, 0.95), 1e-8, 1.0
+SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "data", "shakespeare.txt")
+
+
+def train_reference(name, cls):
+    """5 AdamW steps from the saved weights on llm.c-ordered sequential batches of Shakespeare.
+
+    Weight decay on parameters of rank >= 2 only; gradient clipping to CLIP; constant LR.
+    Writes train_tokens.bin, train_expected.json (per-step loss and grad norm) and
+    train_final.safetensors (the parameters after the last step, checkpoint names).
+    """
+    d = os.path.join(OUT, name)
+    model = cls.from_pretrained(d, attn_implementation="eager").to(torch.float32)
+    model.train()
+    with open(SHAKESPEARE, "rb") as f:
+        data = list(f.read(STEPS * B * T + 1))
+    write_tokens(os.path.join(d, "train_tokens.bin"), data)
+    data = torch.tensor(data)
+    decay = [p for _, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for _, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=LR, betas=BETAS, eps=EPS, foreach=False)
+    losses, norms = [], []
+    for k in range(STEPS):
+        x = torch.stack([data[(k * B + b) * T:(k * B + b) * T + T] for b in range(B)])
+        y = torch.stack([data[(k * B + b) * T + 1:(k * B + b) * T + T + 1] for b in range(B)])
+        logits = model(input_ids=x).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        losses.append(loss.item())
+        norms.append(norm.item())
+    saved = set(safe_open_keys(os.path.join(d, "model.safetensors")))
+    final = {k: p.detach().contiguous() for k, p in model.named_parameters() if k in saved}
+    save_file(final, os.path.join(d, "train_final.safetensors"))
+    with open(os.path.join(d, "train_expected.json"), "w") as f:
+        json.dump({"batch": B, "seq": T, "steps": STEPS, "lr": LR, "weight_decay": WD, "beta1": BETAS[0],
+                   "beta2": BETAS[1], "eps": EPS, "grad_clip": CLIP, "losses": losses, "grad_norms": norms}, f, indent=2)
+        f.write("\n")
+    print(f"{name}: {STEPS} AdamW steps, losses {[round(l, 4) for l in losses]}")
+
+
 def main():
     torch.manual_seed(0)
     gpt2 = transformers.GPT2Config(
@@ -99,6 +144,8 @@ def main():
         attention_bias=False, mlp_bias=False,
     )
     build("llama-tiny", transformers.LlamaForCausalLM(llama).to(torch.float32), 4321)
+    train_reference("gpt2-tiny", transformers.GPT2LMHeadModel)
+    train_reference("llama-tiny", transformers.LlamaForCausalLM)
 
 
 if __name__ == "__main__":

@@ -36,8 +36,10 @@ pub struct Value {
 pub enum ArgKind {
     /// A trainable parameter (weights).
     Param,
-    /// Data fed each step (tokens, targets, optimizer inputs).
+    /// Data fed each step (tokens, targets, learning rate, step count).
     Input,
+    /// Optimizer state carried from step to step (AdamW's moments): what ZeRO stage 1 partitions.
+    State,
 }
 
 impl ArgKind {
@@ -45,6 +47,7 @@ impl ArgKind {
         match self {
             ArgKind::Param => "param",
             ArgKind::Input => "input",
+            ArgKind::State => "state",
         }
     }
 }

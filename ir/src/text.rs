@@ -6,7 +6,7 @@
 //! comment   := '#' any-text-to-end-of-line
 //! item      := 'graph' NAME                 first item, exactly once
 //!            | 'mesh' AXIS '=' INT (',' AXIS '=' INT)*      at most once, before arguments
-//!            | ('param' | 'input') VALUE ':' TYPE           arguments, before nodes
+//!            | ('param' | 'input' | 'state') VALUE ':' TYPE  arguments, before nodes
 //!            | VALUE ':' TYPE '=' OP '(' VALUES? ')' ATTRS?  one node
 //!            | 'output' VALUES                              last item, exactly once
 //! VALUES    := VALUE (',' VALUE)*
@@ -427,7 +427,7 @@ impl Parser {
         if c.peek() == Some('%') {
             return self.node(c);
         }
-        let (start, kw) = c.ident("`graph`, `mesh`, `param`, `input`, `output` or a `%value` definition")?;
+        let (start, kw) = c.ident("`graph`, `mesh`, `param`, `input`, `state`, `output` or a `%value` definition")?;
         if self.graph.is_none() && kw != "graph" {
             return Err(c.err_at(start, kw.len(), format!("expected `graph NAME` as the first line, found `{kw}`")));
         }
@@ -472,15 +472,19 @@ impl Parser {
                 self.graph.as_mut().expect("checked above").mesh = Mesh { axes };
                 Ok(())
             }
-            "param" | "input" => {
+            "param" | "input" | "state" => {
                 if !self.graph.as_ref().expect("checked above").nodes.is_empty() {
-                    return Err(c.err_at(start, kw.len(), "arguments (`param`, `input`) come before the first node"));
+                    return Err(c.err_at(start, kw.len(), "arguments (`param`, `input`, `state`) come before the first node"));
                 }
                 let (s, name) = c.value_ref("the argument's name")?;
                 c.expect(':', "between the argument's name and its type")?;
                 let ty = c.ty()?;
                 let value = self.define(c, s, name, ty)?;
-                let kind = if kw == "param" { ArgKind::Param } else { ArgKind::Input };
+                let kind = match kw.as_str() {
+                    "param" => ArgKind::Param,
+                    "state" => ArgKind::State,
+                    _ => ArgKind::Input,
+                };
                 self.graph.as_mut().expect("checked above").args.push(Arg { kind, value });
                 Ok(())
             }
@@ -501,7 +505,7 @@ impl Parser {
             other => Err(c.err_at(
                 start,
                 other.len(),
-                format!("unknown keyword `{other}`; a line is `graph`, `mesh`, `param`, `input`, `output` or `%name: type = op(...)`"),
+                format!("unknown keyword `{other}`; a line is `graph`, `mesh`, `param`, `input`, `state`, `output` or `%name: type = op(...)`"),
             )),
         }
     }

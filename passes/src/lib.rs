@@ -1,6 +1,7 @@
 //! IR to IR transformations and the analyses behind `shardc plan`.
 //!
-//! Built: [`autodiff`] (reverse mode over the whole op table, collectives included).
+//! Built: [`autodiff`] (reverse mode over the whole op table, collectives included) and
+//! [`train_step`] (the whole step: forward, backward, clipping, AdamW).
 //! Coming (DESIGN.md): sharding (an egg e-graph whose language is private to this crate),
 //! collectives, zero, localize, fusion and memory planning. Every pass takes verified IR and
 //! returns verified IR; each pass's doc states what holds after it, with a before/after example
@@ -9,3 +10,4 @@
 //! Architecture Invariant: this crate never touches a GPU, MLIR or the file system.
 
 pub mod autodiff;
+pub mod train_step;

@@ -13,3 +13,4 @@
 
 pub mod data;
 pub mod init;
+pub mod train;

@@ -1,0 +1,166 @@
+//! The whole training step as one graph: forward, loss, backward ([`crate::autodiff`]),
+//! optional gradient clipping by global norm, and the AdamW update.
+//!
+//! After this pass the graph's arguments are the forward graph's (parameters as fp32 master
+//! weights, data inputs), plus `state %<p>.adam_m` and `state %<p>.adam_v` per parameter and the
+//! scalar inputs `%lr` (this step's learning rate, so that any schedule is the caller's) and
+//! `%step` (1-based, for bias correction). Its outputs are `%loss`, `%grad_norm` (global L2 norm
+//! of the gradients before clipping), then per parameter `%<p>.new`, `%<p>.adam_m.new`,
+//! `%<p>.adam_v.new`, in parameter order.
+//!
+//! AdamW as PyTorch's `torch.optim.AdamW` computes it (Loshchilov & Hutter 2019), step t:
+//! ```text
+//! p <- p * (1 - lr * wd)                      decoupled decay: parameters of rank >= 2 only
+//! m <- b1 m + (1 - b1) g                      (nanoGPT/Megatron: no decay on biases, norms)
+//! v <- b2 v + (1 - b2) g^2
+//! p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+//! ```
+//! Clipping as `torch.nn.utils.clip_grad_norm_`: g <- g * min(1, clip / (norm + 1e-6)).
+
+use crate::autodiff::{differentiate, AutodiffError};
+use shardc_ir::ops::Op;
+use shardc_ir::{ArgKind, Builder, DType, Graph, ValueId};
+
+/// AdamW hyper-parameters that are fixed for a run (the learning rate is a step input).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value; 0 disables clipping.
+    pub grad_clip: f64,
+}
+
+impl Default for AdamW {
+    /// nanoGPT's defaults.
+    fn default() -> Self {
+        AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 }
+    }
+}
+
+/// The training-step graph and the names that connect one step to the next.
+pub struct TrainStep {
+    pub graph: Graph,
+    /// Parameter names, in the order of the per-parameter outputs.
+    pub params: Vec<String>,
+}
+
+impl TrainStep {
+    /// Output index of the new value of parameter `k`; its m and v follow.
+    pub fn new_param_output(k: usize) -> usize {
+        2 + 3 * k
+    }
+}
+
+/// Builds the training step of a forward graph whose first output is the scalar loss.
+pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, AutodiffError> {
+    let fail = |m: String| AutodiffError(m);
+    let params: Vec<ValueId> = forward.args_of(ArgKind::Param).collect();
+    let loss = *forward.outputs.first().ok_or_else(|| fail("the forward graph has no outputs".into()))?;
+    let d = differentiate(forward, loss, &params)?;
+    let mut b = Builder::from_graph(d.graph);
+    let f32s = |b: &mut Builder, x: f64, hint: &str| b.scalar(x, DType::F32, hint).map_err(fail);
+    let lr = b.input("lr", DType::F32, &[]);
+    let step = b.input("step", DType::F32, &[]);
+
+    // Global gradient norm.
+    let mut sumsq: Option<ValueId> = None;
+    for (&p, &g) in params.iter().zip(&d.grads) {
+        let name = forward.name_of(p);
+        let sq = b.binary(Op::Mul, g, g, &format!("{name}.grad_sq")).map_err(fail)?;
+        let rank = b.ty(g).rank() as i64;
+        let s = if rank == 0 {
+            sq
+        } else {
+            b.reduce(Op::ReduceSum, sq, &(0..rank).collect::<Vec<_>>(), &format!("{name}.grad_sumsq")).map_err(fail)?
+        };
+        sumsq = Some(match sumsq {
+            Some(acc) => b.binary(Op::Add, acc, s, "grad_sumsq").map_err(fail)?,
+            None => s,
+        });
+    }
+    let sumsq = match sumsq {
+        Some(s) => s,
+        None => f32s(&mut b, 0.0, "grad_sumsq")?,
+    };
+    let grad_norm = b.unary(Op::Sqrt, sumsq, "grad_norm").map_err(fail)?;
+    let clip_coef = if opt.grad_clip > 0.0 {
+        // min(1, clip / (norm + 1e-6)) = -max(-clip / (norm + 1e-6), -1)
+        let tiny = f32s(&mut b, 1e-6, "clip_tiny")?;
+        let denom = b.binary(Op::Add, grad_norm, tiny, "clip_denom").map_err(fail)?;
+        let clip = f32s(&mut b, opt.grad_clip, "clip_max_norm")?;
+        let ratio = b.binary(Op::Div, clip, denom, "clip_ratio").map_err(fail)?;
+        let neg = b.unary(Op::Neg, ratio, "clip_ratio_neg").map_err(fail)?;
+        let minus_one = f32s(&mut b, -1.0, "clip_minus_one")?;
+        let m = b.binary(Op::Maximum, neg, minus_one, "clip_neg_coef").map_err(fail)?;
+        Some(b.unary(Op::Neg, m, "clip_coef").map_err(fail)?)
+    } else {
+        None
+    };
+
+    // Bias corrections from the step count: 1 - beta^t = 1 - exp(t ln beta).
+    let bias_correction = |b: &mut Builder, beta: f64, hint: &str| -> Result<ValueId, AutodiffError> {
+        let ln = f32s(b, beta.ln(), &format!("{hint}_ln_beta"))?;
+        let t = b.binary(Op::Mul, step, ln, &format!("{hint}_t_ln_beta")).map_err(fail)?;
+        let pow = b.unary(Op::Exp, t, &format!("{hint}_beta_pow")).map_err(fail)?;
+        let one = f32s(b, 1.0, &format!("{hint}_one"))?;
+        b.binary(Op::Sub, one, pow, hint).map_err(fail)
+    };
+    let bc1 = bias_correction(&mut b, opt.beta1, "bias_correction1")?;
+    let bc2 = bias_correction(&mut b, opt.beta2, "bias_correction2")?;
+    let step_size = b.binary(Op::Div, lr, bc1, "adam_step_size").map_err(fail)?;
+    let bc2_sqrt = b.unary(Op::Sqrt, bc2, "bias_correction2_sqrt").map_err(fail)?;
+    let (b1, one_minus_b1) =
+        (f32s(&mut b, opt.beta1, "adam_beta1")?, f32s(&mut b, 1.0 - opt.beta1, "adam_one_minus_beta1")?);
+    let (b2, one_minus_b2) =
+        (f32s(&mut b, opt.beta2, "adam_beta2")?, f32s(&mut b, 1.0 - opt.beta2, "adam_one_minus_beta2")?);
+    let eps = f32s(&mut b, opt.eps, "adam_eps")?;
+    let decay = if opt.weight_decay > 0.0 {
+        let wd = f32s(&mut b, opt.weight_decay, "weight_decay")?;
+        let lr_wd = b.binary(Op::Mul, lr, wd, "lr_wd").map_err(fail)?;
+        let one = f32s(&mut b, 1.0, "decay_one")?;
+        Some(b.binary(Op::Sub, one, lr_wd, "decay_factor").map_err(fail)?)
+    } else {
+        None
+    };
+
+    let mut outputs = vec![loss, grad_norm];
+    let mut names = Vec::new();
+    for (&p, &g0) in params.iter().zip(&d.grads) {
+        let name = forward.name_of(p).to_string();
+        let ty = forward.ty(p).clone();
+        if ty.dtype != DType::F32 {
+            return Err(fail(format!(
+                "parameter `%{name}` is {ty}; master weights must be f32 (compute copies are cast inside the graph)"
+            )));
+        }
+        let m = b.arg(ArgKind::State, &format!("{name}.adam_m"), DType::F32, &ty.shape);
+        let v = b.arg(ArgKind::State, &format!("{name}.adam_v"), DType::F32, &ty.shape);
+        let g = match clip_coef {
+            Some(c) => b.binary(Op::Mul, g0, c, &format!("{name}.grad_clipped")).map_err(fail)?,
+            None => g0,
+        };
+        let p_decayed = match decay {
+            Some(f) if ty.rank() >= 2 => b.binary(Op::Mul, p, f, &format!("{name}.decayed")).map_err(fail)?,
+            _ => p,
+        };
+        let m1 = b.binary(Op::Mul, m, b1, &format!("{name}.adam_m_decay")).map_err(fail)?;
+        let m2 = b.binary(Op::Mul, g, one_minus_b1, &format!("{name}.adam_m_in")).map_err(fail)?;
+        let m_new = b.binary(Op::Add, m1, m2, &format!("{name}.adam_m.new")).map_err(fail)?;
+        let gg = b.binary(Op::Mul, g, g, &format!("{name}.grad_sq_update")).map_err(fail)?;
+        let v1 = b.binary(Op::Mul, v, b2, &format!("{name}.adam_v_decay")).map_err(fail)?;
+        let v2 = b.binary(Op::Mul, gg, one_minus_b2, &format!("{name}.adam_v_in")).map_err(fail)?;
+        let v_new = b.binary(Op::Add, v1, v2, &format!("{name}.adam_v.new")).map_err(fail)?;
+        let root = b.unary(Op::Sqrt, v_new, &format!("{name}.adam_v_sqrt")).map_err(fail)?;
+        let scaled = b.binary(Op::Div, root, bc2_sqrt, &format!("{name}.adam_v_hat_sqrt")).map_err(fail)?;
+        let denom = b.binary(Op::Add, scaled, eps, &format!("{name}.adam_denom")).map_err(fail)?;
+        let ratio = b.binary(Op::Div, m_new, denom, &format!("{name}.adam_ratio")).map_err(fail)?;
+        let delta = b.binary(Op::Mul, ratio, step_size, &format!("{name}.adam_delta")).map_err(fail)?;
+        let p_new = b.binary(Op::Sub, p_decayed, delta, &format!("{name}.new")).map_err(fail)?;
+        outputs.extend([p_new, m_new, v_new]);
+        names.push(name);
+    }
+    let graph = b.finish(&outputs);
+    Ok(TrainStep { graph, params: names })
+}
