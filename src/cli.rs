@@ -23,6 +23,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Mean cross-entropy loss of a model on batches of a token file, on the CPU.
     Eval(EvalArgs),
+    /// Train a model on a token file on the CPU (AdamW, whole step compiled to one IR graph).
+    Train(TrainArgs),
     /// Token files.
     #[command(subcommand)]
     Data(DataCommand),
@@ -119,4 +121,82 @@ pub struct PrepareArgs {
     /// Where to write the tokens.
     #[arg(short, long)]
     pub output: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DataOrder {
+    /// Windows at random offsets, drawn from --seed and the step number (nanoGPT's sampling).
+    Random,
+    /// llm.c's order: batch k, row b starts at token (k*B + b)*T, wrapping around.
+    Sequential,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TrainPrecision {
+    /// Everything in f32 (exact comparisons with PyTorch's f32).
+    F32,
+    /// bf16 compute copies of the weights and bf16 activations; f32 master weights, moments
+    /// and loss.
+    Bf16Mixed,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// A model directory (config.json [+ model.safetensors]) or a .tir file.
+    pub model: PathBuf,
+    /// Token file: llm.c format (magic 20240520) or raw uint16.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Rows per batch.
+    #[arg(long)]
+    pub batch: usize,
+    /// Tokens per row.
+    #[arg(long)]
+    pub seq: usize,
+    /// Optimizer steps to run (in total, counting the steps of a resumed checkpoint).
+    #[arg(long)]
+    pub steps: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Linear warmup steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Learning rate at the end of the cosine decay; defaults to --lr / 10. Equal to --lr with
+    /// --warmup 0 gives a constant rate.
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Decoupled weight decay (applied to parameters of rank >= 2 only).
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Seed for initialisation (models without weights) and random data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = DataOrder::Random)]
+    pub data_order: DataOrder,
+    /// Arithmetic of the step.
+    #[arg(long, value_enum, default_value_t = TrainPrecision::F32)]
+    pub precision: TrainPrecision,
+    /// Print one JSON object per step on stdout and nothing else there.
+    #[arg(long)]
+    pub json: bool,
+    /// Directory for checkpoints (checkpoint.safetensors: weights, AdamW moments, step, data
+    /// position); written at the end, every --save-every steps, and on Ctrl-C.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Save a checkpoint every K steps (0: only at the end and on Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    pub save_every: usize,
+    /// Continue from the checkpoint in this directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
 }

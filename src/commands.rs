@@ -35,6 +35,12 @@ fn write_output(path: Option<&std::path::Path>, text: &str) -> Result<()> {
     }
 }
 
+/// Rows of the embedding table that `%tokens` index, when the graph has one.
+pub fn vocab_size(g: &shardc_ir::Graph) -> Option<usize> {
+    let tokens = g.find("tokens")?;
+    g.nodes.iter().find(|n| n.op == Op::Embedding && n.inputs[1] == tokens).map(|n| g.ty(n.inputs[0]).shape[0])
+}
+
 pub fn import(a: &ImportArgs) -> Result<()> {
     let config_text = std::fs::read_to_string(a.model_dir.join("config.json"));
     // The default sequence length needs the config; read it first (errors come from import_dir).
@@ -115,15 +121,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     let model = load_model(&a.model, a.batch, a.seq, a.weights.as_deref(), a.seed)?;
     let data = TokenFile::open(&a.data)?;
-    let vocab = model
-        .graph
-        .args_of(ArgKind::Param)
-        .find(|&p| {
-            model.graph.nodes.iter().any(|n| {
-                n.op == Op::Embedding && n.inputs[0] == p && n.inputs[1] == model.graph.find("tokens").unwrap_or(p)
-            })
-        })
-        .map(|p| model.graph.ty(p).shape[0]);
+    let vocab = vocab_size(&model.graph);
     if let (Some(v), Some(max)) = (vocab, data.max_token()) {
         if max as usize >= v {
             bail!("{}: holds token id {max} but the model's vocabulary has {v} entries", a.data.display());

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod commands;
 pub mod model;
 pub mod render;
+pub mod train;
 
 use cli::{Cli, Command};
 
@@ -14,6 +15,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Import(a) => commands::import(a),
         Command::Check(a) => commands::check(a),
         Command::Eval(a) => commands::eval(a),
+        Command::Train(a) => train::train(a),
         Command::Data(c) => commands::data(c),
         Command::Ops => commands::ops(),
     }

@@ -1,7 +1,8 @@
 //! Parameter initialisation for models that come without weights.
 //!
 //! GPT-2's scheme (Radford et al. 2019, as in nanoGPT): matrices and embeddings drawn from
-//! N(0, 0.02), biases zero, normalisation gains one. Deterministic for a seed: the stream of
+//! N(0, 0.02), the residual projections from N(0, 0.02 / sqrt(2 * layers)), biases zero,
+//! normalisation gains one. Deterministic for a seed: the stream of
 //! each parameter is derived from the seed and the parameter's name, so adding a parameter does
 //! not change the others.
 
@@ -43,15 +44,40 @@ fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// Initial values for every parameter of `g`, GPT-2 style (see the module doc).
+/// True for the projections that write into the residual stream, whose initialisation GPT-2
+/// scales by 1/sqrt(2 * layers) (GPT-2 paper, section 2.3; nanoGPT's `c_proj` rule).
+pub fn is_residual_projection(name: &str) -> bool {
+    ["attn.c_proj.weight", "mlp.c_proj.weight", "o_proj.weight", "down_proj.weight"].iter().any(|s| name.ends_with(s))
+}
+
+/// Number of transformer layers, read from parameter names `h.<i>.` or `layers.<i>.`.
+pub fn count_layers(g: &Graph) -> usize {
+    let mut layers = std::collections::BTreeSet::new();
+    for p in g.args_of(ArgKind::Param) {
+        let name = g.name_of(p);
+        for prefix in ["h.", "layers."] {
+            if let Some(rest) = name.strip_prefix(prefix) {
+                if let Some(i) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                    layers.insert(i);
+                }
+            }
+        }
+    }
+    layers.len()
+}
+
+/// Initial values for every parameter of `g`, GPT-2 style (see the module doc), with the
+/// residual projections scaled by 1/sqrt(2 * layers).
 pub fn init_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
+    let residual_std = 0.02 / (2.0 * count_layers(g).max(1) as f64).sqrt();
     g.args_of(ArgKind::Param)
         .map(|p| {
             let v = g.value(p);
             let n = v.ty.numel();
             let data: Vec<f32> = if v.ty.rank() >= 2 {
                 let mut rng = Rng::new(seed ^ name_hash(&v.name));
-                (0..n).map(|_| (0.02 * rng.normal()) as f32).collect()
+                let std = if is_residual_projection(&v.name) { residual_std } else { 0.02 };
+                (0..n).map(|_| (std * rng.normal()) as f32).collect()
             } else if v.name.ends_with("bias") {
                 vec![0.0; n]
             } else {

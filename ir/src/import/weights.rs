@@ -206,6 +206,15 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, ImportError
 
 /// Writes tensors to a safetensors file (floating tensors as F32, integers as I64), atomically.
 pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<(), ImportError> {
+    write_tensors_with_metadata(path, tensors, None)
+}
+
+/// [`write_tensors`] with a string-to-string metadata map in the file header.
+pub fn write_tensors_with_metadata(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), ImportError> {
     use crate::tensor::Data;
     let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
@@ -223,6 +232,14 @@ pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<
         .collect::<Result<_, _>>()
         .map_err(|e| fail(path, format!("cannot encode: {e}")))?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| fail(&tmp, format!("cannot write: {e}")))?;
+    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| fail(&tmp, format!("cannot write: {e}")))?;
     std::fs::rename(&tmp, path).map_err(|e| fail(path, format!("cannot move the written file into place: {e}")))
+}
+
+/// The metadata map of a safetensors file's header (empty when it has none).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>, ImportError> {
+    let bytes = std::fs::read(path).map_err(|e| fail(path, format!("cannot read: {e}")))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| fail(path, format!("not a valid safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
 }

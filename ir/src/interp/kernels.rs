@@ -109,7 +109,13 @@ pub(crate) fn eval<T: Real>(
             Val::F(_) => Err(format!("operand {i} must be an integer tensor")),
         }
     };
-    let float_out = |v: Vec<T>| Val::F(v.into_iter().map(|x| x.round_to(dt)).collect());
+    let float_out = |v: Vec<T>| {
+        if T::needs_rounding(dt) {
+            Val::F(v.into_iter().map(|x| x.round_to(dt)).collect())
+        } else {
+            Val::F(v)
+        }
+    };
     Ok(match op {
         Op::Full => {
             let value = attrs.float("value").unwrap_or(0.0);

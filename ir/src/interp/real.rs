@@ -81,6 +81,12 @@ pub trait Real:
     /// Storage of `data` converted to `Self` when it is floating.
     fn unwrap(data: &Data) -> Option<Vec<Self>>;
 
+    /// Whether values of `dtype` must be rounded after an op in this storage (bf16/f16 only:
+    /// f32 storage holds f32 values already, and f64 mode keeps "f32" values in f64).
+    fn needs_rounding(dtype: DType) -> bool {
+        matches!(dtype, DType::Bf16 | DType::F16)
+    }
+
     /// Rounds to a value representable in `dtype` (identity for f32 at f32 storage).
     fn round_to(self, dtype: DType) -> Self {
         match dtype {

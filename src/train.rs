@@ -1,0 +1,302 @@
+//! `shardc train`: the training loop on the CPU.
+//!
+//! The whole step (forward, loss, backward, clipping, AdamW) is one IR graph built by
+//! `shardc_passes::train_step` and run by the reference interpreter. The data order and the
+//! learning rate are pure functions of the step number (and the seed), so a run resumed from a
+//! checkpoint continues exactly the loss curve it would have had.
+
+use crate::cli::{DataOrder, TrainArgs, TrainPrecision};
+use crate::commands::thousands;
+use crate::model::load_model;
+use anyhow::{bail, Context, Result};
+use shardc_ir::import::weights::{read_metadata, read_tensors, write_tensors_with_metadata};
+use shardc_ir::interp::Precision;
+use shardc_ir::Tensor;
+use shardc_passes::train_step::{build_train_step, AdamW};
+use shardc_runtime::data::TokenFile;
+use shardc_runtime::init::Rng;
+use shardc_runtime::train::{lr_at, Trainer};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+const CHECKPOINT_FORMAT: &str = "shardc-checkpoint-v1";
+
+fn validate(a: &TrainArgs) -> Result<()> {
+    let checks: [(bool, &str); 8] = [
+        (a.steps >= 1, "--steps must be at least 1"),
+        (a.batch >= 1 && a.seq >= 1, "--batch and --seq must be at least 1"),
+        (a.lr > 0.0 && a.lr.is_finite(), "--lr must be a positive number"),
+        (a.min_lr.is_none_or(|m| m >= 0.0 && m <= a.lr), "--min-lr must be between 0 and --lr"),
+        ((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2), "--beta1 and --beta2 must be in [0, 1)"),
+        (a.eps > 0.0, "--eps must be positive"),
+        (a.weight_decay >= 0.0 && a.grad_clip >= 0.0, "--weight-decay and --grad-clip must not be negative"),
+        (a.save_every == 0 || a.checkpoint.is_some(), "--save-every needs --checkpoint DIR"),
+    ];
+    for (ok, msg) in checks {
+        if !ok {
+            bail!("{msg}");
+        }
+    }
+    if a.precision == TrainPrecision::Bf16Mixed {
+        bail!("--precision bf16-mixed is not available yet on the CPU path; use --precision f32");
+    }
+    Ok(())
+}
+
+/// Row starts of the batch for 0-based step `k`.
+fn batch_starts(a: &TrainArgs, data: &TokenFile, k: usize) -> Vec<usize> {
+    match a.data_order {
+        DataOrder::Sequential => {
+            let k = k % data.num_batches(a.batch, a.seq);
+            (0..a.batch).map(|b| (k * a.batch + b) * a.seq).collect()
+        }
+        DataOrder::Random => {
+            let span = data.len() - a.seq; // windows need seq + 1 tokens
+            (0..a.batch)
+                .map(|b| {
+                    let mut rng = Rng::new(
+                        a.seed
+                            ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                            ^ (b as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
+                    );
+                    (rng.next_u64() % span as u64) as usize
+                })
+                .collect()
+        }
+    }
+}
+
+fn batch(a: &TrainArgs, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
+    let (mut x, mut y) = (Vec::with_capacity(a.batch * a.seq), Vec::with_capacity(a.batch * a.seq));
+    for s in batch_starts(a, data, k) {
+        x.extend(data.tokens[s..s + a.seq].iter().map(|&t| t as i64));
+        y.extend(data.tokens[s + 1..s + a.seq + 1].iter().map(|&t| t as i64));
+    }
+    (x, y)
+}
+
+/// What a checkpoint must agree on with the run that resumes it.
+fn run_identity(a: &TrainArgs, graph_name: &str) -> BTreeMap<&'static str, String> {
+    BTreeMap::from([
+        ("format", CHECKPOINT_FORMAT.to_string()),
+        ("graph", graph_name.to_string()),
+        ("batch", a.batch.to_string()),
+        ("seq", a.seq.to_string()),
+        ("data_order", format!("{:?}", a.data_order).to_lowercase()),
+        ("seed", a.seed.to_string()),
+    ])
+}
+
+fn save(
+    dir: &Path,
+    trainer: &Trainer,
+    a: &TrainArgs,
+    graph_name: &str,
+    step: usize,
+    data: &TokenFile,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tensors: BTreeMap<String, Tensor> = trainer.values().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut meta: HashMap<String, String> =
+        run_identity(a, graph_name).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    meta.insert("step".into(), step.to_string());
+    let position = match a.data_order {
+        DataOrder::Sequential => (step % data.num_batches(a.batch, a.seq)) * a.batch * a.seq,
+        DataOrder::Random => 0,
+    };
+    meta.insert("data_position".into(), position.to_string());
+    let path = dir.join(CHECKPOINT_FILE);
+    write_tensors_with_metadata(&path, &tensors, Some(meta))?;
+    Ok(path)
+}
+
+fn load_checkpoint(dir: &Path, a: &TrainArgs, graph_name: &str) -> Result<(HashMap<String, Tensor>, usize)> {
+    let path = dir.join(CHECKPOINT_FILE);
+    if !path.is_file() {
+        bail!(
+            "{}: no checkpoint here (expected {CHECKPOINT_FILE}, written by `shardc train --checkpoint DIR`)",
+            dir.display()
+        );
+    }
+    let meta = read_metadata(&path)?;
+    for (key, want) in run_identity(a, graph_name) {
+        let found = meta.get(key).map(String::as_str).unwrap_or("(missing)");
+        if found != want {
+            bail!("{}: the checkpoint was written with {key} = {found}, but this run has {key} = {want}; resume with the same settings", path.display());
+        }
+    }
+    let step: usize = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("{}: metadata has no valid `step`", path.display()))?;
+    let tensors = read_tensors(&path)?.into_iter().collect();
+    Ok((tensors, step))
+}
+
+/// A one-line progress display on a terminal, or occasional lines otherwise.
+struct Progress {
+    tty: bool,
+    start: Instant,
+    first_step: usize,
+    total: usize,
+    tokens_per_step: usize,
+}
+
+impl Progress {
+    fn tokens_per_s(&self, done: usize) -> f64 {
+        (done - self.first_step) as f64 * self.tokens_per_step as f64 / self.start.elapsed().as_secs_f64().max(1e-9)
+    }
+
+    fn show(&self, step: usize, loss: f64, lr: f64) {
+        let rate = self.tokens_per_s(step);
+        let left = (self.total - step) as f64 * self.tokens_per_step as f64 / rate.max(1e-9);
+        let eta = format!("{:02}:{:02}", (left / 60.0) as u64, (left % 60.0) as u64);
+        if self.tty {
+            let width = 24;
+            let filled = width * step / self.total.max(1);
+            eprint!(
+                "\r\x1b[2Kstep {step:>w$}/{} [{}{}] loss {loss:.4} | lr {lr:.2e} | {rate:.0} tok/s | ETA {eta}",
+                self.total,
+                "=".repeat(filled),
+                " ".repeat(width - filled),
+                w = self.total.to_string().len()
+            );
+            let _ = std::io::stderr().flush();
+        } else {
+            let every = (self.total / 20).max(1);
+            if step % every == 0 || step == self.total || step == self.first_step + 1 {
+                eprintln!("step {step}/{}: loss {loss:.4}, lr {lr:.2e}, {rate:.0} tokens/s, ETA {eta}", self.total);
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+pub fn train(a: &TrainArgs) -> Result<()> {
+    validate(a)?;
+    let model = load_model(&a.model, a.batch, a.seq, None, a.seed)?;
+    let data = TokenFile::open(&a.data)?;
+    if data.len() < a.seq + 1 || data.num_batches(a.batch, a.seq) == 0 {
+        bail!(
+            "{}: {} tokens are too few for one batch of {} x {} (needs {})",
+            a.data.display(),
+            data.len(),
+            a.batch,
+            a.seq,
+            a.batch * a.seq + 1
+        );
+    }
+    if let Some(v) = crate::commands::vocab_size(&model.graph) {
+        if data.max_token().is_some_and(|m| m as usize >= v) {
+            bail!(
+                "{}: holds token id {} but the model's vocabulary has {v} entries",
+                a.data.display(),
+                data.max_token().unwrap_or(0)
+            );
+        }
+    }
+    let opt =
+        AdamW { beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay, grad_clip: a.grad_clip };
+    let step_graph = build_train_step(&model.graph, &opt)?;
+    let graph_name = model.graph.name.clone();
+    let (initial, start, origin) = match &a.resume {
+        Some(dir) => {
+            let (t, s) = load_checkpoint(dir, a, &graph_name)?;
+            (t, s, format!("checkpoint {} at step {s}", dir.join(CHECKPOINT_FILE).display()))
+        }
+        None => (model.params, 0, model.weights_from.clone()),
+    };
+    if start >= a.steps {
+        bail!("the checkpoint is at step {start} already; ask for more --steps than that");
+    }
+    let mut trainer = Trainer::new(step_graph.graph, step_graph.params, initial, Precision::F32)?;
+    let min_lr = a.min_lr.unwrap_or(a.lr / 10.0);
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        // A second handler cannot be installed in one process (tests call train() directly
+        // only once); ignore that error rather than fail the run.
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    if !a.json {
+        eprintln!(
+            "training {} ({} parameters from {origin}) on {} ({} tokens, {} order), {} x {} tokens per step, steps {}..{}",
+            graph_name,
+            thousands(trainer.param_count()),
+            a.data.display(),
+            thousands(data.len()),
+            format!("{:?}", a.data_order).to_lowercase(),
+            a.batch,
+            a.seq,
+            start + 1,
+            a.steps
+        );
+    }
+    let progress = Progress {
+        tty: !a.json && std::io::stderr().is_terminal(),
+        start: Instant::now(),
+        first_step: start,
+        total: a.steps,
+        tokens_per_step: a.batch * a.seq,
+    };
+    let (mut first_loss, mut last_loss) = (None, 0.0);
+    for k in start..a.steps {
+        if interrupted.load(Ordering::SeqCst) {
+            progress.finish();
+            match &a.checkpoint {
+                Some(dir) => {
+                    let path = save(dir, &trainer, a, &graph_name, k, &data)?;
+                    eprintln!(
+                        "interrupted after step {k}; saved {} (continue with --resume {})",
+                        path.display(),
+                        dir.display()
+                    );
+                }
+                None => eprintln!("interrupted after step {k}; nothing saved (no --checkpoint DIR was given)"),
+            }
+            std::process::exit(130);
+        }
+        let (x, y) = batch(a, &data, k);
+        let lr = lr_at(k, a.lr, min_lr, a.warmup, a.steps);
+        let s = trainer.step(x, y, lr, k + 1)?;
+        first_loss.get_or_insert(s.loss);
+        last_loss = s.loss;
+        if a.json {
+            let line = serde_json::json!({"step": k + 1, "loss": s.loss, "lr": lr, "grad_norm": s.grad_norm, "tokens_per_s": progress.tokens_per_s(k + 1)});
+            println!("{line}");
+        } else {
+            progress.show(k + 1, s.loss, lr);
+        }
+        if let (Some(dir), true) = (&a.checkpoint, a.save_every > 0 && (k + 1) % a.save_every == 0 && k + 1 < a.steps) {
+            save(dir, &trainer, a, &graph_name, k + 1, &data)?;
+        }
+    }
+    progress.finish();
+    if let Some(dir) = &a.checkpoint {
+        let path = save(dir, &trainer, a, &graph_name, a.steps, &data)?;
+        if !a.json {
+            eprintln!("saved {}", path.display());
+        }
+    }
+    if !a.json {
+        let secs = progress.start.elapsed().as_secs_f64();
+        println!(
+            "trained steps {}..{} in {secs:.1} s: loss {:.4} -> {last_loss:.4}, {:.0} tokens/s",
+            start + 1,
+            a.steps,
+            first_loss.unwrap_or(f64::NAN),
+            progress.tokens_per_s(a.steps)
+        );
+    }
+    Ok(())
+}
