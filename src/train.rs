@@ -169,7 +169,7 @@ impl Progress {
             let _ = std::io::stderr().flush();
         } else {
             let every = (self.total / 20).max(1);
-            if step % every == 0 || step == self.total || step == self.first_step + 1 {
+            if step.is_multiple_of(every) || step == self.total || step == self.first_step + 1 {
                 eprintln!("step {step}/{}: loss {loss:.4}, lr {lr:.2e}, {rate:.0} tokens/s, ETA {eta}", self.total);
             }
         }
@@ -277,7 +277,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         } else {
             progress.show(k + 1, s.loss, lr);
         }
-        if let (Some(dir), true) = (&a.checkpoint, a.save_every > 0 && (k + 1) % a.save_every == 0 && k + 1 < a.steps) {
+        if let (Some(dir), true) = (&a.checkpoint, a.save_every > 0 && (k + 1).is_multiple_of(a.save_every) && k + 1 < a.steps) {
             save(dir, &trainer, a, &graph_name, k + 1, &data)?;
         }
     }
