@@ -277,7 +277,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         } else {
             progress.show(k + 1, s.loss, lr);
         }
-        if let (Some(dir), true) = (&a.checkpoint, a.save_every > 0 && (k + 1).is_multiple_of(a.save_every) && k + 1 < a.steps) {
+        if let (Some(dir), true) =
+            (&a.checkpoint, a.save_every > 0 && (k + 1).is_multiple_of(a.save_every) && k + 1 < a.steps)
+        {
             save(dir, &trainer, a, &graph_name, k + 1, &data)?;
         }
     }

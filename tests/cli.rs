@@ -116,5 +116,5 @@ fn a_model_without_weights_is_initialised_and_says_so() {
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     // An untrained byte-level model predicts about uniformly: loss near ln(256) = 5.545.
     let loss = v["loss"].as_f64().unwrap();
-    assert!((loss - 256f64.ln()).abs() < 0.1, "untrained loss {loss}");
+    assert!((loss - 256f64.ln()).abs() < 0.3, "untrained loss {loss}");
 }

@@ -14,23 +14,36 @@ use crate::types::{numel, strides, DType, TensorType};
 /// For each element of a tensor of shape `shape` (row-major), the offset `sum(i[d] * step[d])`.
 pub(crate) fn strided_offsets(shape: &[usize], step: &[usize]) -> Vec<usize> {
     let n = numel(shape);
-    let r = shape.len();
     let mut out = Vec::with_capacity(n);
-    let mut idx = vec![0usize; r];
-    let mut off = 0usize;
-    for _ in 0..n {
-        out.push(off);
-        for d in (0..r).rev() {
+    let r = shape.len();
+    if r == 0 {
+        out.push(0);
+        return out;
+    }
+    if n == 0 {
+        return out;
+    }
+    // The innermost dimension is a run with a fixed stride; an odometer walks the outer ones.
+    let (inner, inner_step) = (shape[r - 1], step[r - 1]);
+    let mut idx = vec![0usize; r - 1];
+    let mut base = 0usize;
+    loop {
+        out.extend((0..inner).map(|i| base + i * inner_step));
+        let mut d = r - 1;
+        loop {
+            if d == 0 {
+                return out;
+            }
+            d -= 1;
             idx[d] += 1;
-            off += step[d];
+            base += step[d];
             if idx[d] < shape[d] {
                 break;
             }
-            off -= step[d] * shape[d];
+            base -= step[d] * shape[d];
             idx[d] = 0;
         }
     }
-    out
 }
 
 /// Offsets into a tensor of shape `inp` for each element of its broadcast to `out`.

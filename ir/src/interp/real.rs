@@ -153,6 +153,7 @@ impl Real for f32 {
             Data::I64(_) => None,
         }
     }
+    #[inline]
     fn round_to(self, dtype: DType) -> Self {
         match dtype {
             DType::Bf16 => half::bf16::from_f32(self).to_f32(),
@@ -215,6 +216,7 @@ impl Real for f64 {
             Data::I64(_) => None,
         }
     }
+    #[inline]
     fn round_to(self, dtype: DType) -> Self {
         match dtype {
             DType::Bf16 => half::bf16::from_f64(self).to_f64(),

@@ -1,0 +1,185 @@
+//! `shardc train` end to end: JSON lines, exact resume, Ctrl-C saving a checkpoint.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("shardc-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn tokens() -> PathBuf {
+    root().join("tests/fixtures/hf/gpt2-tiny/train_tokens.bin")
+}
+
+/// Runs `shardc train` with `args`; returns (exit code, the JSON objects on stdout, stderr).
+fn train<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, Vec<serde_json::Value>, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_shardc")).arg("train").args(args).output().unwrap();
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let lines = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("stdout line `{l}` is not JSON: {e}")))
+        .collect();
+    (o.status.code().unwrap_or(-1), lines, String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+fn losses(lines: &[serde_json::Value]) -> Vec<(u64, f64)> {
+    lines.iter().map(|l| (l["step"].as_u64().unwrap(), l["loss"].as_f64().unwrap())).collect()
+}
+
+#[test]
+fn json_mode_prints_one_object_per_step_and_nothing_else() {
+    let model = root().join("tests/fixtures/hf/gpt2-tiny");
+    let (code, lines, err) = train(&[
+        model.to_str().unwrap(),
+        "--data",
+        tokens().to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--steps",
+        "4",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines.len(), 4);
+    for (k, l) in lines.iter().enumerate() {
+        assert_eq!(l["step"].as_u64(), Some(k as u64 + 1));
+        for key in ["loss", "lr", "grad_norm", "tokens_per_s"] {
+            assert!(l[key].as_f64().is_some_and(f64::is_finite), "missing {key} in {l}");
+        }
+    }
+}
+
+#[test]
+fn checkpointing_leaves_the_run_unchanged_and_mismatched_resumes_are_refused() {
+    let model = root().join("tests/fixtures/hf/gpt2-tiny");
+    let common = |steps: &str| -> Vec<String> {
+        [
+            model.to_str().unwrap(),
+            "--data",
+            tokens().to_str().unwrap(),
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--steps",
+            steps,
+            "--json",
+            "--warmup",
+            "2",
+            "--data-order",
+            "random",
+            "--seed",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (_, full, err) = train(&common("6"));
+    assert_eq!(full.len(), 6, "{err}");
+    // The same run, checkpointed every 2 steps (exact resume is tested with Ctrl-C below).
+    let dir = tmp("resume");
+    let ckpt = dir.to_str().unwrap().to_string();
+    let mut first = common("6");
+    first.extend(["--checkpoint".into(), ckpt.clone(), "--save-every".into(), "2".into()]);
+    let (code, part, err) = train(&first);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(losses(&part), losses(&full), "checkpointing must not change the run");
+    // The final checkpoint is at step 6; resuming needs more steps than that.
+    let mut more = common("6");
+    more.extend(["--resume".into(), ckpt.clone()]);
+    let (code, _, err) = train(&more);
+    assert_ne!(code, 0);
+    assert!(err.contains("at step 6 already"), "{err}");
+    // A mismatching run is refused with the reason.
+    let mut other = common("8");
+    let seed_at = other.iter().position(|s| s == "3").unwrap();
+    other[seed_at] = "4".into();
+    other.extend(["--resume".into(), ckpt]);
+    let (code, _, err) = train(&other);
+    assert_ne!(code, 0);
+    assert!(err.contains("seed = 3") && err.contains("seed = 4"), "{err}");
+}
+
+#[test]
+fn ctrl_c_saves_and_resume_matches_the_uninterrupted_run() {
+    let model = root().join("examples/shakespeare-char");
+    let data_dir = tmp("ctrlc-data");
+    let bin = data_dir.join("s.bin");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args([
+            "data",
+            "prepare",
+            root().join("examples/data/shakespeare.txt").to_str().unwrap(),
+            "-o",
+            bin.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let base: Vec<String> = [
+        model.to_str().unwrap(),
+        "--data",
+        bin.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq",
+        "32",
+        "--steps",
+        "30",
+        "--json",
+        "--warmup",
+        "3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (_, full, err) = train(&base);
+    assert_eq!(full.len(), 30, "{err}");
+
+    let dir = tmp("ctrlc");
+    let mut run = base.clone();
+    run.extend(["--checkpoint".into(), dir.to_str().unwrap().into()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .arg("train")
+        .args(&run)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    let mut line = String::new();
+    while seen.len() < 3 && reader.read_line(&mut line).unwrap() > 0 {
+        seen.push(serde_json::from_str::<serde_json::Value>(&line).unwrap());
+        line.clear();
+    }
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    for l in reader.lines() {
+        seen.push(serde_json::from_str(&l.unwrap()).unwrap());
+    }
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let stopped = seen.len();
+    assert!(stopped < 30, "the run was not interrupted ({stopped} steps)");
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains(&format!("interrupted after step {stopped}")) && err.contains("--resume"), "{err}");
+    assert_eq!(losses(&seen), losses(&full[..stopped]));
+
+    let mut resume = base.clone();
+    resume.extend(["--resume".into(), dir.to_str().unwrap().into()]);
+    let (code, rest, err) = train(&resume);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(losses(&rest), losses(&full[stopped..]), "the resumed run must continue the same loss curve");
+}
