@@ -59,6 +59,9 @@ pub struct ImportArgs {
     /// Also output the logits (after the loss).
     #[arg(long)]
     pub logits: bool,
+    /// f32 throughout, or bf16 compute copies of the weights and bf16 activations.
+    #[arg(long, value_enum, default_value_t = TrainPrecision::F32)]
+    pub precision: TrainPrecision,
     /// Write the checkpoint's weights under the graph's parameter names (safetensors), so that
     /// `shardc eval model.tir --weights FILE` evaluates the imported model.
     #[arg(long, value_name = "FILE")]
@@ -199,4 +202,14 @@ pub struct TrainArgs {
     /// Continue from the checkpoint in this directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+}
+
+impl TrainPrecision {
+    /// The dtype of compute copies and activations.
+    pub fn compute_dtype(self) -> shardc_ir::DType {
+        match self {
+            TrainPrecision::F32 => shardc_ir::DType::F32,
+            TrainPrecision::Bf16Mixed => shardc_ir::DType::Bf16,
+        }
+    }
 }

@@ -49,7 +49,10 @@ pub fn import(a: &ImportArgs) -> Result<()> {
         (None, Ok(text)) => shardc_ir::import::parse_config(&text).map(|(c, _)| c.max_positions.min(1024)).unwrap_or(1),
         (None, Err(_)) => 1,
     };
-    let m = import_dir(&a.model_dir, BuildOptions { batch: a.batch, seq, emit_logits: a.logits })?;
+    let m = import_dir(
+        &a.model_dir,
+        BuildOptions { batch: a.batch, seq, emit_logits: a.logits, compute: a.precision.compute_dtype() },
+    )?;
     for w in &m.warnings {
         eprintln!("warning: {w}");
     }
@@ -119,7 +122,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if a.batches == 0 {
         bail!("--batches must be at least 1");
     }
-    let model = load_model(&a.model, a.batch, a.seq, a.weights.as_deref(), a.seed)?;
+    let model = load_model(&a.model, a.batch, a.seq, DType::F32, a.weights.as_deref(), a.seed)?;
     let data = TokenFile::open(&a.data)?;
     let vocab = vocab_size(&model.graph);
     if let (Some(v), Some(max)) = (vocab, data.max_token()) {

@@ -40,11 +40,12 @@ pub fn load_model(
     path: &Path,
     batch: usize,
     seq: usize,
+    compute: DType,
     weights_file: Option<&Path>,
     seed: u64,
 ) -> Result<LoadedModel> {
     let (graph, mut params, config, mut weights_from) = if path.is_dir() {
-        let m = import_dir(path, BuildOptions { batch, seq, emit_logits: false })?;
+        let m = import_dir(path, BuildOptions { batch, seq, emit_logits: false, compute })?;
         for w in &m.warnings {
             eprintln!("warning: {w}");
         }
@@ -53,6 +54,9 @@ pub fn load_model(
         (m.graph, m.weights.unwrap_or_default(), Some(m.config), from)
     } else {
         let g = read_graph(path)?;
+        if compute != DType::F32 {
+            bail!("{}: a .tir graph fixes its own dtypes; mixed precision applies to model directories (import with --precision bf16-mixed)", path.display());
+        }
         for (name, want) in [("tokens", DType::I64), ("targets", DType::I64)] {
             let v = g.find(name).filter(|&v| g.args.iter().any(|a| a.value == v && a.kind == ArgKind::Input));
             let Some(v) = v else {

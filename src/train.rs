@@ -5,7 +5,7 @@
 //! learning rate are pure functions of the step number (and the seed), so a run resumed from a
 //! checkpoint continues exactly the loss curve it would have had.
 
-use crate::cli::{DataOrder, TrainArgs, TrainPrecision};
+use crate::cli::{DataOrder, TrainArgs};
 use crate::commands::thousands;
 use crate::model::load_model;
 use anyhow::{bail, Context, Result};
@@ -41,9 +41,6 @@ fn validate(a: &TrainArgs) -> Result<()> {
         if !ok {
             bail!("{msg}");
         }
-    }
-    if a.precision == TrainPrecision::Bf16Mixed {
-        bail!("--precision bf16-mixed is not available yet on the CPU path; use --precision f32");
     }
     Ok(())
 }
@@ -184,7 +181,7 @@ impl Progress {
 
 pub fn train(a: &TrainArgs) -> Result<()> {
     validate(a)?;
-    let model = load_model(&a.model, a.batch, a.seq, None, a.seed)?;
+    let model = load_model(&a.model, a.batch, a.seq, a.precision.compute_dtype(), None, a.seed)?;
     let data = TokenFile::open(&a.data)?;
     if data.len() < a.seq + 1 || data.num_batches(a.batch, a.seq) == 0 {
         bail!(

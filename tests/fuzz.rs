@@ -216,7 +216,7 @@ fn safetensors_loading_never_panics() {
         .map(|f| f[..f.len().min(8192)].to_vec())
         .chain(std::iter::once(std::fs::read(fixture.join("model.safetensors")).unwrap()))
         .collect();
-    let opts = BuildOptions { batch: 1, seq: 4, emit_logits: false };
+    let opts = BuildOptions::f32(1, 4, false);
     fuzz("safetensors", &files, cases() / 2, 0x5EED_0003, |bytes| {
         std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
         let _ = import_dir(&dir, opts);

@@ -18,7 +18,7 @@ fn check(name: &str, precision: Precision) -> (f64, f64) {
     let expected: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let (b, t) = (expected["batch"].as_u64().unwrap() as usize, expected["seq"].as_u64().unwrap() as usize);
-    let model = import_dir(&dir, BuildOptions { batch: b, seq: t, emit_logits: true }).expect("imports");
+    let model = import_dir(&dir, BuildOptions::f32(b, t, true)).expect("imports");
     assert!(model.warnings.is_empty(), "unexpected warnings: {:?}", model.warnings);
     verify(&model.graph).expect("imported graph verifies");
     let tensors = read_tensors(&dir.join("expected.safetensors")).unwrap();
@@ -60,7 +60,7 @@ fn check_gradients(name: &str) -> f64 {
     use shardc_ir::import::weights::load_from_files;
     use shardc_ir::ArgKind;
     let dir = fixture(name);
-    let model = import_dir(&dir, BuildOptions { batch: 2, seq: 16, emit_logits: false }).expect("imports");
+    let model = import_dir(&dir, BuildOptions::f32(2, 16, false)).expect("imports");
     let params: Vec<_> = model.graph.args_of(ArgKind::Param).collect();
     let d =
         shardc_passes::autodiff::differentiate(&model.graph, model.graph.outputs[0], &params).expect("differentiates");

@@ -8,9 +8,7 @@ use std::path::PathBuf;
 
 fn check(name: &str) {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let m =
-        import_dir(&root.join("tests/fixtures/hf").join(name), BuildOptions { batch: 2, seq: 16, emit_logits: true })
-            .unwrap();
+    let m = import_dir(&root.join("tests/fixtures/hf").join(name), BuildOptions::f32(2, 16, true)).unwrap();
     let got = print(&m.graph);
     let path = root.join("tests/golden/import").join(format!("{name}.tir"));
     if std::env::var_os("BLESS").is_some() {

@@ -23,6 +23,17 @@ pub struct BuildOptions {
     pub seq: usize,
     /// Also output the logits (after the loss). Training graphs leave them out.
     pub emit_logits: bool,
+    /// The dtype of the compute copies of the weights and of the activations: f32, or bf16 for
+    /// mixed precision (parameters stay f32 master weights, each cast once to a bf16 copy;
+    /// logits are cast back to f32 for the loss).
+    pub compute: DType,
+}
+
+impl BuildOptions {
+    /// f32 throughout.
+    pub fn f32(batch: usize, seq: usize, emit_logits: bool) -> Self {
+        BuildOptions { batch, seq, emit_logits, compute: DType::F32 }
+    }
 }
 
 /// Where a graph parameter's values live in a Hugging Face checkpoint.
@@ -70,7 +81,14 @@ impl Ctx<'_> {
             last_dim_range: range,
             key_shape: key_shape.to_vec(),
         });
-        self.b.param(name, DType::F32, shape)
+        let master = self.b.param(name, DType::F32, shape);
+        if self.o.compute == DType::F32 {
+            return master;
+        }
+        let attrs = Attrs::new().with("dtype", Attr::DType(self.o.compute));
+        self.b
+            .op(Op::Cast, &[master], attrs, &format!("{name}.{}", self.o.compute))
+            .expect("a cast of a fresh parameter is valid")
     }
 
     /// x @ w (+ bias); `transposed` for nn.Linear's [out, in] layout.
@@ -140,7 +158,7 @@ impl Ctx<'_> {
         let k = kv(self, k, "k")?;
         let v = kv(self, v, "v")?;
         let scores = self.b.matmul(q, k, true, &format!("{l}.scores"))?;
-        let scale = self.b.scalar(1.0 / (dh as f64).sqrt(), DType::F32, &format!("{l}.scale"))?;
+        let scale = self.b.scalar(1.0 / (dh as f64).sqrt(), self.o.compute, &format!("{l}.scale"))?;
         let scores = self.b.binary(Op::Mul, scores, scale, &format!("{l}.scores_scaled"))?;
         let probs =
             self.b.op(Op::Softmax, &[scores], Attrs::new().with("causal", Attr::Bool(true)), &format!("{l}.probs"))?;
@@ -242,6 +260,9 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
     if bsz == 0 || t == 0 {
         return Err("batch and sequence length must be at least 1".into());
     }
+    if !matches!(options.compute, DType::F32 | DType::Bf16 | DType::F16) {
+        return Err(format!("compute dtype {} is not a floating type", options.compute));
+    }
     if t > config.max_positions {
         return Err(format!("sequence length {t} exceeds the model's {} positions", config.max_positions));
     }
@@ -273,7 +294,10 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
     }
     let x = cx.norm(x, final_norm, "final_norm")?;
     let head = if config.tie_word_embeddings { wte } else { cx.param(head_name, &[v, d]) };
-    let logits = cx.b.matmul(x, head, true, "logits")?;
+    let mut logits = cx.b.matmul(x, head, true, "logits")?;
+    if options.compute != DType::F32 {
+        logits = cx.b.op(Op::Cast, &[logits], Attrs::new().with("dtype", Attr::DType(DType::F32)), "logits_f32")?;
+    }
     let ce = cx.b.op(Op::CrossEntropy, &[logits, targets], Attrs::new(), "token_loss")?;
     let loss = cx.b.reduce(Op::ReduceMean, ce, &[0, 1], "loss")?;
     let outputs = if options.emit_logits { vec![loss, logits] } else { vec![loss] };
