@@ -479,9 +479,42 @@ fn matmul<T: Real>(a: &[T], ta: &TensorType, b: &[T], tb: &TensorType, out: &Ten
     let a_off = broadcast_offsets(batch, &ta.shape[..ra - 2]);
     let b_off = broadcast_offsets(batch, &tb.shape[..rb - 2]);
     let mut c = vec![T::ZERO; out.numel()];
-    for (bi, cm) in c.chunks_mut((m * n).max(1)).enumerate().take(numel(batch)) {
+    let batches = numel(batch);
+    let one = |bi: usize, cm: &mut [T]| {
         let (ao, bo) = (a_off[bi] * a_mat, b_off[bi] * b_mat);
         T::gemm(m, k, n, &a[ao..ao + a_mat], rsa, csa, &b[bo..bo + b_mat], rsb, csb, cm);
+    };
+    // Independent products of one batched matmul run on the host's cores; each output matrix is
+    // written by exactly one thread with the same arithmetic, so results do not depend on it.
+    let threads = worker_threads().min(batches);
+    if threads > 1 && batches * m * n * k >= 1 << 18 {
+        let per = batches.div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (t, part) in c.chunks_mut(per * m * n).enumerate() {
+                let one = &one;
+                scope.spawn(move || {
+                    for (j, cm) in part.chunks_mut((m * n).max(1)).enumerate() {
+                        one(t * per + j, cm);
+                    }
+                });
+            }
+        });
+    } else {
+        for (bi, cm) in c.chunks_mut((m * n).max(1)).enumerate().take(batches) {
+            one(bi, cm);
+        }
     }
     c
+}
+
+/// Threads the interpreter may use for one op: the host's cores, or SHARDC_THREADS.
+pub fn worker_threads() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("SHARDC_THREADS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1)
+    })
 }
