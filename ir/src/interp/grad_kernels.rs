@@ -39,24 +39,26 @@ fn row_stats<T: Real>(xs: &[T], eps: f64, centered: bool) -> (f64, f64) {
 /// mean(g xhat)); rms_norm's dx = r (g - xhat mean(g xhat)).
 pub(crate) fn norm_grad<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64, centered: bool, dt: DType) -> Vec<T> {
     let d = gamma.len().max(1);
-    let mut out = Vec::with_capacity(x.len());
-    for (xs, dys) in x.chunks(d).zip(dy.chunks(d)) {
-        let (mean, r) = row_stats(xs, eps, centered);
-        let n = d as f64;
-        let (mut mean_g, mut mean_gx) = (0.0, 0.0);
-        for j in 0..d {
-            let g = dys[j].to_f64() * gamma[j].to_f64();
-            mean_g += g / n;
-            mean_gx += g * (xs[j].to_f64() - mean) * r / n;
+    super::kernels::par_fill(x.len(), d, |start, part| {
+        for (k, out) in part.chunks_mut(d).enumerate() {
+            let row = start + k * d;
+            let (xs, dys) = (&x[row..row + d], &dy[row..row + d]);
+            let (mean, r) = row_stats(xs, eps, centered);
+            let n = d as f64;
+            let (mut mean_g, mut mean_gx) = (0.0, 0.0);
+            for j in 0..d {
+                let g = dys[j].to_f64() * gamma[j].to_f64();
+                mean_g += g / n;
+                mean_gx += g * (xs[j].to_f64() - mean) * r / n;
+            }
+            for j in 0..d {
+                let g = dys[j].to_f64() * gamma[j].to_f64();
+                let xhat = (xs[j].to_f64() - mean) * r;
+                let centered_g = if centered { g - mean_g } else { g };
+                out[j] = T::from_f64(r * (centered_g - xhat * mean_gx)).round_to(dt);
+            }
         }
-        for j in 0..d {
-            let g = dys[j].to_f64() * gamma[j].to_f64();
-            let xhat = (xs[j].to_f64() - mean) * r;
-            let centered_g = if centered { g - mean_g } else { g };
-            out.push(T::from_f64(r * (centered_g - xhat * mean_gx)).round_to(dt));
-        }
-    }
-    out
+    })
 }
 
 /// Sum over rows of dy * xhat: the gradient of the norm's gain.

@@ -81,8 +81,42 @@ fn binary<E: Copy>(a: &[E], sa: &[usize], b: &[E], sb: &[usize], out: &[usize], 
     oa.iter().zip(&ob).map(|(&i, &j)| f(a[i], b[j])).collect()
 }
 
-fn map<T: Real>(x: &[T], dtype: DType, f: impl Fn(f64) -> f64) -> Vec<T> {
-    x.iter().map(|&v| T::from_f64(f(v.to_f64())).round_to(dtype)).collect()
+/// An output of `len` elements filled by `fill(start, part)` over parts made of whole `unit`s
+/// (rows), split across the worker threads when large. Each element is computed by exactly one
+/// thread with the same arithmetic, so results do not depend on the thread count.
+pub(crate) fn par_fill<T: Real>(len: usize, unit: usize, fill: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let mut out = vec![T::ZERO; len];
+    let unit = unit.max(1);
+    let threads = worker_threads().min(len / unit).max(1);
+    if threads == 1 || len < 1 << 15 {
+        fill(0, &mut out);
+        return out;
+    }
+    let per = (len / unit).div_ceil(threads) * unit;
+    std::thread::scope(|scope| {
+        for (t, part) in out.chunks_mut(per).enumerate() {
+            let fill = &fill;
+            scope.spawn(move || fill(t * per, part));
+        }
+    });
+    out
+}
+
+fn map<T: Real>(x: &[T], dtype: DType, f: impl Fn(f64) -> f64 + Sync) -> Vec<T> {
+    par_fill(x.len(), 1, |start, part| {
+        for (o, &v) in part.iter_mut().zip(&x[start..]) {
+            *o = T::from_f64(f(v.to_f64())).round_to(dtype);
+        }
+    })
+}
+
+/// `f(x, dy)` elementwise, in parallel.
+fn map2<T: Real>(x: &[T], dy: &[T], dtype: DType, f: impl Fn(f64, f64) -> f64 + Sync) -> Vec<T> {
+    par_fill(x.len(), 1, |start, part| {
+        for ((o, &a), &b) in part.iter_mut().zip(&x[start..]).zip(&dy[start..]) {
+            *o = T::from_f64(f(a.to_f64(), b.to_f64())).round_to(dtype);
+        }
+    })
 }
 
 /// GELU; `tanh` selects the tanh approximation (GPT-2's `gelu_new`).
@@ -283,47 +317,50 @@ pub(crate) fn eval<T: Real>(
         Op::Softmax => {
             let x = f(0)?;
             let r = out.rank();
-            let cols = out.shape[r - 1];
+            let cols = out.shape[r - 1].max(1);
             let causal = attrs.bool_or("causal", false);
             let queries = if causal { out.shape[r - 2] } else { 1 };
-            let mut y = vec![T::ZERO; x.len()];
-            let mut row = vec![0.0f64; cols];
-            for (ri, (xs, ys)) in x.chunks(cols.max(1)).zip(y.chunks_mut(cols.max(1))).enumerate() {
-                // Query i sees keys 0..=i + (keys - queries).
-                let visible = if causal { (ri % queries) + (cols - queries) + 1 } else { cols };
-                let m = xs[..visible].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
-                let mut sum = 0.0;
-                for j in 0..visible {
-                    row[j] = (xs[j].to_f64() - m).exp();
-                    sum += row[j];
+            Val::F(par_fill(x.len(), cols, |start, part| {
+                let mut row = vec![0.0f64; cols];
+                for (k, ys) in part.chunks_mut(cols).enumerate() {
+                    let ri = start / cols + k;
+                    let xs = &x[ri * cols..(ri + 1) * cols];
+                    // Query i sees keys 0..=i + (keys - queries).
+                    let visible = if causal { (ri % queries) + (cols - queries) + 1 } else { cols };
+                    let m = xs[..visible].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
+                    let mut sum = 0.0;
+                    for j in 0..visible {
+                        row[j] = (xs[j].to_f64() - m).exp();
+                        sum += row[j];
+                    }
+                    for j in 0..cols {
+                        ys[j] = if j < visible { T::from_f64(row[j] / sum).round_to(dt) } else { T::ZERO };
+                    }
                 }
-                for j in 0..cols {
-                    ys[j] = if j < visible { T::from_f64(row[j] / sum).round_to(dt) } else { T::ZERO };
-                }
-            }
-            Val::F(y)
+            }))
         }
         Op::LayerNorm | Op::RmsNorm => {
             let (x, gamma) = (f(0)?, f(1)?);
             let beta = if op == Op::LayerNorm { Some(f(2)?) } else { None };
             let eps = attrs.float("eps").unwrap_or(1e-5);
-            let d = *out.shape.last().unwrap_or(&1);
-            let mut y = Vec::with_capacity(x.len());
-            for xs in x.chunks(d.max(1)) {
-                let n = d as f64;
-                let (mean, var) = if op == Op::LayerNorm {
-                    let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-                    (mean, xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n)
-                } else {
-                    (0.0, xs.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / n)
-                };
-                let inv = 1.0 / (var + eps).sqrt();
-                for (j, v) in xs.iter().enumerate() {
-                    let b = beta.map_or(0.0, |b| b[j].to_f64());
-                    y.push(T::from_f64((v.to_f64() - mean) * inv * gamma[j].to_f64() + b).round_to(dt));
+            let d = (*out.shape.last().unwrap_or(&1)).max(1);
+            Val::F(par_fill(x.len(), d, |start, part| {
+                for (k, ys) in part.chunks_mut(d).enumerate() {
+                    let xs = &x[start + k * d..start + (k + 1) * d];
+                    let n = d as f64;
+                    let (mean, var) = if op == Op::LayerNorm {
+                        let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+                        (mean, xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n)
+                    } else {
+                        (0.0, xs.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / n)
+                    };
+                    let inv = 1.0 / (var + eps).sqrt();
+                    for (j, (y, v)) in ys.iter_mut().zip(xs).enumerate() {
+                        let b = beta.map_or(0.0, |b| b[j].to_f64());
+                        *y = T::from_f64((v.to_f64() - mean) * inv * gamma[j].to_f64() + b).round_to(dt);
+                    }
                 }
-            }
-            Val::F(y)
+            }))
         }
         Op::Rope => {
             let (x, pos) = (f(0)?, int(1)?);
@@ -404,23 +441,9 @@ pub(crate) fn eval<T: Real>(
         }
         Op::GeluGrad => {
             let tanh = attrs.str("approximate").unwrap_or("tanh") == "tanh";
-            let (x, dy) = (f(0)?, f(1)?);
-            Val::F(
-                x.iter()
-                    .zip(dy)
-                    .map(|(x, g)| T::from_f64(grad::gelu_derivative(x.to_f64(), tanh) * g.to_f64()).round_to(dt))
-                    .collect(),
-            )
+            Val::F(map2(f(0)?, f(1)?, dt, |x, g| grad::gelu_derivative(x, tanh) * g))
         }
-        Op::SiluGrad => {
-            let (x, dy) = (f(0)?, f(1)?);
-            Val::F(
-                x.iter()
-                    .zip(dy)
-                    .map(|(x, g)| T::from_f64(grad::silu_derivative(x.to_f64()) * g.to_f64()).round_to(dt))
-                    .collect(),
-            )
-        }
+        Op::SiluGrad => Val::F(map2(f(0)?, f(1)?, dt, |x, g| grad::silu_derivative(x) * g)),
         Op::LayerNormGrad | Op::RmsNormGrad => {
             let eps = attrs.float("eps").unwrap_or(1e-5);
             Val::F(grad::norm_grad(f(0)?, f(1)?, f(2)?, eps, op == Op::LayerNormGrad, dt))
