@@ -83,17 +83,8 @@ pub enum EvalPrecision {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A model directory (config.json [+ model.safetensors]) or a .tir file.
-    pub model: PathBuf,
-    /// Token file: llm.c format (magic 20240520) or raw uint16.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Rows per batch.
-    #[arg(long)]
-    pub batch: usize,
-    /// Tokens per row.
-    #[arg(long)]
-    pub seq: usize,
+    #[command(flatten)]
+    pub run: ModelAndData,
     /// How many consecutive batches to average over (batch k reads from token k*B*T).
     #[arg(long, default_value_t = 1)]
     pub batches: usize,
@@ -145,17 +136,8 @@ pub enum TrainPrecision {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// A model directory (config.json [+ model.safetensors]) or a .tir file.
-    pub model: PathBuf,
-    /// Token file: llm.c format (magic 20240520) or raw uint16.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Rows per batch.
-    #[arg(long)]
-    pub batch: usize,
-    /// Tokens per row.
-    #[arg(long)]
-    pub seq: usize,
+    #[command(flatten)]
+    pub run: ModelAndData,
     /// Optimizer steps to run (in total, counting the steps of a resumed checkpoint).
     #[arg(long)]
     pub steps: usize,
@@ -212,4 +194,20 @@ impl TrainPrecision {
             TrainPrecision::Bf16Mixed => shardc_ir::DType::Bf16,
         }
     }
+}
+
+/// The model and the token batches a command runs on.
+#[derive(Debug, Args)]
+pub struct ModelAndData {
+    /// A model directory (config.json [+ model.safetensors]) or a .tir file.
+    pub model: PathBuf,
+    /// Token file: llm.c format (magic 20240520) or raw uint16.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Rows per batch.
+    #[arg(long)]
+    pub batch: usize,
+    /// Tokens per row.
+    #[arg(long)]
+    pub seq: usize,
 }

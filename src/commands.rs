@@ -122,22 +122,22 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if a.batches == 0 {
         bail!("--batches must be at least 1");
     }
-    let model = load_model(&a.model, a.batch, a.seq, DType::F32, a.weights.as_deref(), a.seed)?;
-    let data = TokenFile::open(&a.data)?;
+    let model = load_model(&a.run.model, a.run.batch, a.run.seq, DType::F32, a.weights.as_deref(), a.seed)?;
+    let data = TokenFile::open(&a.run.data)?;
     let vocab = vocab_size(&model.graph);
     if let (Some(v), Some(max)) = (vocab, data.max_token()) {
         if max as usize >= v {
-            bail!("{}: holds token id {max} but the model's vocabulary has {v} entries", a.data.display());
+            bail!("{}: holds token id {max} but the model's vocabulary has {v} entries", a.run.data.display());
         }
     }
-    let available = data.num_batches(a.batch, a.seq);
+    let available = data.num_batches(a.run.batch, a.run.seq);
     if available < a.batches {
         bail!(
             "{}: {} tokens hold {available} batches of {} x {} (each batch needs B*T tokens plus one), but --batches {} was asked for",
-            a.data.display(),
+            a.run.data.display(),
             thousands(data.len()),
-            a.batch,
-            a.seq,
+            a.run.batch,
+            a.run.seq,
             a.batches
         );
     }
@@ -150,9 +150,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let mut losses = Vec::new();
     let start = std::time::Instant::now();
     for k in 0..a.batches {
-        let (x, y) = data.batch(k, a.batch, a.seq)?;
-        inputs.insert("tokens".into(), Tensor::int(DType::I64, vec![a.batch, a.seq], x));
-        inputs.insert("targets".into(), Tensor::int(DType::I64, vec![a.batch, a.seq], y));
+        let (x, y) = data.batch(k, a.run.batch, a.run.seq)?;
+        inputs.insert("tokens".into(), Tensor::int(DType::I64, vec![a.run.batch, a.run.seq], x));
+        inputs.insert("targets".into(), Tensor::int(DType::I64, vec![a.run.batch, a.run.seq], y));
         let out = run(&model.graph, &inputs, precision)?;
         let loss = out[loss_index].scalar().ok_or_else(|| anyhow!("the `%loss` output is not a scalar"))?;
         if !a.json {
@@ -162,14 +162,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     }
     let seconds = start.elapsed().as_secs_f64();
     let mean = losses.iter().sum::<f64>() / losses.len() as f64;
-    let tokens = a.batches * a.batch * a.seq;
+    let tokens = a.batches * a.run.batch * a.run.seq;
     if a.json {
         let obj = serde_json::json!({
             "loss": mean,
             "batch_losses": losses,
             "batches": a.batches,
-            "batch": a.batch,
-            "seq": a.seq,
+            "batch": a.run.batch,
+            "seq": a.run.seq,
             "tokens": tokens,
             "precision": format!("{:?}", a.precision).to_lowercase(),
             "params": model.graph.param_count(),
@@ -185,14 +185,14 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
             "mean cross-entropy over {} batch{} of {} x {} tokens: {mean:.6}",
             a.batches,
             if a.batches == 1 { "" } else { "es" },
-            a.batch,
-            a.seq
+            a.run.batch,
+            a.run.seq
         );
         eprintln!(
             "model: {what}, {} parameters from {}; data: {} ({}, {} tokens); {:.0} tokens/s",
             thousands(model.graph.param_count()),
             model.weights_from,
-            a.data.display(),
+            a.run.data.display(),
             data.format,
             thousands(data.len()),
             tokens as f64 / seconds.max(1e-9)

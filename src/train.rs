@@ -29,7 +29,7 @@ const CHECKPOINT_FORMAT: &str = "shardc-checkpoint-v1";
 fn validate(a: &TrainArgs) -> Result<()> {
     let checks: [(bool, &str); 8] = [
         (a.steps >= 1, "--steps must be at least 1"),
-        (a.batch >= 1 && a.seq >= 1, "--batch and --seq must be at least 1"),
+        (a.run.batch >= 1 && a.run.seq >= 1, "--batch and --seq must be at least 1"),
         (a.lr > 0.0 && a.lr.is_finite(), "--lr must be a positive number"),
         (a.min_lr.is_none_or(|m| m >= 0.0 && m <= a.lr), "--min-lr must be between 0 and --lr"),
         ((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2), "--beta1 and --beta2 must be in [0, 1)"),
@@ -49,12 +49,12 @@ fn validate(a: &TrainArgs) -> Result<()> {
 fn batch_starts(a: &TrainArgs, data: &TokenFile, k: usize) -> Vec<usize> {
     match a.data_order {
         DataOrder::Sequential => {
-            let k = k % data.num_batches(a.batch, a.seq);
-            (0..a.batch).map(|b| (k * a.batch + b) * a.seq).collect()
+            let k = k % data.num_batches(a.run.batch, a.run.seq);
+            (0..a.run.batch).map(|b| (k * a.run.batch + b) * a.run.seq).collect()
         }
         DataOrder::Random => {
-            let span = data.len() - a.seq; // windows need seq + 1 tokens
-            (0..a.batch)
+            let span = data.len() - a.run.seq; // windows need seq + 1 tokens
+            (0..a.run.batch)
                 .map(|b| {
                     let mut rng = Rng::new(
                         a.seed
@@ -69,10 +69,10 @@ fn batch_starts(a: &TrainArgs, data: &TokenFile, k: usize) -> Vec<usize> {
 }
 
 fn batch(a: &TrainArgs, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
-    let (mut x, mut y) = (Vec::with_capacity(a.batch * a.seq), Vec::with_capacity(a.batch * a.seq));
+    let (mut x, mut y) = (Vec::with_capacity(a.run.batch * a.run.seq), Vec::with_capacity(a.run.batch * a.run.seq));
     for s in batch_starts(a, data, k) {
-        x.extend(data.tokens[s..s + a.seq].iter().map(|&t| t as i64));
-        y.extend(data.tokens[s + 1..s + a.seq + 1].iter().map(|&t| t as i64));
+        x.extend(data.tokens[s..s + a.run.seq].iter().map(|&t| t as i64));
+        y.extend(data.tokens[s + 1..s + a.run.seq + 1].iter().map(|&t| t as i64));
     }
     (x, y)
 }
@@ -82,8 +82,8 @@ fn run_identity(a: &TrainArgs, graph_name: &str) -> BTreeMap<&'static str, Strin
     BTreeMap::from([
         ("format", CHECKPOINT_FORMAT.to_string()),
         ("graph", graph_name.to_string()),
-        ("batch", a.batch.to_string()),
-        ("seq", a.seq.to_string()),
+        ("batch", a.run.batch.to_string()),
+        ("seq", a.run.seq.to_string()),
         ("data_order", format!("{:?}", a.data_order).to_lowercase()),
         ("seed", a.seed.to_string()),
     ])
@@ -103,7 +103,7 @@ fn save(
         run_identity(a, graph_name).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     meta.insert("step".into(), step.to_string());
     let position = match a.data_order {
-        DataOrder::Sequential => (step % data.num_batches(a.batch, a.seq)) * a.batch * a.seq,
+        DataOrder::Sequential => (step % data.num_batches(a.run.batch, a.run.seq)) * a.run.batch * a.run.seq,
         DataOrder::Random => 0,
     };
     meta.insert("data_position".into(), position.to_string());
@@ -181,23 +181,23 @@ impl Progress {
 
 pub fn train(a: &TrainArgs) -> Result<()> {
     validate(a)?;
-    let model = load_model(&a.model, a.batch, a.seq, a.precision.compute_dtype(), None, a.seed)?;
-    let data = TokenFile::open(&a.data)?;
-    if data.len() < a.seq + 1 || data.num_batches(a.batch, a.seq) == 0 {
+    let model = load_model(&a.run.model, a.run.batch, a.run.seq, a.precision.compute_dtype(), None, a.seed)?;
+    let data = TokenFile::open(&a.run.data)?;
+    if data.len() < a.run.seq + 1 || data.num_batches(a.run.batch, a.run.seq) == 0 {
         bail!(
             "{}: {} tokens are too few for one batch of {} x {} (needs {})",
-            a.data.display(),
+            a.run.data.display(),
             data.len(),
-            a.batch,
-            a.seq,
-            a.batch * a.seq + 1
+            a.run.batch,
+            a.run.seq,
+            a.run.batch * a.run.seq + 1
         );
     }
     if let Some(v) = crate::commands::vocab_size(&model.graph) {
         if data.max_token().is_some_and(|m| m as usize >= v) {
             bail!(
                 "{}: holds token id {} but the model's vocabulary has {v} entries",
-                a.data.display(),
+                a.run.data.display(),
                 data.max_token().unwrap_or(0)
             );
         }
@@ -230,11 +230,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             "training {} ({} parameters from {origin}) on {} ({} tokens, {} order), {} x {} tokens per step, steps {}..{}",
             graph_name,
             thousands(trainer.param_count()),
-            a.data.display(),
+            a.run.data.display(),
             thousands(data.len()),
             format!("{:?}", a.data_order).to_lowercase(),
-            a.batch,
-            a.seq,
+            a.run.batch,
+            a.run.seq,
             start + 1,
             a.steps
         );
@@ -244,7 +244,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         start: Instant::now(),
         first_step: start,
         total: a.steps,
-        tokens_per_step: a.batch * a.seq,
+        tokens_per_step: a.run.batch * a.run.seq,
     };
     let (mut first_loss, mut last_loss) = (None, 0.0);
     for k in start..a.steps {

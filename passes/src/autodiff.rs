@@ -121,19 +121,23 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
 /// True for the ops autodiff can propagate gradients through (everything but constants, masks
 /// and the backward ops themselves).
 pub fn is_differentiable(op: Op) -> bool {
-    !is_constant(op)
-        && !matches!(
-            op,
-            Op::Pad
-                | Op::GeluGrad
-                | Op::SiluGrad
-                | Op::LayerNormGrad
-                | Op::LayerNormGammaGrad
-                | Op::RmsNormGrad
-                | Op::RmsNormGammaGrad
-                | Op::EmbeddingGrad
-                | Op::CrossEntropyGrad
-        )
+    !is_constant(op) && !is_backward_op(op)
+}
+
+/// The ops autodiff itself emits; differentiating them again would need second derivatives.
+fn is_backward_op(op: Op) -> bool {
+    matches!(
+        op,
+        Op::Pad
+            | Op::GeluGrad
+            | Op::SiluGrad
+            | Op::LayerNormGrad
+            | Op::LayerNormGammaGrad
+            | Op::RmsNormGrad
+            | Op::RmsNormGammaGrad
+            | Op::EmbeddingGrad
+            | Op::CrossEntropyGrad
+    )
 }
 
 /// Ops whose result does not depend differentiably on their operands.
@@ -450,17 +454,10 @@ impl Ad {
                     .with("concat_dim", n.attrs.get("split_dim").cloned().unwrap_or(Attr::Int(0)));
                 vec![Some(self.b.op(Op::AllToAll, &[dy], attrs, &h0)?)]
             }
-            Op::Pad
-            | Op::GeluGrad
-            | Op::SiluGrad
-            | Op::LayerNormGrad
-            | Op::LayerNormGammaGrad
-            | Op::RmsNormGrad
-            | Op::RmsNormGammaGrad
-            | Op::EmbeddingGrad
-            | Op::CrossEntropyGrad => {
+            op if is_backward_op(op) => {
                 return Err(format!("`{}` is a backward op; second derivatives are not supported", n.op.name()));
             }
+            op => return Err(format!("`{}` has no adjoint rule", op.name())),
         })
     }
 
