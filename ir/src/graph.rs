@@ -7,6 +7,7 @@
 use crate::attrs::{Attr, Attrs};
 use crate::mesh::Mesh;
 use crate::ops::{InferCtx, Op};
+use crate::sharding::Sharding;
 use crate::types::{DType, TensorType};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -28,6 +29,9 @@ pub struct Value {
     pub name: String,
     #[serde(rename = "type")]
     pub ty: TensorType,
+    /// How the value is laid out over the mesh; `None` is replicated (see [`crate::sharding`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharding: Option<Sharding>,
 }
 
 /// What a graph argument is.
@@ -114,7 +118,7 @@ impl Graph {
 
     fn fresh_value(&mut self, name: String, ty: TensorType) -> ValueId {
         let id = ValueId(self.values.len() as u32);
-        self.values.push(Value { name, ty });
+        self.values.push(Value { name, ty, sharding: None });
         id
     }
 

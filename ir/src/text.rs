@@ -13,7 +13,9 @@
 //! VALUE     := '%' NAME
 //! NAME      := [A-Za-z0-9_.]+
 //! AXIS      := [A-Za-z_][A-Za-z0-9_]*
-//! TYPE      := DTYPE '[' (INT (',' INT)*)? ']'          f32[2, 16, 64]; f32[] is a scalar
+//! TYPE      := DTYPE '[' (INT (',' INT)*)? ']' SHARDING?  f32[2, 16, 64]; f32[] is a scalar
+//! SHARDING  := '@' '[' (DIM (',' DIM)*)? ']' ('partial' '(' AXIS (',' AXIS)* ')')?
+//! DIM       := '_' | AXIS ('*' AXIS)*               see crate::sharding
 //! DTYPE     := 'f32' | 'bf16' | 'f16' | 'i32' | 'i64'
 //! ATTRS     := '{' ATTR (',' ATTR)* '}'
 //! ATTR      := IDENT '=' ATTRVALUE
@@ -44,6 +46,7 @@ use crate::attrs::{Attr, Attrs};
 use crate::graph::{Arg, ArgKind, Graph, Node, Value, ValueId};
 use crate::mesh::{is_identifier, Mesh, MeshAxis};
 use crate::ops::Op;
+use crate::sharding::Sharding;
 use crate::types::{DType, TensorType};
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -70,7 +73,7 @@ pub fn print(g: &Graph) -> String {
     }
     for a in &g.args {
         let v = g.value(a.value);
-        let _ = writeln!(out, "{} %{}: {}", a.kind.keyword(), v.name, v.ty);
+        let _ = writeln!(out, "{} %{}: {}{}", a.kind.keyword(), v.name, v.ty, sharding_suffix(v));
     }
     for n in &g.nodes {
         out.push_str(&print_node(g, n));
@@ -85,12 +88,16 @@ pub fn print(g: &Graph) -> String {
 pub fn print_node(g: &Graph, n: &Node) -> String {
     let v = g.value(n.output);
     let args: Vec<String> = n.inputs.iter().map(|&i| format!("%{}", g.name_of(i))).collect();
-    let mut s = format!("%{}: {} = {}({})", v.name, v.ty, n.op.name(), args.join(", "));
+    let mut s = format!("%{}: {}{} = {}({})", v.name, v.ty, sharding_suffix(v), n.op.name(), args.join(", "));
     if !n.attrs.is_empty() {
         let attrs: Vec<String> = n.attrs.iter().map(|(k, a)| format!("{k} = {a}")).collect();
         let _ = write!(s, " {{{}}}", attrs.join(", "));
     }
     s
+}
+
+fn sharding_suffix(v: &Value) -> String {
+    v.sharding.as_ref().map(|s| format!(" {s}")).unwrap_or_default()
 }
 
 /// Is `s` a valid value (or graph) name?
@@ -292,6 +299,51 @@ impl<'a> Cursor<'a> {
         Ok(TensorType::new(dtype, shape))
     }
 
+    /// An optional `@[dims] partial(axes)` after a type.
+    fn sharding(&mut self) -> PResult<Option<Sharding>> {
+        if !self.eat('@') {
+            return Ok(None);
+        }
+        self.expect('[', "to open the sharding (`@[dp, _, tp]`)")?;
+        let mut dims = Vec::new();
+        if !self.eat(']') {
+            loop {
+                let mut axes = Vec::new();
+                loop {
+                    let (_, w) = self.ident("a mesh axis or `_`")?;
+                    if w == "_" && axes.is_empty() {
+                        break;
+                    }
+                    axes.push(w);
+                    if !self.eat('*') {
+                        break;
+                    }
+                }
+                dims.push(axes);
+                if self.eat(']') {
+                    break;
+                }
+                self.expect(',', "or `]` in the sharding")?;
+            }
+        }
+        let mut partial = Vec::new();
+        let save = self.pos;
+        let (_, w) = self.word(|ch| ch.is_ascii_alphabetic());
+        if w == "partial" {
+            self.expect('(', "after `partial`")?;
+            loop {
+                partial.push(self.ident("a mesh axis")?.1);
+                if self.eat(')') {
+                    break;
+                }
+                self.expect(',', "or `)` in `partial(...)`")?;
+            }
+        } else {
+            self.pos = save;
+        }
+        Ok(Some(Sharding { dims, partial }))
+    }
+
     fn attr_value(&mut self) -> PResult<Attr> {
         match self.peek() {
             Some('"') => {
@@ -394,7 +446,14 @@ impl Parser {
         Ok(graph)
     }
 
-    fn define(&mut self, c: &Cursor, start: usize, name: String, ty: TensorType) -> PResult<ValueId> {
+    fn define(
+        &mut self,
+        c: &Cursor,
+        start: usize,
+        name: String,
+        ty: TensorType,
+        sharding: Option<Sharding>,
+    ) -> PResult<ValueId> {
         let g = self.graph.as_mut().expect("checked by item()");
         if self.names.contains_key(&name) {
             return Err(c.err_at(
@@ -404,7 +463,7 @@ impl Parser {
             ));
         }
         let id = ValueId(g.values.len() as u32);
-        g.values.push(Value { name: name.clone(), ty });
+        g.values.push(Value { name: name.clone(), ty, sharding });
         self.names.insert(name, id);
         self.lines.push(c.line_no);
         Ok(id)
@@ -479,7 +538,8 @@ impl Parser {
                 let (s, name) = c.value_ref("the argument's name")?;
                 c.expect(':', "between the argument's name and its type")?;
                 let ty = c.ty()?;
-                let value = self.define(c, s, name, ty)?;
+                let sharding = c.sharding()?;
+                let value = self.define(c, s, name, ty, sharding)?;
                 let kind = match kw.as_str() {
                     "param" => ArgKind::Param,
                     "state" => ArgKind::State,
@@ -517,6 +577,7 @@ impl Parser {
         let (s, name) = c.value_ref("the defined value")?;
         c.expect(':', "and the result type after the value name (`%x: f32[2] = ...`)")?;
         let ty = c.ty()?;
+        let sharding = c.sharding()?;
         c.expect('=', "after the result type")?;
         let (os, opname) = c.ident("an op name")?;
         let op = Op::from_name(&opname).ok_or_else(|| c.err_at(os, opname.len(), format!("unknown op `{opname}`")))?;
@@ -548,7 +609,7 @@ impl Parser {
                 c.expect(',', "or `}` in the attribute list")?;
             }
         }
-        let output = self.define(c, s, name, ty)?;
+        let output = self.define(c, s, name, ty, sharding)?;
         self.graph.as_mut().expect("checked above").nodes.push(Node { op, inputs, attrs, output });
         Ok(())
     }

@@ -18,7 +18,9 @@
 //!    that a collective splits divide by that axis's size (part of 7).
 //! 9. **Sizes.** Every value's byte size is at most [`MAX_TENSOR_BYTES`] (so no size or
 //!    offset computation overflows).
-//! 10. **Outputs.** There is at least one output; each is a defined value, named once.
+//! 10. **Shardings.** A value's sharding, when present, has one entry per dimension, names
+//!     only axes of the mesh, uses no axis twice, and splits only dimensions its axes divide.
+//! 11. **Outputs.** There is at least one output; each is a defined value, named once.
 //!
 //! Each [`VerifyError`] names the node and carries its printed `.tir` line.
 
@@ -87,6 +89,11 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
                 ValueId(i as u32),
                 format!("value `%{}` of type {} is larger than {MAX_TENSOR_BYTES} bytes", v.name, v.ty),
             ));
+        }
+        if let Some(sh) = &v.sharding {
+            if let Err(m) = sh.check(&v.ty, &g.mesh) {
+                errs_on_values.push((ValueId(i as u32), format!("value `%{}`: {m}", v.name)));
+            }
         }
         if !seen_names.insert(v.name.as_str()) {
             err(None, String::new(), format!("value name `%{}` is used for two values", v.name));
