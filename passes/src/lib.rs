@@ -10,4 +10,5 @@
 //! Architecture Invariant: this crate never touches a GPU, MLIR or the file system.
 
 pub mod autodiff;
+pub mod cost;
 pub mod train_step;
