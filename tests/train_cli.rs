@@ -183,3 +183,44 @@ fn ctrl_c_saves_and_resume_matches_the_uninterrupted_run() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(losses(&rest), losses(&full[stopped..]), "the resumed run must continue the same loss curve");
 }
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let model = root().join("examples/shakespeare-char");
+    let data_dir = tmp("threads");
+    let bin = data_dir.join("s.bin");
+    let text = std::fs::read(root().join("examples/data/shakespeare.txt")).unwrap();
+    std::fs::write(data_dir.join("s.txt"), &text[..20000]).unwrap();
+    let prep = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args(["data", "prepare", data_dir.join("s.txt").to_str().unwrap(), "-o", bin.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(prep.status.success());
+    let run = |threads: &str| {
+        let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
+            .env("SHARDC_THREADS", threads)
+            .args([
+                "train",
+                model.to_str().unwrap(),
+                "--data",
+                bin.to_str().unwrap(),
+                "--batch",
+                "4",
+                "--seq",
+                "128",
+                "--steps",
+                "3",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8(o.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        lines
+            .iter()
+            .map(|l| (l["loss"].as_f64().unwrap().to_bits(), l["grad_norm"].as_f64().unwrap().to_bits()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run("1"), run("2"), "losses and gradient norms must be bit-identical");
+}

@@ -522,6 +522,22 @@ fn matmul<T: Real>(a: &[T], ta: &TensorType, b: &[T], tb: &TensorType, out: &Ten
                 });
             }
         });
+    } else if worker_threads() > 1 && batches == 1 && m >= 64 && m * n * k >= 1 << 18 {
+        // One large product: split its rows. Row i of C depends on row i of op(A) only, and the
+        // sum over K runs in the same order in every split.
+        let threads = worker_threads().min(m / 32);
+        let rows = m.div_ceil(threads);
+        let (ao, bo) = (a_off[0] * a_mat, b_off[0] * b_mat);
+        std::thread::scope(|scope| {
+            for (t, part) in c.chunks_mut(rows * n).enumerate() {
+                let (a, b) = (&a[ao..ao + a_mat], &b[bo..bo + b_mat]);
+                scope.spawn(move || {
+                    let r0 = t * rows;
+                    let mr = part.len() / n;
+                    T::gemm(mr, k, n, &a[r0 * rsa as usize..], rsa, csa, b, rsb, csb, part);
+                });
+            }
+        });
     } else {
         for (bi, cm) in c.chunks_mut((m * n).max(1)).enumerate().take(batches) {
             one(bi, cm);
