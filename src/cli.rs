@@ -6,8 +6,9 @@ use std::path::PathBuf;
 /// shardc: a compiler for distributed transformer training.
 ///
 /// A model (a Hugging Face config.json directory, or a .tir file in shardc's text IR) goes in;
-/// today shardc imports, prints, verifies and evaluates it on the CPU with its reference
-/// interpreter. See README.md for the quick start.
+/// today shardc imports, prints and verifies it, and evaluates and trains it on the CPU (the whole
+/// training step compiled to one IR graph, run by the reference interpreter). Sharding over a
+/// device mesh and GPU code generation are being built. See README.md for the quick start.
 #[derive(Debug, Parser)]
 #[command(name = "shardc", version, about, long_about)]
 pub struct Cli {
