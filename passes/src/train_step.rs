@@ -55,18 +55,45 @@ impl TrainStep {
 
 /// Builds the training step of a forward graph whose first output is the scalar loss.
 pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, AutodiffError> {
+    build_data_parallel_step(forward, opt, None)
+}
+
+/// [`build_train_step`] for plain data parallelism (ZeRO stage 0) over mesh axis `dp`: each
+/// rank's `forward` sees its own slice of the global batch; the reported loss and every gradient
+/// are averaged over the axis with an `all_reduce` (so the update equals the update of the
+/// global batch on one device), and every rank applies the same AdamW step to its full replica.
+/// `dp: None` is the single-device step.
+pub fn build_data_parallel_step(forward: &Graph, opt: &AdamW, dp: Option<&str>) -> Result<TrainStep, AutodiffError> {
     let fail = |m: String| AutodiffError(m);
     let params: Vec<ValueId> = forward.args_of(ArgKind::Param).collect();
     let loss = *forward.outputs.first().ok_or_else(|| fail("the forward graph has no outputs".into()))?;
     let d = differentiate(forward, loss, &params)?;
+    let mut grads = d.grads;
     let mut b = Builder::from_graph(d.graph);
     let f32s = |b: &mut Builder, x: f64, hint: &str| b.scalar(x, DType::F32, hint).map_err(fail);
+    let mut loss = loss;
+    if let Some(axis) = dp {
+        let n = forward
+            .mesh
+            .axis_size(axis)
+            .ok_or_else(|| fail(format!("the forward graph's mesh `{}` has no axis `{axis}`", forward.mesh)))?;
+        let inv = f32s(&mut b, 1.0 / n as f64, "dp_inv_ranks")?;
+        let attrs = shardc_ir::Attrs::new().with("axis", shardc_ir::Attr::Str(axis.to_string()));
+        let mean = |b: &mut Builder, v: ValueId, hint: &str| -> Result<ValueId, AutodiffError> {
+            let sum = b.op(Op::AllReduce, &[v], attrs.clone(), &format!("{hint}_sum")).map_err(fail)?;
+            b.binary(Op::Mul, sum, inv, hint).map_err(fail)
+        };
+        loss = mean(&mut b, loss, "loss_mean")?;
+        for (g, &p) in grads.iter_mut().zip(&params) {
+            *g = mean(&mut b, *g, &format!("{}.grad_mean", forward.name_of(p)))?;
+        }
+    }
     let lr = b.input("lr", DType::F32, &[]);
     let step = b.input("step", DType::F32, &[]);
 
     // Global gradient norm.
     let mut sumsq: Option<ValueId> = None;
-    for (&p, &g) in params.iter().zip(&d.grads) {
+    for (&p, &g) in params.iter().zip(&grads) {
         let name = forward.name_of(p);
         let sq = b.binary(Op::Mul, g, g, &format!("{name}.grad_sq")).map_err(fail)?;
         let rank = b.ty(g).rank() as i64;
@@ -127,7 +154,7 @@ pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, Autod
 
     let mut outputs = vec![loss, grad_norm];
     let mut names = Vec::new();
-    for (&p, &g0) in params.iter().zip(&d.grads) {
+    for (&p, &g0) in params.iter().zip(&grads) {
         let name = forward.name_of(p).to_string();
         let ty = forward.ty(p).clone();
         if ty.dtype != DType::F32 {

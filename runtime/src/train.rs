@@ -6,7 +6,7 @@
 //! [`Trainer`] keeps parameters and moments between steps and feeds each step's outputs back as
 //! the next step's arguments.
 
-use shardc_ir::interp::{run, InterpError, Precision};
+use shardc_ir::interp::{run_spmd, InterpError, Precision};
 use shardc_ir::{ArgKind, DType, Graph, Tensor, TensorType};
 use std::collections::HashMap;
 
@@ -26,18 +26,21 @@ pub enum TrainError {
     NotAStepGraph(String),
     #[error("`%{name}` is {expected} in the step graph but the given tensor is {found}")]
     Mismatch { name: String, expected: TensorType, found: TensorType },
+    #[error("the step graph's mesh has {expected} ranks but {found} initial states were given")]
+    Ranks { expected: usize, found: usize },
     #[error(transparent)]
     Interp(#[from] InterpError),
     #[error("step {step}: the loss is {loss}; training diverged (try a lower --lr or --grad-clip 1.0)")]
     NonFinite { step: usize, loss: f64 },
 }
 
-/// Parameters and optimizer state, stepped by a training-step graph.
+/// Parameters and optimizer state, stepped by a training-step graph. An SPMD step graph (one
+/// with a mesh) keeps one state per rank and runs every rank on the reference interpreter.
 pub struct Trainer {
     graph: Graph,
     params: Vec<String>,
-    /// Parameters and moments by argument name.
-    values: HashMap<String, Tensor>,
+    /// Per rank: parameters and moments by argument name.
+    values: Vec<HashMap<String, Tensor>>,
     precision: Precision,
 }
 
@@ -46,85 +49,132 @@ pub fn moment_names(param: &str) -> [String; 2] {
     [format!("{param}.adam_m"), format!("{param}.adam_v")]
 }
 
+const STEP_INPUTS: [&str; 4] = ["tokens", "targets", "lr", "step"];
+
 impl Trainer {
-    /// A trainer over `graph` for `params` (in the graph's output order). `initial` must hold
-    /// every parameter; moments missing from it start at zero (a fresh run), moments present
-    /// continue (a resumed run).
+    /// A single-device trainer over `graph` for `params` (in the graph's output order).
+    /// `initial` must hold every parameter; moments missing from it start at zero (a fresh run),
+    /// moments present continue (a resumed run).
     pub fn new(
         graph: Graph,
         params: Vec<String>,
         initial: HashMap<String, Tensor>,
         precision: Precision,
     ) -> Result<Self, TrainError> {
-        let mut values = HashMap::new();
-        for p in &params {
-            let v = graph.find(p).ok_or_else(|| TrainError::NotAStepGraph(p.clone()))?;
-            let ty = graph.ty(v).clone();
-            let t = initial.get(p).ok_or_else(|| TrainError::MissingParam(p.clone()))?;
-            check(p, &ty, t)?;
-            values.insert(p.clone(), t.clone());
-            for m in moment_names(p) {
-                let mv = graph.find(&m).ok_or_else(|| TrainError::NotAStepGraph(m.clone()))?;
-                let mty = graph.ty(mv).clone();
-                let t = match initial.get(&m) {
-                    Some(t) => {
-                        check(&m, &mty, t)?;
-                        t.clone()
-                    }
-                    None => Tensor::zeros(&mty),
-                };
-                values.insert(m, t);
-            }
+        Self::new_spmd(graph, params, vec![initial], precision)
+    }
+
+    /// A trainer for an SPMD step graph: `initial[r]` is rank r's state, one per rank of the
+    /// graph's mesh.
+    pub fn new_spmd(
+        graph: Graph,
+        params: Vec<String>,
+        initial: Vec<HashMap<String, Tensor>>,
+        precision: Precision,
+    ) -> Result<Self, TrainError> {
+        if initial.len() != graph.mesh.world_size() {
+            return Err(TrainError::Ranks { expected: graph.mesh.world_size(), found: initial.len() });
         }
-        for name in ["lr", "step", "tokens", "targets"] {
+        let mut values = Vec::new();
+        for init in initial {
+            let mut rank = HashMap::new();
+            for p in &params {
+                let v = graph.find(p).ok_or_else(|| TrainError::NotAStepGraph(p.clone()))?;
+                let ty = graph.ty(v).clone();
+                let t = init.get(p).ok_or_else(|| TrainError::MissingParam(p.clone()))?;
+                check(p, &ty, t)?;
+                rank.insert(p.clone(), t.clone());
+                for m in moment_names(p) {
+                    let mv = graph.find(&m).ok_or_else(|| TrainError::NotAStepGraph(m.clone()))?;
+                    let mty = graph.ty(mv).clone();
+                    let t = match init.get(&m) {
+                        Some(t) => {
+                            check(&m, &mty, t)?;
+                            t.clone()
+                        }
+                        None => Tensor::zeros(&mty),
+                    };
+                    rank.insert(m, t);
+                }
+            }
+            values.push(rank);
+        }
+        for name in STEP_INPUTS {
             graph.find(name).ok_or_else(|| TrainError::NotAStepGraph(name.to_string()))?;
         }
         Ok(Trainer { graph, params, values, precision })
     }
 
-    /// One step on `tokens`/`targets` (row-major `[B, T]`) at learning rate `lr`; `step` is
-    /// 1-based.
+    /// One single-device step on `tokens`/`targets` (row-major `[B, T]`) at learning rate `lr`;
+    /// `step` is 1-based.
     pub fn step(&mut self, tokens: Vec<i64>, targets: Vec<i64>, lr: f64, step: usize) -> Result<StepStats, TrainError> {
+        self.step_spmd(vec![(tokens, targets)], lr, step)
+    }
+
+    /// One step of every rank; `batches[r]` is rank r's (tokens, targets). The reported loss and
+    /// gradient norm are rank 0's (the step graph makes them agree across ranks).
+    pub fn step_spmd(
+        &mut self,
+        batches: Vec<(Vec<i64>, Vec<i64>)>,
+        lr: f64,
+        step: usize,
+    ) -> Result<StepStats, TrainError> {
         let tok_ty = self.graph.ty(self.graph.find("tokens").expect("checked in new")).clone();
         let mut inputs = std::mem::take(&mut self.values);
-        inputs.insert("tokens".into(), Tensor::int(DType::I64, tok_ty.shape.clone(), tokens));
-        inputs.insert("targets".into(), Tensor::int(DType::I64, tok_ty.shape.clone(), targets));
-        inputs.insert("lr".into(), Tensor::f64(DType::F32, vec![], vec![lr]));
-        inputs.insert("step".into(), Tensor::f64(DType::F32, vec![], vec![step as f64]));
-        let result = run(&self.graph, &inputs, self.precision);
+        for (rank, (tokens, targets)) in inputs.iter_mut().zip(batches) {
+            rank.insert("tokens".into(), Tensor::int(DType::I64, tok_ty.shape.clone(), tokens));
+            rank.insert("targets".into(), Tensor::int(DType::I64, tok_ty.shape.clone(), targets));
+            rank.insert("lr".into(), Tensor::f64(DType::F32, vec![], vec![lr]));
+            rank.insert("step".into(), Tensor::f64(DType::F32, vec![], vec![step as f64]));
+        }
+        let result = run_spmd(&self.graph, &inputs, self.precision);
+        let restore = |mut inputs: Vec<HashMap<String, Tensor>>| {
+            for rank in &mut inputs {
+                STEP_INPUTS.iter().for_each(|k| {
+                    rank.remove(*k);
+                });
+            }
+            inputs
+        };
         // Keep the old state when the step failed, so that a caller can still save it.
-        let out = match result {
-            Ok(out) => out,
+        let outs = match result {
+            Ok(outs) => outs,
             Err(e) => {
-                for k in ["tokens", "targets", "lr", "step"] {
-                    inputs.remove(k);
-                }
-                self.values = inputs;
+                self.values = restore(inputs);
                 return Err(e.into());
             }
         };
-        let loss = out[0].scalar().unwrap_or(f64::NAN);
-        let grad_norm = out[1].scalar().unwrap_or(f64::NAN);
+        let loss = outs[0][0].scalar().unwrap_or(f64::NAN);
+        let grad_norm = outs[0][1].scalar().unwrap_or(f64::NAN);
         if !loss.is_finite() {
-            for k in ["tokens", "targets", "lr", "step"] {
-                inputs.remove(k);
-            }
-            self.values = inputs;
+            self.values = restore(inputs);
             return Err(TrainError::NonFinite { step, loss });
         }
-        let mut out = out.into_iter().skip(2);
-        for p in &self.params {
-            let [m, v] = moment_names(p);
-            for name in [p.clone(), m, v] {
-                self.values.insert(name, out.next().expect("three outputs per parameter"));
-            }
-        }
+        self.values = outs
+            .into_iter()
+            .map(|out| {
+                let mut out = out.into_iter().skip(2);
+                let mut rank = HashMap::new();
+                for p in &self.params {
+                    let [m, v] = moment_names(p);
+                    for name in [p.clone(), m, v] {
+                        rank.insert(name, out.next().expect("three outputs per parameter"));
+                    }
+                }
+                rank
+            })
+            .collect();
         Ok(StepStats { loss, grad_norm })
     }
 
-    /// Parameters and moments by name (for checkpoints and evaluation).
+    /// Parameters and moments by name (rank 0's; for checkpoints and evaluation).
     pub fn values(&self) -> &HashMap<String, Tensor> {
-        &self.values
+        &self.values[0]
+    }
+
+    /// Rank `r`'s parameters and moments.
+    pub fn rank_values(&self, r: usize) -> &HashMap<String, Tensor> {
+        &self.values[r]
     }
 
     /// The parameter names, in order.
@@ -132,7 +182,7 @@ impl Trainer {
         &self.params
     }
 
-    /// Number of trainable scalars.
+    /// Number of trainable scalars (per rank).
     pub fn param_count(&self) -> usize {
         self.graph.args_of(ArgKind::Param).map(|v| self.graph.ty(v).numel()).sum()
     }
