@@ -179,6 +179,8 @@ op_table! {
         "scatter-add of dy[..., D] into [rows, D] at ids[...], for (ids, dy)";
     CrossEntropyGrad => "cross_entropy_grad", Arity::Exact(3), [], infer_cross_entropy_grad,
         "(softmax(logits) - onehot(targets)) * dy, for (logits, targets, dy)";
+    TakeShard => "take_shard", Arity::Exact(1), [req("axis", K::Str), req("dim", K::Int)], infer_reduce_scatter,
+        "this rank's chunk along `dim` of a value replicated over `axis` (no communication)";
     AllToAll => "all_to_all", Arity::Exact(1), [req("axis", K::Str), req("split_dim", K::Int), req("concat_dim", K::Int)], infer_all_to_all,
         "split `split_dim` across the ranks, concatenate what arrives along `concat_dim`";
 }
@@ -196,6 +198,12 @@ impl Op {
     /// True for the ops that communicate between ranks.
     pub fn is_collective(self) -> bool {
         matches!(self, Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll)
+    }
+
+    /// True for the ops whose result depends on the rank (collectives, `axis_index`,
+    /// `take_shard`).
+    pub fn is_rank_dependent(self) -> bool {
+        self.is_collective() || matches!(self, Op::AxisIndex | Op::TakeShard)
     }
 }
 

@@ -446,6 +446,9 @@ impl Ad {
                 vec![Some(self.b.op(Op::AllReduce, &[dy], Attrs::new().with("axis", axis), &h0)?)]
             }
             Op::AllGather => vec![Some(self.b.op(Op::ReduceScatter, &[dy], n.attrs.clone(), &h0)?)],
+            // Replicated -> sharded without communication; the replicated input's (full)
+            // gradient is the concatenation of the shards' gradients.
+            Op::TakeShard => vec![Some(self.b.op(Op::AllGather, &[dy], n.attrs.clone(), &h0)?)],
             Op::ReduceScatter => vec![Some(self.b.op(Op::AllGather, &[dy], n.attrs.clone(), &h0)?)],
             Op::AllToAll => {
                 let attrs = Attrs::new()

@@ -410,6 +410,16 @@ pub(crate) fn eval<T: Real>(
             Val::F(y)
         }
         Op::Identity => ins[0].clone(),
+        Op::TakeShard => {
+            let x = tys[0];
+            let dim = normalize_dim(attrs.int("dim").unwrap_or(0), x.rank())?;
+            let axis = attrs.str("axis").unwrap_or_default();
+            let k = coord(axis).ok_or_else(|| format!("mesh axis `{axis}` is not declared"))?;
+            let s = strides(&x.shape);
+            let base = k * out.shape[dim] * s[dim];
+            let offs: Vec<usize> = strided_offsets(&out.shape, &s).into_iter().map(|o| o + base).collect();
+            ins[0].gather(&offs)
+        }
         Op::GreaterEqual => {
             let (sa, sb) = (&tys[0].shape, &tys[1].shape);
             match (ins[0], ins[1]) {
