@@ -1,4 +1,4 @@
-//! Differential test of data parallelism (ZeRO stage 0): the tiny GPT-2 and Llama trained for 3
+//! Differential test of data parallelism (ZeRO stages 0, 1, 2): the tiny GPT-2 and Llama trained for 3
 //! steps on dp = 2 simulated ranks, each rank seeing half of every batch, give the losses and
 //! parameters of the single-device step on the whole batch (f64: 1e-10; f32: 1e-5).
 
@@ -6,12 +6,13 @@ use shardc_ir::import::{import_dir, BuildOptions};
 use shardc_ir::interp::Precision;
 mod common;
 use shardc_ir::Mesh;
-use shardc_passes::train_step::{build_data_parallel_step, build_train_step, AdamW};
+use shardc_ir::Op;
+use shardc_passes::train_step::{build_data_parallel_step, build_train_step, AdamW, DataParallel};
 use shardc_runtime::data::TokenFile;
 use shardc_runtime::train::Trainer;
 use std::path::PathBuf;
 
-fn check(name: &str, precision: Precision, tol: f64) {
+fn check(name: &str, zero_stage: u8, precision: Precision, tol: f64) {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
     let (dp, rows, seq) = (2usize, 2usize, 16usize);
     let opt = AdamW::default();
@@ -24,10 +25,22 @@ fn check(name: &str, precision: Precision, tol: f64) {
     let local = import_dir(&dir, BuildOptions::f32(rows / dp, seq, false)).unwrap();
     let mut forward = local.graph.clone();
     forward.mesh = Mesh::parse(&format!("dp={dp}")).unwrap();
-    let step = build_data_parallel_step(&forward, &opt, Some("dp")).unwrap();
+    let dp_opts = DataParallel { axis: "dp".into(), zero_stage };
+    let step = build_data_parallel_step(&forward, &opt, Some(&dp_opts)).unwrap();
     shardc_ir::verify::verify(&step.graph).unwrap();
-    let collectives = step.graph.nodes.iter().filter(|n| n.op.is_collective()).count();
-    assert_eq!(collectives, step.params.len() + 1, "one gradient all-reduce per parameter, plus the loss");
+    let count = |op: Op| step.graph.nodes.iter().filter(|n| n.op == op).count();
+    let n = step.params.len();
+    if zero_stage == 0 {
+        assert_eq!(count(Op::AllReduce), n + 1, "one gradient all-reduce per parameter, plus the loss");
+    } else {
+        // Gradients reduce-scattered and parameters all-gathered; all-reduces only for the loss
+        // and the gradient norm's sum of squares.
+        assert_eq!((count(Op::ReduceScatter), count(Op::AllGather), count(Op::AllReduce)), (n, n, 2));
+        // Each rank holds 1/dp of the moments.
+        let state: usize = step.graph.args_of(shardc_ir::ArgKind::State).map(|v| step.graph.ty(v).numel()).sum();
+        let params: usize = step.graph.param_count();
+        assert!(state <= 2 * (params / dp + n), "moments per rank {state} for {params} parameters");
+    }
     let mut parallel = Trainer::new_spmd(step.graph, step.params, vec![local.weights.unwrap(); dp], precision).unwrap();
 
     for k in 0..3 {
@@ -40,7 +53,7 @@ fn check(name: &str, precision: Precision, tol: f64) {
         let (le, ne) =
             (((got.loss - want.loss) / want.loss).abs(), ((got.grad_norm - want.grad_norm) / want.grad_norm).abs());
         eprintln!(
-            "{name} {precision:?} step {}: loss {:.8} vs {:.8} (rel {le:.1e}), grad norm rel {ne:.1e}",
+            "{name} zero {zero_stage} {precision:?} step {}: loss {:.8} vs {:.8} (rel {le:.1e}), grad norm rel {ne:.1e}",
             k + 1,
             got.loss,
             want.loss
@@ -65,15 +78,20 @@ fn check(name: &str, precision: Precision, tol: f64) {
 
 #[test]
 fn gpt2_data_parallel_equals_single_device_f64() {
-    check("gpt2-tiny", Precision::F64, 1e-10);
+    for stage in [0, 1, 2] {
+        check("gpt2-tiny", stage, Precision::F64, 1e-10);
+    }
 }
 
 #[test]
 fn llama_data_parallel_equals_single_device_f64() {
-    check("llama-tiny", Precision::F64, 1e-10);
+    for stage in [0, 1, 2] {
+        check("llama-tiny", stage, Precision::F64, 1e-10);
+    }
 }
 
 #[test]
 fn gpt2_data_parallel_equals_single_device_f32() {
-    check("gpt2-tiny", Precision::F32, 1e-5);
+    check("gpt2-tiny", 0, Precision::F32, 1e-5);
+    check("gpt2-tiny", 1, Precision::F32, 1e-5);
 }

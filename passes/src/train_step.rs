@@ -58,59 +58,138 @@ pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, Autod
     build_data_parallel_step(forward, opt, None)
 }
 
-/// [`build_train_step`] for plain data parallelism (ZeRO stage 0) over mesh axis `dp`: each
-/// rank's `forward` sees its own slice of the global batch; the reported loss and every gradient
-/// are averaged over the axis with an `all_reduce` (so the update equals the update of the
-/// global batch on one device), and every rank applies the same AdamW step to its full replica.
-/// `dp: None` is the single-device step.
-pub fn build_data_parallel_step(forward: &Graph, opt: &AdamW, dp: Option<&str>) -> Result<TrainStep, AutodiffError> {
+/// How the training step is spread over a data-parallel mesh axis (ZeRO, Rajbhandari et al.
+/// 2020). Stages 1 and 2 build the same graph (they differ in when gradient memory is freed,
+/// which the memory planner will account for); stage 3 is not built yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataParallel {
+    /// The mesh axis the batch is split over.
+    pub axis: String,
+    /// 0: replicated optimizer, gradients all-reduced. 1, 2: optimizer state partitioned over
+    /// the axis, gradients reduce-scattered, updated parameters all-gathered.
+    pub zero_stage: u8,
+}
+
+/// One parameter as the optimizer sees it: whole, or this rank's flat shard.
+struct UpdateView {
+    name: String,
+    /// The parameter (or its shard) and its gradient (or the shard's), both f32.
+    param: ValueId,
+    grad: ValueId,
+    /// Rank of the parameter itself (weight decay applies to rank >= 2).
+    param_rank: usize,
+    /// Shape of the AdamW moments.
+    state_shape: Vec<usize>,
+    /// For a shard: (elements, padded elements, parameter shape) to gather it back.
+    shard: Option<(usize, usize, Vec<usize>)>,
+}
+
+/// [`build_train_step`] with data parallelism over `dp.axis`: each rank's `forward` sees its
+/// own slice of the global batch; the reported loss and the gradients are averaged over the axis
+/// (so the update equals the update of the global batch on one device). With `zero_stage` 0
+/// every rank applies the same AdamW step to its full replica (gradients: `all_reduce`); with 1
+/// or 2 each rank keeps the moments of its 1/n of every (flattened, zero-padded) parameter, gets
+/// that shard's averaged gradient by `reduce_scatter`, updates it, and the new parameters are
+/// reassembled with `all_gather`. `dp: None` is the single-device step.
+pub fn build_data_parallel_step(
+    forward: &Graph,
+    opt: &AdamW,
+    dp: Option<&DataParallel>,
+) -> Result<TrainStep, AutodiffError> {
     let fail = |m: String| AutodiffError(m);
     let params: Vec<ValueId> = forward.args_of(ArgKind::Param).collect();
     let loss = *forward.outputs.first().ok_or_else(|| fail("the forward graph has no outputs".into()))?;
     let d = differentiate(forward, loss, &params)?;
-    let mut grads = d.grads;
     let mut b = Builder::from_graph(d.graph);
     let f32s = |b: &mut Builder, x: f64, hint: &str| b.scalar(x, DType::F32, hint).map_err(fail);
     let mut loss = loss;
-    if let Some(axis) = dp {
+    let mut views = Vec::new();
+    for (&p, &g) in params.iter().zip(&d.grads) {
+        let ty = forward.ty(p);
+        views.push(UpdateView {
+            name: forward.name_of(p).to_string(),
+            param: p,
+            grad: g,
+            param_rank: ty.rank(),
+            state_shape: ty.shape.clone(),
+            shard: None,
+        });
+    }
+    let mut sharded_norm_axis = None;
+    if let Some(dp) = dp {
+        let axis = dp.axis.as_str();
         let n = forward
             .mesh
             .axis_size(axis)
             .ok_or_else(|| fail(format!("the forward graph's mesh `{}` has no axis `{axis}`", forward.mesh)))?;
+        if dp.zero_stage > 2 {
+            return Err(fail(format!("ZeRO stage {} is not built yet; use 0, 1 or 2", dp.zero_stage)));
+        }
         let inv = f32s(&mut b, 1.0 / n as f64, "dp_inv_ranks")?;
-        let attrs = shardc_ir::Attrs::new().with("axis", shardc_ir::Attr::Str(axis.to_string()));
-        let mean = |b: &mut Builder, v: ValueId, hint: &str| -> Result<ValueId, AutodiffError> {
-            let sum = b.op(Op::AllReduce, &[v], attrs.clone(), &format!("{hint}_sum")).map_err(fail)?;
-            b.binary(Op::Mul, sum, inv, hint).map_err(fail)
-        };
-        loss = mean(&mut b, loss, "loss_mean")?;
-        for (g, &p) in grads.iter_mut().zip(&params) {
-            *g = mean(&mut b, *g, &format!("{}.grad_mean", forward.name_of(p)))?;
+        let on_axis = shardc_ir::Attrs::new().with("axis", shardc_ir::Attr::Str(axis.to_string()));
+        let dim0 = on_axis.clone().with("dim", shardc_ir::Attr::Int(0));
+        let sum = b.op(Op::AllReduce, &[loss], on_axis.clone(), "loss_sum").map_err(fail)?;
+        loss = b.binary(Op::Mul, sum, inv, "loss_mean").map_err(fail)?;
+        for v in &mut views {
+            let name = v.name.clone();
+            if dp.zero_stage == 0 {
+                let sum = b.op(Op::AllReduce, &[v.grad], on_axis.clone(), &format!("{name}.grad_sum")).map_err(fail)?;
+                v.grad = b.binary(Op::Mul, sum, inv, &format!("{name}.grad_mean")).map_err(fail)?;
+                continue;
+            }
+            // Flatten, pad to a multiple of n, and keep this rank's 1/n.
+            let shape = v.state_shape.clone();
+            let numel: usize = shape.iter().product();
+            let padded = numel.div_ceil(n) * n;
+            let flat = |b: &mut Builder, x: ValueId, hint: &str| -> Result<ValueId, AutodiffError> {
+                let f = b.reshape(x, &[numel], &format!("{hint}_flat")).map_err(fail)?;
+                if padded == numel {
+                    return Ok(f);
+                }
+                let pad = shardc_ir::Attrs::new()
+                    .with("dim", shardc_ir::Attr::Int(0))
+                    .with("before", shardc_ir::Attr::Int(0))
+                    .with("after", shardc_ir::Attr::Int((padded - numel) as i64));
+                b.op(Op::Pad, &[f], pad, &format!("{hint}_padded")).map_err(fail)
+            };
+            let gf = flat(&mut b, v.grad, &format!("{name}.grad"))?;
+            let gs = b.op(Op::ReduceScatter, &[gf], dim0.clone(), &format!("{name}.grad_shard_sum")).map_err(fail)?;
+            v.grad = b.binary(Op::Mul, gs, inv, &format!("{name}.grad_shard")).map_err(fail)?;
+            let pf = flat(&mut b, v.param, &name)?;
+            v.param = b.op(Op::TakeShard, &[pf], dim0.clone(), &format!("{name}.shard")).map_err(fail)?;
+            v.state_shape = vec![padded / n];
+            v.shard = Some((numel, padded, shape));
+        }
+        if dp.zero_stage > 0 {
+            sharded_norm_axis = Some(on_axis);
         }
     }
     let lr = b.input("lr", DType::F32, &[]);
     let step = b.input("step", DType::F32, &[]);
 
-    // Global gradient norm.
+    // Global gradient norm (each rank sums its shards; the shards' sums are then added up).
     let mut sumsq: Option<ValueId> = None;
-    for (&p, &g) in params.iter().zip(&grads) {
-        let name = forward.name_of(p);
-        let sq = b.binary(Op::Mul, g, g, &format!("{name}.grad_sq")).map_err(fail)?;
-        let rank = b.ty(g).rank() as i64;
+    for v in &views {
+        let sq = b.binary(Op::Mul, v.grad, v.grad, &format!("{}.grad_sq", v.name)).map_err(fail)?;
+        let rank = b.ty(v.grad).rank() as i64;
         let s = if rank == 0 {
             sq
         } else {
-            b.reduce(Op::ReduceSum, sq, &(0..rank).collect::<Vec<_>>(), &format!("{name}.grad_sumsq")).map_err(fail)?
+            b.reduce(Op::ReduceSum, sq, &(0..rank).collect::<Vec<_>>(), &format!("{}.grad_sumsq", v.name))
+                .map_err(fail)?
         };
         sumsq = Some(match sumsq {
             Some(acc) => b.binary(Op::Add, acc, s, "grad_sumsq").map_err(fail)?,
             None => s,
         });
     }
-    let sumsq = match sumsq {
+    let mut sumsq = match sumsq {
         Some(s) => s,
         None => f32s(&mut b, 0.0, "grad_sumsq")?,
     };
+    if let Some(attrs) = sharded_norm_axis {
+        sumsq = b.op(Op::AllReduce, &[sumsq], attrs, "grad_sumsq_all").map_err(fail)?;
+    }
     let grad_norm = b.unary(Op::Sqrt, sumsq, "grad_norm").map_err(fail)?;
     let clip_coef = if opt.grad_clip > 0.0 {
         // min(1, clip / (norm + 1e-6)) = -max(-clip / (norm + 1e-6), -1)
@@ -154,22 +233,23 @@ pub fn build_data_parallel_step(forward: &Graph, opt: &AdamW, dp: Option<&str>) 
 
     let mut outputs = vec![loss, grad_norm];
     let mut names = Vec::new();
-    for (&p, &g0) in params.iter().zip(&grads) {
-        let name = forward.name_of(p).to_string();
-        let ty = forward.ty(p).clone();
+    for view in &views {
+        let name = view.name.clone();
+        let ty = b.ty(view.param).clone();
         if ty.dtype != DType::F32 {
             return Err(fail(format!(
                 "parameter `%{name}` is {ty}; master weights must be f32 (compute copies are cast inside the graph)"
             )));
         }
-        let m = b.arg(ArgKind::State, &format!("{name}.adam_m"), DType::F32, &ty.shape);
-        let v = b.arg(ArgKind::State, &format!("{name}.adam_v"), DType::F32, &ty.shape);
+        let (p, g0) = (view.param, view.grad);
+        let m = b.arg(ArgKind::State, &format!("{name}.adam_m"), DType::F32, &view.state_shape);
+        let v = b.arg(ArgKind::State, &format!("{name}.adam_v"), DType::F32, &view.state_shape);
         let g = match clip_coef {
             Some(c) => b.binary(Op::Mul, g0, c, &format!("{name}.grad_clipped")).map_err(fail)?,
             None => g0,
         };
         let p_decayed = match decay {
-            Some(f) if ty.rank() >= 2 => b.binary(Op::Mul, p, f, &format!("{name}.decayed")).map_err(fail)?,
+            Some(f) if view.param_rank >= 2 => b.binary(Op::Mul, p, f, &format!("{name}.decayed")).map_err(fail)?,
             _ => p,
         };
         let m1 = b.binary(Op::Mul, m, b1, &format!("{name}.adam_m_decay")).map_err(fail)?;
@@ -184,7 +264,24 @@ pub fn build_data_parallel_step(forward: &Graph, opt: &AdamW, dp: Option<&str>) 
         let denom = b.binary(Op::Add, scaled, eps, &format!("{name}.adam_denom")).map_err(fail)?;
         let ratio = b.binary(Op::Div, m_new, denom, &format!("{name}.adam_ratio")).map_err(fail)?;
         let delta = b.binary(Op::Mul, ratio, step_size, &format!("{name}.adam_delta")).map_err(fail)?;
-        let p_new = b.binary(Op::Sub, p_decayed, delta, &format!("{name}.new")).map_err(fail)?;
+        let p_new = match (&view.shard, dp) {
+            (Some((numel, padded, shape)), Some(dp)) => {
+                let shard_new = b.binary(Op::Sub, p_decayed, delta, &format!("{name}.shard_new")).map_err(fail)?;
+                let attrs = shardc_ir::Attrs::new()
+                    .with("axis", shardc_ir::Attr::Str(dp.axis.clone()))
+                    .with("dim", shardc_ir::Attr::Int(0));
+                let mut full = b.op(Op::AllGather, &[shard_new], attrs, &format!("{name}.gathered")).map_err(fail)?;
+                if padded != numel {
+                    let cut = shardc_ir::Attrs::new()
+                        .with("dim", shardc_ir::Attr::Int(0))
+                        .with("start", shardc_ir::Attr::Int(0))
+                        .with("end", shardc_ir::Attr::Int(*numel as i64));
+                    full = b.op(Op::Slice, &[full], cut, &format!("{name}.unpadded")).map_err(fail)?;
+                }
+                b.reshape(full, shape, &format!("{name}.new")).map_err(fail)?
+            }
+            _ => b.binary(Op::Sub, p_decayed, delta, &format!("{name}.new")).map_err(fail)?,
+        };
         outputs.extend([p_new, m_new, v_new]);
         names.push(name);
     }
