@@ -185,6 +185,14 @@ pub struct TrainArgs {
     /// Continue from the checkpoint in this directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Device mesh to train on, as simulated ranks on this machine: `dp=N` splits every batch
+    /// over N data-parallel ranks (tensor parallelism is being built).
+    #[arg(long)]
+    pub mesh: Option<String>,
+    /// ZeRO stage over `dp`: 0 all-reduces gradients; 1 and 2 partition the AdamW moments and
+    /// reduce-scatter gradients; 3 is being built.
+    #[arg(long, default_value_t = 0)]
+    pub zero: u8,
 }
 
 impl TrainPrecision {

@@ -11,8 +11,9 @@ use crate::model::load_model;
 use anyhow::{bail, Context, Result};
 use shardc_ir::import::weights::{read_metadata, read_tensors, write_tensors_with_metadata};
 use shardc_ir::interp::Precision;
+use shardc_ir::Mesh;
 use shardc_ir::Tensor;
-use shardc_passes::train_step::{build_train_step, AdamW};
+use shardc_passes::train_step::{build_data_parallel_step, build_train_step, AdamW, DataParallel};
 use shardc_runtime::data::TokenFile;
 use shardc_runtime::init::Rng;
 use shardc_runtime::train::{lr_at, Trainer};
@@ -86,7 +87,44 @@ fn run_identity(a: &TrainArgs, graph_name: &str) -> BTreeMap<&'static str, Strin
         ("seq", a.run.seq.to_string()),
         ("data_order", format!("{:?}", a.data_order).to_lowercase()),
         ("seed", a.seed.to_string()),
+        ("mesh", a.mesh.clone().unwrap_or_default()),
+        ("zero", a.zero.to_string()),
     ])
+}
+
+/// The data-parallel degree of `--mesh`, checked.
+fn data_parallel(a: &TrainArgs) -> Result<Option<(Mesh, usize)>> {
+    let Some(text) = &a.mesh else {
+        if a.zero != 0 {
+            bail!("--zero {} needs a data-parallel mesh, e.g. --mesh dp=2", a.zero);
+        }
+        return Ok(None);
+    };
+    let mesh = Mesh::parse(text).map_err(|e| anyhow::anyhow!("--mesh {text}: {e}"))?;
+    if let Some(other) = mesh.axes.iter().find(|x| x.name != "dp") {
+        bail!(
+            "--mesh {text}: axis `{}` is not supported yet; shardc trains with data parallelism (`dp=N`) today",
+            other.name
+        );
+    }
+    let dp = mesh.axis_size("dp").unwrap_or(1);
+    if a.run.batch % dp != 0 {
+        let fits: Vec<String> = (1..=a.run.batch).filter(|d| a.run.batch % d == 0).map(|d| d.to_string()).collect();
+        bail!(
+            "--batch {} does not divide over dp={dp}; use dp in {{{}}} or a batch that is a multiple of {dp}",
+            a.run.batch,
+            fits.join(",")
+        );
+    }
+    if a.zero > 2 {
+        bail!("--zero {} is not built yet; use --zero 0, 1 or 2", a.zero);
+    }
+    Ok(Some((mesh, dp)))
+}
+
+/// Rank r's key for a tensor that differs between ranks (ZeRO-sharded moments).
+fn rank_key(rank: usize, name: &str) -> String {
+    format!("rank{rank}/{name}")
 }
 
 fn save(
@@ -98,7 +136,16 @@ fn save(
     data: &TokenFile,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tensors: BTreeMap<String, Tensor> = trainer.values().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    // Rank 0's tensors under their own names (so `shardc eval --weights` reads the parameters);
+    // the other ranks' moments, which ZeRO shards, under `rank<r>/`.
+    let mut tensors: BTreeMap<String, Tensor> = trainer.values().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    for r in 1..trainer.ranks() {
+        for (k, v) in trainer.rank_values(r) {
+            if k.ends_with(".adam_m") || k.ends_with(".adam_v") {
+                tensors.insert(rank_key(r, k), v.clone());
+            }
+        }
+    }
     let mut meta: HashMap<String, String> =
         run_identity(a, graph_name).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     meta.insert("step".into(), step.to_string());
@@ -112,7 +159,12 @@ fn save(
     Ok(path)
 }
 
-fn load_checkpoint(dir: &Path, a: &TrainArgs, graph_name: &str) -> Result<(HashMap<String, Tensor>, usize)> {
+fn load_checkpoint(
+    dir: &Path,
+    a: &TrainArgs,
+    graph_name: &str,
+    ranks: usize,
+) -> Result<(Vec<HashMap<String, Tensor>>, usize)> {
     let path = dir.join(CHECKPOINT_FILE);
     if !path.is_file() {
         bail!(
@@ -131,8 +183,24 @@ fn load_checkpoint(dir: &Path, a: &TrainArgs, graph_name: &str) -> Result<(HashM
         .get("step")
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{}: metadata has no valid `step`", path.display()))?;
-    let tensors = read_tensors(&path)?.into_iter().collect();
-    Ok((tensors, step))
+    let all = read_tensors(&path)?;
+    let rank0: HashMap<String, Tensor> =
+        all.iter().filter(|(k, _)| !k.starts_with("rank")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let per_rank = (0..ranks)
+        .map(|r| {
+            let mut m = rank0.clone();
+            if r > 0 {
+                let prefix = rank_key(r, "");
+                for (k, v) in &all {
+                    if let Some(name) = k.strip_prefix(&prefix) {
+                        m.insert(name.to_string(), v.clone());
+                    }
+                }
+            }
+            m
+        })
+        .collect();
+    Ok((per_rank, step))
 }
 
 /// A one-line progress display on a terminal, or occasional lines otherwise.
@@ -181,7 +249,10 @@ impl Progress {
 
 pub fn train(a: &TrainArgs) -> Result<()> {
     validate(a)?;
-    let model = load_model(&a.run.model, a.run.batch, a.run.seq, a.precision.compute_dtype(), None, a.seed)?;
+    let dp = data_parallel(a)?;
+    let ranks = dp.as_ref().map_or(1, |(_, n)| *n);
+    let local_batch = a.run.batch / ranks;
+    let mut model = load_model(&a.run.model, local_batch, a.run.seq, a.precision.compute_dtype(), None, a.seed)?;
     let data = TokenFile::open(&a.run.data)?;
     if data.len() < a.run.seq + 1 || data.num_batches(a.run.batch, a.run.seq) == 0 {
         bail!(
@@ -204,19 +275,25 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     }
     let opt =
         AdamW { beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay, grad_clip: a.grad_clip };
-    let step_graph = build_train_step(&model.graph, &opt)?;
+    let step_graph = match &dp {
+        Some((mesh, _)) => {
+            model.graph.mesh = mesh.clone();
+            build_data_parallel_step(&model.graph, &opt, Some(&DataParallel { axis: "dp".into(), zero_stage: a.zero }))?
+        }
+        None => build_train_step(&model.graph, &opt)?,
+    };
     let graph_name = model.graph.name.clone();
     let (initial, start, origin) = match &a.resume {
         Some(dir) => {
-            let (t, s) = load_checkpoint(dir, a, &graph_name)?;
+            let (t, s) = load_checkpoint(dir, a, &graph_name, ranks)?;
             (t, s, format!("checkpoint {} at step {s}", dir.join(CHECKPOINT_FILE).display()))
         }
-        None => (model.params, 0, model.weights_from.clone()),
+        None => (vec![model.params; ranks], 0, model.weights_from.clone()),
     };
     if start >= a.steps {
         bail!("the checkpoint is at step {start} already; ask for more --steps than that");
     }
-    let mut trainer = Trainer::new(step_graph.graph, step_graph.params, initial, Precision::F32)?;
+    let mut trainer = Trainer::new_spmd(step_graph.graph, step_graph.params, initial, Precision::F32)?;
     let min_lr = a.min_lr.unwrap_or(a.lr / 10.0);
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -227,8 +304,12 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     }
     if !a.json {
         eprintln!(
-            "training {} ({} parameters from {origin}) on {} ({} tokens, {} order), {} x {} tokens per step, steps {}..{}",
+            "training {}{} ({} parameters from {origin}) on {} ({} tokens, {} order), {} x {} tokens per step, steps {}..{}",
             graph_name,
+            match &dp {
+                Some((mesh, _)) => format!(" on {} simulated ranks (mesh {mesh}, ZeRO stage {})", ranks, a.zero),
+                None => String::new(),
+            },
             thousands(trainer.param_count()),
             a.run.data.display(),
             thousands(data.len()),
@@ -265,7 +346,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         }
         let (x, y) = batch(a, &data, k);
         let lr = lr_at(k, a.lr, min_lr, a.warmup, a.steps);
-        let s = trainer.step(x, y, lr, k + 1)?;
+        // Rank r trains on rows r*B/dp .. (r+1)*B/dp of the global batch.
+        let per = local_batch * a.run.seq;
+        let shards =
+            (0..ranks).map(|r| (x[r * per..(r + 1) * per].to_vec(), y[r * per..(r + 1) * per].to_vec())).collect();
+        let s = trainer.step_spmd(shards, lr, k + 1)?;
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;
         if a.json {

@@ -177,6 +177,11 @@ impl Trainer {
         &self.values[r]
     }
 
+    /// Number of ranks the step runs on.
+    pub fn ranks(&self) -> usize {
+        self.values.len()
+    }
+
     /// The parameter names, in order.
     pub fn params(&self) -> &[String] {
         &self.params
