@@ -108,8 +108,9 @@ fn data_parallel(a: &TrainArgs) -> Result<Option<(Mesh, usize)>> {
         );
     }
     let dp = mesh.axis_size("dp").unwrap_or(1);
-    if a.run.batch % dp != 0 {
-        let fits: Vec<String> = (1..=a.run.batch).filter(|d| a.run.batch % d == 0).map(|d| d.to_string()).collect();
+    if !a.run.batch.is_multiple_of(dp) {
+        let fits: Vec<String> =
+            (1..=a.run.batch).filter(|d| a.run.batch.is_multiple_of(*d)).map(|d| d.to_string()).collect();
         bail!(
             "--batch {} does not divide over dp={dp}; use dp in {{{}}} or a batch that is a multiple of {dp}",
             a.run.batch,
