@@ -190,7 +190,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub mesh: Option<String>,
     /// ZeRO stage over `dp`: 0 all-reduces gradients; 1 and 2 partition the AdamW moments and
-    /// reduce-scatter gradients; 3 is being built.
+    /// reduce-scatter gradients; 3 also keeps each rank's shard of the parameters and all-gathers
+    /// them in the forward pass.
     #[arg(long, default_value_t = 0)]
     pub zero: u8,
 }

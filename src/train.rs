@@ -117,8 +117,8 @@ fn data_parallel(a: &TrainArgs) -> Result<Option<(Mesh, usize)>> {
             fits.join(",")
         );
     }
-    if a.zero > 2 {
-        bail!("--zero {} is not built yet; use --zero 0, 1 or 2", a.zero);
+    if a.zero > 3 {
+        bail!("--zero {}: ZeRO has stages 0, 1, 2 and 3", a.zero);
     }
     Ok(Some((mesh, dp)))
 }
@@ -128,22 +128,56 @@ fn rank_key(rank: usize, name: &str) -> String {
     format!("rank{rank}/{name}")
 }
 
+fn is_moment(name: &str) -> bool {
+    name.ends_with(".adam_m") || name.ends_with(".adam_v")
+}
+
+/// Rank `r`'s ZeRO-3 shard of a parameter: its elements r*P/n .. (r+1)*P/n, flattened and
+/// zero-padded to a multiple of n (the layout of `shardc_passes::train_step::shard_parameters`).
+fn shard_of(t: &Tensor, r: usize, n: usize) -> Tensor {
+    let mut flat = t.to_f32();
+    let per = flat.len().div_ceil(n);
+    flat.resize(per * n, 0.0);
+    Tensor::f32(vec![per], flat[r * per..(r + 1) * per].to_vec())
+}
+
+/// The full parameter of `shape` from every rank's shard.
+fn gather_shards(shards: &[&Tensor], shape: &[usize]) -> Tensor {
+    let mut flat: Vec<f32> = shards.iter().flat_map(|t| t.to_f32()).collect();
+    flat.truncate(shape.iter().product());
+    Tensor::f32(shape.to_vec(), flat)
+}
+
+/// The checkpoint layout: full parameters under their own names (so `shardc eval --weights`
+/// reads them whatever the mesh), and AdamW moments under their names on one device or when
+/// every rank holds the same ones (ZeRO 0), under `rank<r>/<name>` when ZeRO shards them.
 fn save(
     dir: &Path,
     trainer: &Trainer,
     a: &TrainArgs,
+    shapes: &HashMap<String, Vec<usize>>,
     graph_name: &str,
     step: usize,
     data: &TokenFile,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    // Rank 0's tensors under their own names (so `shardc eval --weights` reads the parameters);
-    // the other ranks' moments, which ZeRO shards, under `rank<r>/`.
-    let mut tensors: BTreeMap<String, Tensor> = trainer.values().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    for r in 1..trainer.ranks() {
-        for (k, v) in trainer.rank_values(r) {
-            if k.ends_with(".adam_m") || k.ends_with(".adam_v") {
+    let ranks = trainer.ranks();
+    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    for p in trainer.params() {
+        let full = if a.zero == 3 && ranks > 1 {
+            let shards: Vec<&Tensor> = (0..ranks).map(|r| &trainer.rank_values(r)[p]).collect();
+            gather_shards(&shards, &shapes[p])
+        } else {
+            trainer.values()[p].clone()
+        };
+        tensors.insert(p.clone(), full);
+    }
+    for r in 0..ranks {
+        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| is_moment(k)) {
+            if ranks > 1 && a.zero >= 1 {
                 tensors.insert(rank_key(r, k), v.clone());
+            } else if r == 0 {
+                tensors.insert(k.clone(), v.clone());
             }
         }
     }
@@ -158,6 +192,29 @@ fn save(
     let path = dir.join(CHECKPOINT_FILE);
     write_tensors_with_metadata(&path, &tensors, Some(meta))?;
     Ok(path)
+}
+
+/// Every rank's starting state from full parameters (and moments, when resuming).
+fn per_rank_state(full: &HashMap<String, Tensor>, a: &TrainArgs, ranks: usize) -> Vec<HashMap<String, Tensor>> {
+    (0..ranks)
+        .map(|r| {
+            let mut m = HashMap::new();
+            for (k, v) in full {
+                if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
+                    m.insert(rest.to_string(), v.clone());
+                } else if k.starts_with("rank") && k.contains('/') {
+                    // another rank's shard
+                } else if is_moment(k) {
+                    m.entry(k.clone()).or_insert_with(|| v.clone());
+                } else if a.zero == 3 && ranks > 1 {
+                    m.insert(k.clone(), shard_of(v, r, ranks));
+                } else {
+                    m.insert(k.clone(), v.clone());
+                }
+            }
+            m
+        })
+        .collect()
 }
 
 fn load_checkpoint(
@@ -184,24 +241,8 @@ fn load_checkpoint(
         .get("step")
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{}: metadata has no valid `step`", path.display()))?;
-    let all = read_tensors(&path)?;
-    let rank0: HashMap<String, Tensor> =
-        all.iter().filter(|(k, _)| !k.starts_with("rank")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let per_rank = (0..ranks)
-        .map(|r| {
-            let mut m = rank0.clone();
-            if r > 0 {
-                let prefix = rank_key(r, "");
-                for (k, v) in &all {
-                    if let Some(name) = k.strip_prefix(&prefix) {
-                        m.insert(name.to_string(), v.clone());
-                    }
-                }
-            }
-            m
-        })
-        .collect();
-    Ok((per_rank, step))
+    let all: HashMap<String, Tensor> = read_tensors(&path)?.into_iter().collect();
+    Ok((per_rank_state(&all, a, ranks), step))
 }
 
 /// A one-line progress display on a terminal, or occasional lines otherwise.
@@ -284,12 +325,17 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         None => build_train_step(&model.graph, &opt)?,
     };
     let graph_name = model.graph.name.clone();
+    let shapes: HashMap<String, Vec<usize>> = model
+        .graph
+        .args_of(shardc_ir::ArgKind::Param)
+        .map(|p| (model.graph.name_of(p).to_string(), model.graph.ty(p).shape.clone()))
+        .collect();
     let (initial, start, origin) = match &a.resume {
         Some(dir) => {
             let (t, s) = load_checkpoint(dir, a, &graph_name, ranks)?;
             (t, s, format!("checkpoint {} at step {s}", dir.join(CHECKPOINT_FILE).display()))
         }
-        None => (vec![model.params; ranks], 0, model.weights_from.clone()),
+        None => (per_rank_state(&model.params, a, ranks), 0, model.weights_from.clone()),
     };
     if start >= a.steps {
         bail!("the checkpoint is at step {start} already; ask for more --steps than that");
@@ -311,7 +357,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
                 Some((mesh, _)) => format!(" on {} simulated ranks (mesh {mesh}, ZeRO stage {})", ranks, a.zero),
                 None => String::new(),
             },
-            thousands(trainer.param_count()),
+            thousands(model.graph.param_count()),
             a.run.data.display(),
             thousands(data.len()),
             format!("{:?}", a.data_order).to_lowercase(),
@@ -334,7 +380,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             progress.finish();
             match &a.checkpoint {
                 Some(dir) => {
-                    let path = save(dir, &trainer, a, &graph_name, k, &data)?;
+                    let path = save(dir, &trainer, a, &shapes, &graph_name, k, &data)?;
                     eprintln!(
                         "interrupted after step {k}; saved {} (continue with --resume {})",
                         path.display(),
@@ -363,12 +409,12 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         if let (Some(dir), true) =
             (&a.checkpoint, a.save_every > 0 && (k + 1).is_multiple_of(a.save_every) && k + 1 < a.steps)
         {
-            save(dir, &trainer, a, &graph_name, k + 1, &data)?;
+            save(dir, &trainer, a, &shapes, &graph_name, k + 1, &data)?;
         }
     }
     progress.finish();
     if let Some(dir) = &a.checkpoint {
-        let path = save(dir, &trainer, a, &graph_name, a.steps, &data)?;
+        let path = save(dir, &trainer, a, &shapes, &graph_name, a.steps, &data)?;
         if !a.json {
             eprintln!("saved {}", path.display());
         }

@@ -253,7 +253,7 @@ fn data_parallel_training_matches_one_device_and_resumes_exactly() {
     };
     let (code, single, err) = train(&base("4", &[]));
     assert_eq!(code, 0, "{err}");
-    for zero in ["0", "1", "2"] {
+    for zero in ["0", "1", "2", "3"] {
         let (code, parallel, err) = train(&base("4", &["--mesh", "dp=2", "--zero", zero]));
         assert_eq!(code, 0, "{err}");
         assert!(err.is_empty() || !err.contains("error"), "{err}");
@@ -270,6 +270,33 @@ fn data_parallel_training_matches_one_device_and_resumes_exactly() {
     let (code, rest, err) = train(&base("4", &["--mesh", "dp=2", "--zero", "1", "--resume", ckpt]));
     assert_eq!(code, 0, "{err}");
     assert_eq!(losses(&rest), losses(&full[2..]));
+    // ZeRO-3 checkpoints hold full parameters (gathered) that `shardc eval --weights` reads, and
+    // resume exactly too.
+    let dir3 = tmp("zero3");
+    let ckpt3 = dir3.to_str().unwrap();
+    let (_, full3, _) = train(&base("4", &["--mesh", "dp=2", "--zero", "3"]));
+    let (code, _, err) = train(&base("2", &["--mesh", "dp=2", "--zero", "3", "--checkpoint", ckpt3]));
+    assert_eq!(code, 0, "{err}");
+    let (code, rest3, err) = train(&base("4", &["--mesh", "dp=2", "--zero", "3", "--resume", ckpt3]));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(losses(&rest3), losses(&full3[2..]));
+    let weights = dir3.join("checkpoint.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args([
+            "eval",
+            model.to_str().unwrap(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--data",
+            tokens().to_str().unwrap(),
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Mistakes are explained.
     let (code, _, err) = train(&base("2", &["--mesh", "dp=3"]));
     assert!(code != 0 && err.contains("--batch 2 does not divide over dp=3"), "{err}");
