@@ -10,6 +10,8 @@
 //!
 //! The last test checks that every differentiable op of the op table appears in these files.
 
+mod common;
+
 use shardc_ir::interp::{run_spmd, Precision};
 use shardc_ir::ops::Op;
 use shardc_ir::tensor::max_rel_error;
@@ -33,33 +35,25 @@ fn files() -> Vec<PathBuf> {
     v
 }
 
-fn directives<'a>(src: &'a str, key: &str) -> Vec<&'a str> {
-    src.lines()
-        .filter_map(|l| l.trim().strip_prefix('#'))
-        .filter_map(|l| l.trim().strip_prefix(key))
-        .map(str::trim)
-        .collect()
-}
-
 type Inputs = Vec<HashMap<String, Tensor>>;
 
 /// Per-rank inputs from the file's directives and a seeded generator.
 fn inputs(g: &Graph, src: &str, path: &Path) -> (Inputs, BTreeSet<String>) {
     let world = g.mesh.world_size();
-    let sharded: BTreeSet<String> = directives(src, "sharded")
+    let sharded: BTreeSet<String> = common::directives(src, "sharded")
         .iter()
         .flat_map(|l| l.split_whitespace())
         .map(|s| s.trim_start_matches('%').to_string())
         .collect();
     let mut fixed = HashMap::new();
-    for l in directives(src, "input") {
+    for l in common::directives(src, "input") {
         let (n, v) = l.split_once('=').unwrap();
         let vals: Vec<f64> =
             v.trim().trim_matches(|c| c == '[' || c == ']').split(',').map(|x| x.trim().parse().unwrap()).collect();
         fixed.insert(n.trim().trim_start_matches('%').to_string(), vals);
     }
     let mut ranges = HashMap::new();
-    for l in directives(src, "range") {
+    for l in common::directives(src, "range") {
         let parts: Vec<&str> = l.split_whitespace().collect();
         let lo: f64 = parts[2].parse().unwrap();
         let hi: f64 = parts[3].parse().unwrap();

@@ -9,6 +9,8 @@
 //! - `tests/tir/errors/verify/*.tir` parse but fail verification with every `# error: TEXT`.
 //! - `tests/tir/errors/parse/*.tir` fail to parse at `# error: LINE:COL TEXT`.
 
+mod common;
+
 use shardc_ir::interp::{run_spmd, Precision};
 use shardc_ir::ops::Op;
 use shardc_ir::tensor::max_rel_error;
@@ -41,15 +43,6 @@ fn files_under(rel: &str) -> Vec<PathBuf> {
     let mut v = Vec::new();
     tir_files(&root().join(rel), &mut v);
     v
-}
-
-/// `# key rest` comment lines, as (key, rest).
-fn directives<'a>(src: &'a str, key: &str) -> Vec<&'a str> {
-    src.lines()
-        .filter_map(|l| l.trim().strip_prefix('#'))
-        .filter_map(|l| l.trim().strip_prefix(key))
-        .map(str::trim)
-        .collect()
 }
 
 fn numbers(s: &str) -> Vec<f64> {
@@ -90,7 +83,7 @@ fn run_case(path: &Path, precision: Precision, tol: f64, ops_seen: &mut BTreeSet
         ops_seen.insert(n.op.name());
     });
     let mut inputs = HashMap::new();
-    for line in directives(&src, "input") {
+    for line in common::directives(&src, "input") {
         let (name, values) = line.split_once('=').expect("# input %x = [..]");
         let name = name.trim().trim_start_matches('%');
         let v = g.find(name).unwrap_or_else(|| panic!("{}: no argument %{name}", path.display()));
@@ -105,7 +98,7 @@ fn run_case(path: &Path, precision: Precision, tol: f64, ops_seen: &mut BTreeSet
     }
     let world = g.mesh.world_size();
     let outs = run_spmd(&g, &vec![inputs; world], precision).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let expects = directives(&src, "expect");
+    let expects = common::directives(&src, "expect");
     assert!(!expects.is_empty(), "{}: no `# expect` lines", path.display());
     for line in expects {
         let (lhs, values) = line.split_once('=').expect("# expect %y = [..]");
@@ -155,7 +148,7 @@ fn verifier_error_files_fail_with_their_messages() {
         let g = parse(&src).unwrap_or_else(|d| panic!("{}: should parse: {d}", path.display()));
         let errs = verify(&g).expect_err(&format!("{} should fail verification", path.display()));
         let text = errs.to_string();
-        let wanted = directives(&src, "error:");
+        let wanted = common::directives(&src, "error:");
         assert!(!wanted.is_empty(), "{}: no `# error:` lines", path.display());
         for w in wanted {
             assert!(text.contains(w), "{}: expected an error containing `{w}`, got:\n{text}", path.display());
@@ -181,7 +174,7 @@ fn parse_error_files_fail_at_their_location() {
     for path in &files {
         let src = std::fs::read_to_string(path).unwrap();
         let d = parse(&src).expect_err(&format!("{} should not parse", path.display()));
-        let wanted = directives(&src, "error:");
+        let wanted = common::directives(&src, "error:");
         let [w] = wanted.as_slice() else { panic!("{}: needs exactly one `# error: LINE:COL TEXT`", path.display()) };
         let (loc, text) = w.split_once(' ').expect("LINE:COL TEXT");
         assert_eq!(format!("{}:{}", d.line, d.col), loc, "{}: {d}", path.display());

@@ -1,5 +1,8 @@
 //! Helpers shared by the integration tests.
 
+// Each test crate uses a subset of these helpers.
+#![allow(dead_code)]
+
 use shardc_ir::tensor::max_rel_error;
 
 /// Compares a trained parameter with a reference: relative error below `tol`, except GPT-2's
@@ -18,4 +21,13 @@ pub fn check_param(what: &str, name: &str, got: &[f64], want: &[f64], tol: f64, 
     let err = max_rel_error(got, want);
     assert!(err < tol, "{what}: %{name}: rel err {err:e}");
     err
+}
+
+/// The text after `# key` on the comment lines of a test file, trimmed.
+pub fn directives<'a>(src: &'a str, key: &str) -> Vec<&'a str> {
+    src.lines()
+        .filter_map(|l| l.trim().strip_prefix('#'))
+        .filter_map(|l| l.trim().strip_prefix(key))
+        .map(str::trim)
+        .collect()
 }
