@@ -29,6 +29,9 @@ pub enum Command {
     /// Token files.
     #[command(subcommand)]
     Data(DataCommand),
+    /// Run compiler passes on a .tir graph (IR in, IR out), e.g. --passes autodiff or
+    /// --passes 'train-step{dp=dp zero=1}'.
+    Opt(OptArgs),
     /// List the IR's ops with their operands and attributes.
     Ops,
 }
@@ -220,4 +223,16 @@ pub struct ModelAndData {
     /// Tokens per row.
     #[arg(long)]
     pub seq: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct OptArgs {
+    /// The .tir (or .json) graph.
+    pub file: PathBuf,
+    /// The pipeline: passes separated by commas, options in braces (see `shardc_passes::pipeline`).
+    #[arg(long)]
+    pub passes: String,
+    /// Write the result here instead of standard output.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
 }

@@ -216,6 +216,14 @@ pub fn data(c: &DataCommand) -> Result<()> {
     }
 }
 
+pub fn opt(a: &crate::cli::OptArgs) -> Result<()> {
+    use shardc_passes::pipeline::{parse_pipeline, run_pipeline};
+    let g = read_graph(&a.file)?;
+    let specs = parse_pipeline(&a.passes).map_err(|e| anyhow!("--passes {}: {e}", a.passes))?;
+    let out = run_pipeline(&specs, &g).map_err(|e| anyhow!("{}: {e}", a.file.display()))?;
+    write_output(a.output.as_deref(), &print(&out))
+}
+
 pub fn ops() -> Result<()> {
     for op in Op::ALL {
         let info = op.info();

@@ -17,6 +17,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => commands::eval(a),
         Command::Train(a) => train::train(a),
         Command::Data(c) => commands::data(c),
+        Command::Opt(a) => commands::opt(a),
         Command::Ops => commands::ops(),
     }
 }

@@ -2,26 +2,24 @@
 //! printed result compared with `<case>.expected` beside it. `BLESS=1 cargo test` rewrites the
 //! expected files; a change is reviewed as their diff.
 //!
-//! Passes: `autodiff` (gradients of the first output with respect to every `param`).
+//! The pipeline is the directory name (`autodiff`), or the case's `# passes: ...` line, in the
+//! syntax of `shardc opt --passes` (see `shardc_passes::pipeline`).
 
 use shardc_ir::text::{parse, print};
 use shardc_ir::verify::verify;
-use shardc_ir::{ArgKind, Graph};
+use shardc_passes::pipeline::{parse_pipeline, run_pipeline};
 use std::path::{Path, PathBuf};
 
-fn run_pass(pass: &str, g: &Graph) -> Graph {
-    match pass {
-        "autodiff" => {
-            let params: Vec<_> = g.args_of(ArgKind::Param).collect();
-            shardc_passes::autodiff::differentiate(g, g.outputs[0], &params).unwrap().graph
-        }
-        other => panic!("no pass named `{other}` in tests/pass_golden.rs"),
-    }
+/// The pipeline of a case: its `# passes: ...` line, or the directory's pass name.
+fn pipeline(pass: &str, src: &str) -> String {
+    src.lines().find_map(|l| l.trim().strip_prefix("# passes:")).map_or(pass.to_string(), |p| p.trim().to_string())
 }
 
 fn check(pass: &str, path: &Path) -> Result<(), String> {
-    let g = parse(&std::fs::read_to_string(path).unwrap()).map_err(|d| format!("{}:{d}", path.display()))?;
-    let out = run_pass(pass, &g);
+    let src = std::fs::read_to_string(path).unwrap();
+    let g = parse(&src).map_err(|d| format!("{}:{d}", path.display()))?;
+    let specs = parse_pipeline(&pipeline(pass, &src)).map_err(|e| format!("{}: {e}", path.display()))?;
+    let out = run_pipeline(&specs, &g).map_err(|e| format!("{}: {e}", path.display()))?;
     verify(&out).map_err(|e| format!("{}: output does not verify: {e}", path.display()))?;
     let got = print(&out);
     let expected_path = path.with_extension("expected");

@@ -11,4 +11,5 @@
 
 pub mod autodiff;
 pub mod cost;
+pub mod pipeline;
 pub mod train_step;

@@ -1,0 +1,130 @@
+//! Pass pipelines as strings, shared by `shardc opt --passes=...` and the golden tests.
+//!
+//! ```text
+//! pipeline := pass (',' pass)*
+//! pass     := NAME ('{' KEY '=' VALUE (' ' KEY '=' VALUE)* '}')?
+//! ```
+//! Passes:
+//! - `autodiff`: gradients of the first output with respect to every parameter.
+//! - `train-step`: the whole training step (autodiff, clipping, AdamW), with the options
+//!   `beta1`, `beta2`, `eps`, `weight-decay`, `grad-clip` (defaults: nanoGPT's), and for data
+//!   parallelism `dp=AXIS` and `zero=0..3`.
+
+use crate::autodiff::differentiate;
+use crate::train_step::{build_data_parallel_step, AdamW, DataParallel};
+use shardc_ir::{ArgKind, Graph};
+use std::collections::BTreeMap;
+
+/// One pass with its options.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PassSpec {
+    pub name: String,
+    pub options: BTreeMap<String, String>,
+}
+
+const PASSES: &[&str] = &["autodiff", "train-step"];
+
+/// Parses a pipeline string; errors name the offending part.
+pub fn parse_pipeline(text: &str) -> Result<Vec<PassSpec>, String> {
+    let mut out = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let end = rest.find([',', '{']).unwrap_or(rest.len());
+        let name = rest[..end].trim().to_string();
+        if !PASSES.contains(&name.as_str()) {
+            return Err(format!("unknown pass `{name}`; passes are {}", PASSES.join(", ")));
+        }
+        rest = &rest[end..];
+        let mut options = BTreeMap::new();
+        if let Some(body) = rest.strip_prefix('{') {
+            let close = body.find('}').ok_or_else(|| format!("pass `{name}`: `{{` without `}}`"))?;
+            for kv in body[..close].split_whitespace() {
+                let (k, v) =
+                    kv.split_once('=').ok_or_else(|| format!("pass `{name}`: option `{kv}` must be KEY=VALUE"))?;
+                options.insert(k.to_string(), v.to_string());
+            }
+            rest = &body[close + 1..];
+        }
+        rest = rest.trim_start().strip_prefix(',').unwrap_or(rest).trim_start();
+        out.push(PassSpec { name, options });
+    }
+    if out.is_empty() {
+        return Err("the pipeline is empty".into());
+    }
+    Ok(out)
+}
+
+fn number(spec: &PassSpec, key: &str, default: f64) -> Result<f64, String> {
+    spec.options
+        .get(key)
+        .map_or(Ok(default), |v| v.parse().map_err(|_| format!("pass `{}`: `{key}={v}` is not a number", spec.name)))
+}
+
+fn check_options(spec: &PassSpec, known: &[&str]) -> Result<(), String> {
+    match spec.options.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(format!(
+            "pass `{}` has no option `{k}`; it takes {}",
+            spec.name,
+            if known.is_empty() { "none".into() } else { known.join(", ") }
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Runs one pass.
+pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
+    match spec.name.as_str() {
+        "autodiff" => {
+            check_options(spec, &[])?;
+            let params: Vec<_> = g.args_of(ArgKind::Param).collect();
+            let loss = *g.outputs.first().ok_or("the graph has no outputs")?;
+            Ok(differentiate(g, loss, &params).map_err(|e| e.to_string())?.graph)
+        }
+        "train-step" => {
+            check_options(spec, &["beta1", "beta2", "eps", "weight-decay", "grad-clip", "dp", "zero"])?;
+            let d = AdamW::default();
+            let opt = AdamW {
+                beta1: number(spec, "beta1", d.beta1)?,
+                beta2: number(spec, "beta2", d.beta2)?,
+                eps: number(spec, "eps", d.eps)?,
+                weight_decay: number(spec, "weight-decay", d.weight_decay)?,
+                grad_clip: number(spec, "grad-clip", d.grad_clip)?,
+            };
+            let zero = number(spec, "zero", 0.0)?;
+            let dp = match spec.options.get("dp") {
+                Some(axis) => Some(DataParallel { axis: axis.clone(), zero_stage: zero as u8 }),
+                None if zero != 0.0 => return Err("pass `train-step`: `zero` needs `dp=AXIS`".into()),
+                None => None,
+            };
+            Ok(build_data_parallel_step(g, &opt, dp.as_ref()).map_err(|e| e.to_string())?.graph)
+        }
+        other => Err(format!("unknown pass `{other}`")),
+    }
+}
+
+/// Runs a whole pipeline, verifying the graph after every pass.
+pub fn run_pipeline(specs: &[PassSpec], g: &Graph) -> Result<Graph, String> {
+    let mut g = g.clone();
+    for spec in specs {
+        g = run_pass(spec, &g)?;
+        shardc_ir::verify::verify(&g)
+            .map_err(|e| format!("after pass `{}` the graph does not verify (a compiler bug):\n{e}", spec.name))?;
+    }
+    Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipelines_parse_and_errors_name_the_part() {
+        let p = parse_pipeline("autodiff").unwrap();
+        assert_eq!(p[0].name, "autodiff");
+        let p = parse_pipeline("train-step{dp=dp zero=1}").unwrap();
+        assert_eq!(p[0].options["zero"], "1");
+        assert!(parse_pipeline("frob").unwrap_err().contains("unknown pass `frob`"));
+        assert!(parse_pipeline("train-step{dp}").unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_pipeline("").is_err());
+    }
+}
