@@ -116,8 +116,25 @@ fn check_stage3(name: &str) {
     shardc_ir::verify::verify(&step.graph).unwrap();
     let count = |op: Op| step.graph.nodes.iter().filter(|n| n.op == op).count();
     let n = step.params.len();
-    // Parameters gathered in the forward; their gradients reduce-scattered by autodiff.
-    assert_eq!((count(Op::AllGather), count(Op::ReduceScatter)), (n, n));
+    // Parameters gathered in the forward; those the backward needs (weights, for the inputs'
+    // gradients) gathered again rather than kept alive (ZeRO-3); gradients reduce-scattered by
+    // autodiff.
+    let g = &step.graph;
+    let regathered =
+        g.nodes.iter().filter(|n| n.op == Op::AllGather && g.name_of(n.output).ends_with(".regathered")).count();
+    assert_eq!((count(Op::AllGather) - regathered, count(Op::ReduceScatter)), (n, n));
+    assert!(regathered >= n / 2, "the weights and gains the backward needs are gathered again: {regathered} of {n}");
+    let seed = g.nodes.iter().position(|nd| g.name_of(nd.output) == "loss.grad").unwrap();
+    for nd in &g.nodes[seed..] {
+        for &v in &nd.inputs {
+            assert!(
+                !g.name_of(v).ends_with(".full"),
+                "backward node %{} uses the forward's gathered %{}",
+                g.name_of(nd.output),
+                g.name_of(v)
+            );
+        }
+    }
     let weights = local.weights.unwrap();
     let shard = |t: &shardc_ir::Tensor, r: usize| {
         let mut flat = t.to_f64();

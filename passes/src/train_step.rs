@@ -61,9 +61,7 @@ pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, Autod
 /// How the training step is spread over a data-parallel mesh axis (ZeRO, Rajbhandari et al.
 /// 2020). Stages 1 and 2 build the same graph (they differ in when gradient memory is freed,
 /// which the memory planner will account for). Stage 3 keeps the parameters as shards too (see
-/// [`shard_parameters`]); its backward reuses the forward's gathered parameters (2 Psi of traffic
-/// instead of ZeRO-3's 3 Psi, at the cost of keeping them alive) until the scheduler learns to
-/// re-gather.
+/// [`shard_parameters`]) and gathers them twice, for the forward and again for the backward.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DataParallel {
     /// The mesh axis the batch is split over.
@@ -120,6 +118,68 @@ pub fn shard_parameters(
     Ok((b.finish(&outputs), ranks))
 }
 
+/// ZeRO-3's backward gathers the parameters again instead of keeping the forward's copies alive
+/// (Rajbhandari et al. 2020, section 5.3: 3 Psi of traffic per step, not 2 Psi): every chain
+/// `all_gather -> [slice] -> reshape` that rebuilds a parameter in the forward (the first
+/// `forward_nodes` nodes) and whose result the backward uses (a weight in an input's gradient;
+/// not a bias) is repeated at the start of the backward, and backward nodes use the copy.
+fn regather_for_backward(g: Graph, forward_nodes: usize) -> Result<Graph, String> {
+    let mut g = g;
+    // Forward values that are parameter rebuilds: results of the gather chains.
+    let mut chains: Vec<Vec<usize>> = Vec::new();
+    for (i, n) in g.nodes[..forward_nodes].iter().enumerate() {
+        if n.op == Op::AllGather && g.args.iter().any(|a| a.kind == ArgKind::Param && a.value == n.inputs[0]) {
+            let mut chain = vec![i];
+            let mut last = n.output;
+            // Follow the single-use slice/reshape that completes the rebuild.
+            while let Some(j) = g.nodes[..forward_nodes]
+                .iter()
+                .position(|m| matches!(m.op, Op::Slice | Op::Reshape) && m.inputs == [last])
+            {
+                chain.push(j);
+                last = g.nodes[j].output;
+            }
+            chains.push(chain);
+        }
+    }
+    let mut copies = Vec::new();
+    let mut replace = std::collections::HashMap::new();
+    let used_in_backward = |v: shardc_ir::ValueId| g.nodes[forward_nodes..].iter().any(|n| n.inputs.contains(&v));
+    chains.retain(|chain| used_in_backward(g.nodes[*chain.last().expect("chains are non-empty")].output));
+    for chain in &chains {
+        let mut prev: Option<shardc_ir::ValueId> = None;
+        for &i in chain {
+            let n = g.nodes[i].clone();
+            let name = format!("{}.regathered", g.name_of(n.output));
+            let id = shardc_ir::ValueId(g.values.len() as u32);
+            g.values.push(shardc_ir::Value { name, ty: g.ty(n.output).clone(), sharding: None });
+            let inputs = match prev {
+                Some(p) => vec![p],
+                None => n.inputs.clone(),
+            };
+            copies.push(shardc_ir::Node { op: n.op, inputs, attrs: n.attrs.clone(), output: id });
+            prev = Some(id);
+        }
+        let last = g.nodes[*chain.last().expect("chains are non-empty")].output;
+        replace.insert(last, prev.expect("chains are non-empty"));
+    }
+    for n in &mut g.nodes[forward_nodes..] {
+        for v in &mut n.inputs {
+            if let Some(&r) = replace.get(v) {
+                *v = r;
+            }
+        }
+    }
+    let tail = g.nodes.split_off(forward_nodes);
+    g.nodes.extend(copies);
+    g.nodes.extend(tail);
+    if g.values.iter().map(|v| &v.name).collect::<std::collections::HashSet<_>>().len() != g.values.len() {
+        return Err("re-gathered parameter names collide with existing values".into());
+    }
+    g.finish();
+    Ok(g)
+}
+
 /// One parameter as the optimizer sees it: whole, or this rank's flat shard.
 struct UpdateView {
     name: String,
@@ -160,7 +220,13 @@ pub fn build_data_parallel_step(
     let forward = stage3.as_ref().map_or(forward, |(g, _)| g);
     let params: Vec<ValueId> = forward.args_of(ArgKind::Param).collect();
     let loss = *forward.outputs.first().ok_or_else(|| fail("the forward graph has no outputs".into()))?;
-    let d = differentiate(forward, loss, &params)?;
+    let mut d = differentiate(forward, loss, &params)?;
+    if stage3.is_some() {
+        // Renumbering moves the gradients' ids; their names stay.
+        let names: Vec<String> = d.grads.iter().map(|&v| d.graph.name_of(v).to_string()).collect();
+        d.graph = regather_for_backward(d.graph, forward.nodes.len()).map_err(fail)?;
+        d.grads = names.iter().map(|n| d.graph.find(n).expect("gradients keep their names")).collect();
+    }
     let mut b = Builder::from_graph(d.graph);
     let f32s = |b: &mut Builder, x: f64, hint: &str| b.scalar(x, DType::F32, hint).map_err(fail);
     let mut loss = loss;
