@@ -8,7 +8,8 @@ use std::path::PathBuf;
 /// A model (a Hugging Face config.json directory, or a .tir file in shardc's text IR) goes in;
 /// today shardc imports, prints and verifies it, and evaluates and trains it on the CPU (the whole
 /// training step compiled to one IR graph, run by the reference interpreter). Sharding over a
-/// device mesh and GPU code generation are being built. See README.md for the quick start.
+/// device mesh (data parallelism with ZeRO 0-3 today; tensor parallelism next) and GPU code
+/// generation are being built. See README.md for the quick start.
 #[derive(Debug, Parser)]
 #[command(name = "shardc", version, about, long_about)]
 pub struct Cli {
