@@ -168,3 +168,29 @@ fn zero3_gathered_parameters_equal_single_device_f64() {
     check_stage3("gpt2-tiny");
     check_stage3("llama-tiny");
 }
+
+/// ZeRO's communication per step over dp (Rajbhandari et al. 2020, section 7), measured on the
+/// step graphs: 2 Psi for stages 0-2 and up to 3 Psi for stage 3, where Psi is the parameter
+/// count. Extra terms: the loss and the gradient norm's scalars, zero padding to a multiple of dp,
+/// and for stage 3 the backward re-gathers only the parameters the backward reads (biases and
+/// gather-only embedding tables are not gathered again), so it stays below 3 Psi.
+#[test]
+fn zero_communication_volumes_match_the_paper() {
+    use shardc_passes::analysis::volume_per_axis;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2-tiny");
+    let local = import_dir(&dir, BuildOptions::f32(1, 16, false)).unwrap();
+    let psi = local.graph.param_count() as f64;
+    let mut forward = local.graph.clone();
+    forward.mesh = Mesh::parse("dp=4").unwrap();
+    for (stage, lo, hi) in [(0u8, 2.0, 2.0001), (1, 2.0, 2.001), (2, 2.0, 2.001), (3, 2.5, 3.0)] {
+        let step = build_data_parallel_step(
+            &forward,
+            &AdamW::default(),
+            Some(&DataParallel { axis: "dp".into(), zero_stage: stage }),
+        )
+        .unwrap();
+        let v = volume_per_axis(&step.graph)["dp"] / psi;
+        eprintln!("ZeRO stage {stage}: {v:.4} Psi per step over dp (Psi = {psi})");
+        assert!(v >= lo && v <= hi, "stage {stage}: {v} Psi, expected between {lo} and {hi}");
+    }
+}

@@ -9,6 +9,7 @@
 //!
 //! Architecture Invariant: this crate never touches a GPU, MLIR or the file system.
 
+pub mod analysis;
 pub mod autodiff;
 pub mod cost;
 pub mod pipeline;
