@@ -30,6 +30,9 @@ pub enum Command {
     /// Token files.
     #[command(subcommand)]
     Data(DataCommand),
+    /// What every rank holds and does for one training step: collectives, memory per device,
+    /// communication, FLOPs and a predicted step time, read off the compiled step.
+    Plan(PlanArgs),
     /// Run compiler passes on a .tir graph (IR in, IR out), e.g. --passes autodiff or
     /// --passes 'train-step{dp=dp zero=1}'.
     Opt(OptArgs),
@@ -236,4 +239,36 @@ pub struct OptArgs {
     /// Write the result here instead of standard output.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// A model directory (config.json) or a .tir file.
+    pub model: PathBuf,
+    /// Rows per global batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per row; defaults to the model's maximum positions (at most 1024).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Device mesh, e.g. dp=8 (data parallelism; tensor parallelism is being built).
+    #[arg(long)]
+    pub mesh: Option<String>,
+    /// ZeRO stage over dp.
+    #[arg(long, default_value_t = 0)]
+    pub zero: u8,
+    /// Plans default to bf16 mixed precision, as on the GPU.
+    #[arg(long, value_enum, default_value_t = TrainPrecision::Bf16Mixed)]
+    pub precision: TrainPrecision,
+    /// Device and network numbers (TOML); defaults to the bundled H100 NVLink/InfiniBand model.
+    #[arg(long)]
+    pub device_model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
+    pub format: PlanFormat,
 }

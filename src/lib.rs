@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod commands;
 pub mod model;
+pub mod plan;
 pub mod render;
 pub mod train;
 
@@ -17,6 +18,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(a) => commands::eval(a),
         Command::Train(a) => train::train(a),
         Command::Data(c) => commands::data(c),
+        Command::Plan(a) => plan::plan(a),
         Command::Opt(a) => commands::opt(a),
         Command::Ops => commands::ops(),
     }

@@ -13,4 +13,5 @@ pub mod analysis;
 pub mod autodiff;
 pub mod cost;
 pub mod pipeline;
+pub mod plan;
 pub mod train_step;

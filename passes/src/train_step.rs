@@ -44,6 +44,28 @@ pub struct TrainStep {
     pub graph: Graph,
     /// Parameter names, in the order of the per-parameter outputs.
     pub params: Vec<String>,
+    /// Nodes `0..forward_nodes` are the forward pass (loss included), the nodes up to
+    /// `backward_end` the backward pass; the rest synchronise gradients and update.
+    pub forward_nodes: usize,
+    pub backward_end: usize,
+    /// The names of the gradients as the optimizer consumes them (averaged; sharded under ZeRO).
+    pub optimizer_grads: Vec<String>,
+}
+
+/// The rule (a name for `shardc plan` and `shardc explain`) and phase of a collective this pass
+/// adds, from the name it gives the collective's result. Collectives of the forward and backward
+/// passes (autodiff's adjoints) are classified by position instead.
+pub fn collective_rule(value: &str) -> Option<(&'static str, &'static str)> {
+    let table: [(&str, &str, &str); 7] = [
+        (".grad_sum", "zero-0/all-reduce-gradients", "backward"),
+        (".grad_shard_sum", "zero-1/reduce-scatter-gradients", "backward"),
+        (".regathered", "zero-3/gather-parameters-for-backward", "backward"),
+        ("grad_sumsq_all", "zero-1/global-gradient-norm", "optimizer"),
+        ("loss_sum", "data-parallel/average-loss", "optimizer"),
+        (".gathered", "zero-1/gather-updated-parameters", "optimizer"),
+        (".shard", "zero-1/own-shard", "optimizer"),
+    ];
+    table.iter().find(|(suffix, _, _)| value.ends_with(suffix)).map(|&(_, rule, phase)| (rule, phase))
 }
 
 impl TrainStep {
@@ -120,7 +142,7 @@ pub fn shard_parameters(
 
 /// ZeRO-3's backward gathers the parameters again instead of keeping the forward's copies alive
 /// (Rajbhandari et al. 2020, section 5.3: 3 Psi of traffic per step, not 2 Psi): every chain
-/// `all_gather -> [slice] -> reshape` that rebuilds a parameter in the forward (the first
+/// `all_gather -> [slice] -> reshape [-> cast]` that rebuilds a parameter in the forward (the first
 /// `forward_nodes` nodes) and whose result the backward uses (a weight in an input's gradient;
 /// not a bias) is repeated at the start of the backward, and backward nodes use the copy.
 fn regather_for_backward(g: Graph, forward_nodes: usize) -> Result<Graph, String> {
@@ -131,10 +153,11 @@ fn regather_for_backward(g: Graph, forward_nodes: usize) -> Result<Graph, String
         if n.op == Op::AllGather && g.args.iter().any(|a| a.kind == ArgKind::Param && a.value == n.inputs[0]) {
             let mut chain = vec![i];
             let mut last = n.output;
-            // Follow the single-use slice/reshape that completes the rebuild.
+            // Follow the slice/reshape (and, under mixed precision, the cast to the compute
+            // dtype) that complete the rebuild.
             while let Some(j) = g.nodes[..forward_nodes]
                 .iter()
-                .position(|m| matches!(m.op, Op::Slice | Op::Reshape) && m.inputs == [last])
+                .position(|m| matches!(m.op, Op::Slice | Op::Reshape | Op::Cast) && m.inputs == [last])
             {
                 chain.push(j);
                 last = g.nodes[j].output;
@@ -227,6 +250,7 @@ pub fn build_data_parallel_step(
         d.graph = regather_for_backward(d.graph, forward.nodes.len()).map_err(fail)?;
         d.grads = names.iter().map(|n| d.graph.find(n).expect("gradients keep their names")).collect();
     }
+    let (forward_nodes, backward_end) = (forward.nodes.len(), d.graph.nodes.len());
     let mut b = Builder::from_graph(d.graph);
     let f32s = |b: &mut Builder, x: f64, hint: &str| b.scalar(x, DType::F32, hint).map_err(fail);
     let mut loss = loss;
@@ -415,6 +439,8 @@ pub fn build_data_parallel_step(
         outputs.extend([p_new, m_new, v_new]);
         names.push(name);
     }
+    // Names survive the renumbering in finish(); ids do not.
+    let optimizer_grads = views.iter().map(|v| b.graph.name_of(v.grad).to_string()).collect();
     let graph = b.finish(&outputs);
-    Ok(TrainStep { graph, params: names })
+    Ok(TrainStep { graph, params: names, forward_nodes, backward_end, optimizer_grads })
 }
