@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled defaults: build shardc, tokenize the bundled Shakespeare, import the
-# bundled char-level GPT config to IR and verify it, train it for a few hundred steps on the CPU
+# bundled char-level GPT config to IR and verify it, show the plan of its training step on a
+# data-parallel mesh, train it for a few hundred steps on the CPU
 # (STEPS=N to change), evaluate the result, and reproduce Hugging Face's loss on the tiny GPT-2
 # and Llama fixtures.
 set -euo pipefail
@@ -30,6 +31,9 @@ grep -m 6 -E '^%h0\.(q|scores|probs)' "$out/shakespeare-char.tir" | sed 's/^/   
 
 step "Verify the IR"
 $shardc check "$out/shakespeare-char.tir"
+
+step "Show the plan of its training step on 4 data-parallel ranks with ZeRO stage 1 (H100 device model)"
+$shardc plan examples/shakespeare-char --batch 8 --seq 128 --mesh dp=4 --zero 1
 
 step "Train it on the CPU: ${STEPS:=300} AdamW steps of 8 x 128 tokens (the loss starts near ln 256 = 5.55)"
 rm -rf "$out/checkpoint"
