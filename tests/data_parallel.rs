@@ -12,22 +12,44 @@ use shardc_runtime::data::TokenFile;
 use shardc_runtime::train::Trainer;
 use std::path::PathBuf;
 
-fn check(name: &str, zero_stage: u8, precision: Precision, tol: f64) {
+/// What both kinds of check start from: the single-device trainer on the whole batch, the
+/// dp-parallel step of `zero_stage` for half the batch per rank, the local (half-batch) weights
+/// and the token file.
+struct Setup {
+    reference: Trainer,
+    step: shardc_passes::train_step::TrainStep,
+    weights: std::collections::HashMap<String, shardc_ir::Tensor>,
+    data: TokenFile,
+}
+
+const DP: usize = 2;
+const ROWS: usize = 2;
+const SEQ: usize = 16;
+
+fn setup(name: &str, zero_stage: u8, precision: Precision) -> Setup {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
-    let (dp, rows, seq) = (2usize, 2usize, 16usize);
     let opt = AdamW::default();
     let data = TokenFile::open(&dir.join("train_tokens.bin")).unwrap();
-
-    let full = import_dir(&dir, BuildOptions::f32(rows, seq, false)).unwrap();
+    let full = import_dir(&dir, BuildOptions::f32(ROWS, SEQ, false)).unwrap();
     let step = build_train_step(&full.graph, &opt).unwrap();
-    let mut reference = Trainer::new(step.graph, step.params, full.weights.clone().unwrap(), precision).unwrap();
-
-    let local = import_dir(&dir, BuildOptions::f32(rows / dp, seq, false)).unwrap();
+    let reference = Trainer::new(step.graph, step.params, full.weights.unwrap(), precision).unwrap();
+    let local = import_dir(&dir, BuildOptions::f32(ROWS / DP, SEQ, false)).unwrap();
     let mut forward = local.graph.clone();
-    forward.mesh = Mesh::parse(&format!("dp={dp}")).unwrap();
-    let dp_opts = DataParallel { axis: "dp".into(), zero_stage };
-    let step = build_data_parallel_step(&forward, &opt, Some(&dp_opts)).unwrap();
+    forward.mesh = Mesh::parse(&format!("dp={DP}")).unwrap();
+    let step = build_data_parallel_step(&forward, &opt, Some(&DataParallel { axis: "dp".into(), zero_stage })).unwrap();
     shardc_ir::verify::verify(&step.graph).unwrap();
+    Setup { reference, step, weights: local.weights.unwrap(), data }
+}
+
+/// Batch k split into DP row blocks.
+fn split(x: &[i64], y: &[i64]) -> Vec<(Vec<i64>, Vec<i64>)> {
+    let per = (ROWS / DP) * SEQ;
+    (0..DP).map(|r| (x[r * per..(r + 1) * per].to_vec(), y[r * per..(r + 1) * per].to_vec())).collect()
+}
+
+fn check(name: &str, zero_stage: u8, precision: Precision, tol: f64) {
+    let Setup { mut reference, step, weights, data } = setup(name, zero_stage, precision);
+    let (dp, rows, seq) = (DP, ROWS, SEQ);
     let count = |op: Op| step.graph.nodes.iter().filter(|n| n.op == op).count();
     let n = step.params.len();
     if zero_stage == 0 {
@@ -41,15 +63,12 @@ fn check(name: &str, zero_stage: u8, precision: Precision, tol: f64) {
         let params: usize = step.graph.param_count();
         assert!(state <= 2 * (params / dp + n), "moments per rank {state} for {params} parameters");
     }
-    let mut parallel = Trainer::new_spmd(step.graph, step.params, vec![local.weights.unwrap(); dp], precision).unwrap();
+    let mut parallel = Trainer::new_spmd(step.graph, step.params, vec![weights; dp], precision).unwrap();
 
     for k in 0..3 {
         let (x, y) = data.batch(k, rows, seq).unwrap();
         let want = reference.step(x.clone(), y.clone(), 1e-3, k + 1).unwrap();
-        let per = (rows / dp) * seq;
-        let shards =
-            (0..dp).map(|r| (x[r * per..(r + 1) * per].to_vec(), y[r * per..(r + 1) * per].to_vec())).collect();
-        let got = parallel.step_spmd(shards, 1e-3, k + 1).unwrap();
+        let got = parallel.step_spmd(split(&x, &y), 1e-3, k + 1).unwrap();
         let (le, ne) =
             (((got.loss - want.loss) / want.loss).abs(), ((got.grad_norm - want.grad_norm) / want.grad_norm).abs());
         eprintln!(
@@ -100,20 +119,8 @@ fn gpt2_data_parallel_equals_single_device_f32() {
 /// zero-padded flattened parameter), gathered in the forward; gathering the trained shards gives
 /// the single-device parameters.
 fn check_stage3(name: &str) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name);
-    let (dp, rows, seq) = (2usize, 2usize, 16usize);
-    let opt = AdamW::default();
-    let data = TokenFile::open(&dir.join("train_tokens.bin")).unwrap();
-    let full = import_dir(&dir, BuildOptions::f32(rows, seq, false)).unwrap();
-    let step = build_train_step(&full.graph, &opt).unwrap();
-    let mut reference = Trainer::new(step.graph, step.params, full.weights.clone().unwrap(), Precision::F64).unwrap();
-
-    let local = import_dir(&dir, BuildOptions::f32(rows / dp, seq, false)).unwrap();
-    let mut forward = local.graph.clone();
-    forward.mesh = Mesh::parse(&format!("dp={dp}")).unwrap();
-    let step =
-        build_data_parallel_step(&forward, &opt, Some(&DataParallel { axis: "dp".into(), zero_stage: 3 })).unwrap();
-    shardc_ir::verify::verify(&step.graph).unwrap();
+    let Setup { mut reference, step, weights, data } = setup(name, 3, Precision::F64);
+    let (dp, rows, seq) = (DP, ROWS, SEQ);
     let count = |op: Op| step.graph.nodes.iter().filter(|n| n.op == op).count();
     let n = step.params.len();
     // Parameters gathered in the forward; those the backward needs (weights, for the inputs'
@@ -135,7 +142,6 @@ fn check_stage3(name: &str) {
             );
         }
     }
-    let weights = local.weights.unwrap();
     let shard = |t: &shardc_ir::Tensor, r: usize| {
         let mut flat = t.to_f64();
         let padded = flat.len().div_ceil(dp) * dp;
@@ -148,10 +154,7 @@ fn check_stage3(name: &str) {
     for k in 0..3 {
         let (x, y) = data.batch(k, rows, seq).unwrap();
         let want = reference.step(x.clone(), y.clone(), 1e-3, k + 1).unwrap();
-        let per = (rows / dp) * seq;
-        let shards =
-            (0..dp).map(|r| (x[r * per..(r + 1) * per].to_vec(), y[r * per..(r + 1) * per].to_vec())).collect();
-        let got = parallel.step_spmd(shards, 1e-3, k + 1).unwrap();
+        let got = parallel.step_spmd(split(&x, &y), 1e-3, k + 1).unwrap();
         eprintln!("{name} zero 3 step {}: loss {:.10} vs {:.10}", k + 1, got.loss, want.loss);
         assert!(((got.loss - want.loss) / want.loss).abs() < 1e-10, "{name} zero 3 step {}", k + 1);
     }

@@ -30,6 +30,28 @@ fn train<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, Vec<serde_json::Value>,
     (o.status.code().unwrap_or(-1), lines, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
+/// `train` arguments for the tiny GPT-2 fixture on its token file, 2 x 16 tokens, JSON lines.
+fn tiny_args(steps: &str, extra: &[&str]) -> Vec<String> {
+    let model = root().join("tests/fixtures/hf/gpt2-tiny");
+    let mut v: Vec<String> = [
+        model.to_str().unwrap(),
+        "--data",
+        tokens().to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq",
+        "16",
+        "--steps",
+        steps,
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
 fn losses(lines: &[serde_json::Value]) -> Vec<(u64, f64)> {
     lines.iter().map(|l| (l["step"].as_u64().unwrap(), l["loss"].as_f64().unwrap())).collect()
 }
@@ -61,30 +83,7 @@ fn json_mode_prints_one_object_per_step_and_nothing_else() {
 
 #[test]
 fn checkpointing_leaves_the_run_unchanged_and_mismatched_resumes_are_refused() {
-    let model = root().join("tests/fixtures/hf/gpt2-tiny");
-    let common = |steps: &str| -> Vec<String> {
-        [
-            model.to_str().unwrap(),
-            "--data",
-            tokens().to_str().unwrap(),
-            "--batch",
-            "2",
-            "--seq",
-            "16",
-            "--steps",
-            steps,
-            "--json",
-            "--warmup",
-            "2",
-            "--data-order",
-            "random",
-            "--seed",
-            "3",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let common = |steps: &str| tiny_args(steps, &["--warmup", "2", "--data-order", "random", "--seed", "3"]);
     let (_, full, err) = train(&common("6"));
     assert_eq!(full.len(), 6, "{err}");
     // The same run, checkpointed every 2 steps (exact resume is tested with Ctrl-C below).
@@ -228,26 +227,8 @@ fn results_do_not_depend_on_the_thread_count() {
 #[test]
 fn data_parallel_training_matches_one_device_and_resumes_exactly() {
     let model = root().join("tests/fixtures/hf/gpt2-tiny");
-    let base = |steps: &str, extra: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = [
-            model.to_str().unwrap(),
-            "--data",
-            tokens().to_str().unwrap(),
-            "--batch",
-            "2",
-            "--seq",
-            "16",
-            "--steps",
-            steps,
-            "--json",
-            "--lr",
-            "1e-3",
-            "--min-lr",
-            "1e-3",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let base = |steps: &str, extra: &[&str]| {
+        let mut v = tiny_args(steps, &["--lr", "1e-3", "--min-lr", "1e-3"]);
         v.extend(extra.iter().map(|s| s.to_string()));
         v
     };
