@@ -58,19 +58,7 @@ fn losses(lines: &[serde_json::Value]) -> Vec<(u64, f64)> {
 
 #[test]
 fn json_mode_prints_one_object_per_step_and_nothing_else() {
-    let model = root().join("tests/fixtures/hf/gpt2-tiny");
-    let (code, lines, err) = train(&[
-        model.to_str().unwrap(),
-        "--data",
-        tokens().to_str().unwrap(),
-        "--batch",
-        "2",
-        "--seq",
-        "16",
-        "--steps",
-        "4",
-        "--json",
-    ]);
+    let (code, lines, err) = train(&tiny_args("4", &[]));
     assert_eq!(code, 0, "{err}");
     assert_eq!(lines.len(), 4);
     for (k, l) in lines.iter().enumerate() {
