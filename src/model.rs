@@ -35,6 +35,25 @@ pub fn read_graph(path: &Path) -> Result<Graph> {
     Ok(g)
 }
 
+/// The graph of MODEL for `batch` x `seq` tokens, without reading or making weights (for
+/// planning: a 175B model's parameters are never materialised).
+pub fn load_graph(path: &Path, batch: usize, seq: usize, compute: DType) -> Result<Graph> {
+    if !path.is_dir() {
+        return read_graph(path);
+    }
+    let config_path = path.join("config.json");
+    let text =
+        std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
+    let (config, warnings) =
+        shardc_ir::import::parse_config(&text).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let built = shardc_ir::import::build_graph(&config, BuildOptions { batch, seq, emit_logits: false, compute })
+        .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+    Ok(built.graph)
+}
+
 /// Loads MODEL for `batch` x `seq` tokens with `tokens`/`targets` inputs and a `loss` output.
 pub fn load_model(
     path: &Path,

@@ -2,7 +2,7 @@
 
 use crate::cli::{PlanArgs, PlanFormat};
 use crate::commands::thousands;
-use crate::model::load_model;
+use crate::model::load_graph;
 use anyhow::{anyhow, bail, Context, Result};
 use shardc_ir::Mesh;
 use shardc_passes::cost::DeviceModel;
@@ -49,15 +49,15 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
             .and_then(|t| shardc_ir::import::parse_config(&t).ok())
             .map_or(1024, |(c, _)| c.max_positions.min(1024)),
     };
-    let mut model = load_model(&a.model, a.batch / dp, seq, a.precision.compute_dtype(), None, 0)?;
-    let params_total = model.graph.param_count();
-    model.graph.mesh = mesh.clone();
+    let mut graph = load_graph(&a.model, a.batch / dp, seq, a.precision.compute_dtype())?;
+    let params_total = graph.param_count();
+    graph.mesh = mesh.clone();
     let parallel = (!mesh.axes.is_empty()).then(|| DataParallel { axis: "dp".into(), zero_stage: a.zero });
-    let step = build_data_parallel_step(&model.graph, &AdamW::default(), parallel.as_ref())?;
+    let step = build_data_parallel_step(&graph, &AdamW::default(), parallel.as_ref())?;
     let p = plan_step(&step, params_total, &device);
     match a.format {
         PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&p)?),
-        PlanFormat::Text => print_text(&p, a, seq, &device, &model.graph.name),
+        PlanFormat::Text => print_text(&p, a, seq, &device, &graph.name),
     }
     Ok(())
 }
