@@ -269,6 +269,10 @@ pub struct PlanArgs {
     /// Device and network numbers (TOML); defaults to the bundled H100 NVLink/InfiniBand model.
     #[arg(long)]
     pub device_model: Option<PathBuf>,
+    /// Memory per device the plan must fit in, e.g. 80GiB, 40GB, 1.5TiB or bytes; defaults to the
+    /// device model's memory.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
     #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
     pub format: PlanFormat,
 }

@@ -10,6 +10,28 @@ use shardc_passes::plan::{plan as plan_step, Plan};
 use shardc_passes::train_step::{build_data_parallel_step, AdamW, DataParallel};
 use std::collections::BTreeMap;
 
+/// `80GiB`, `40GB`, `512MiB`, `1.5TiB` or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<f64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 =
+        num.parse().map_err(|_| anyhow!("`{text}` is not a size; write e.g. 80GiB, 40GB or 1000000000"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KiB" => 1024.0,
+        "MiB" => 1024f64.powi(2),
+        "GiB" => 1024f64.powi(3),
+        "TiB" => 1024f64.powi(4),
+        other => bail!("`{text}`: unknown unit `{other}`; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"),
+    };
+    Ok(value * scale)
+}
+
 fn gib(bytes: usize) -> String {
     format!("{:.3} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
@@ -55,9 +77,28 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
     let parallel = (!mesh.axes.is_empty()).then(|| DataParallel { axis: "dp".into(), zero_stage: a.zero });
     let step = build_data_parallel_step(&graph, &AdamW::default(), parallel.as_ref())?;
     let p = plan_step(&step, params_total, &device);
+    let budget = match &a.memory_budget {
+        Some(b) => parse_bytes(b).map_err(|e| anyhow!("--memory-budget: {e}"))?,
+        None => device.memory_bytes,
+    };
+    let fits = p.memory_per_device.total as f64 <= budget;
     match a.format {
-        PlanFormat::Json => println!("{}", serde_json::to_string_pretty(&p)?),
-        PlanFormat::Text => print_text(&p, a, seq, &device, &graph.name),
+        PlanFormat::Json => {
+            let mut v = serde_json::to_value(&p)?;
+            v["memory_budget"] = serde_json::json!(budget);
+            v["fits_memory_budget"] = serde_json::json!(fits);
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        PlanFormat::Text => {
+            print_text(&p, a, seq, &device, &graph.name);
+            let verdict = if fits { "fits" } else { "does NOT fit" };
+            println!(
+                "memory: {} per device {verdict} the budget of {} ({})",
+                gib(p.memory_per_device.total),
+                gib(budget as usize),
+                if a.memory_budget.is_some() { "--memory-budget" } else { "the device model's memory" }
+            );
+        }
     }
     Ok(())
 }

@@ -75,3 +75,22 @@ fn zero_volumes_and_memory_per_stage() {
         assert!((states - want).abs() / want < 1e-3, "stage {stage}: model states {states} Psi bytes, expected {want}");
     }
 }
+
+#[test]
+fn memory_budget_is_checked() {
+    let p = plan(&["--memory-budget", "1MiB"]);
+    assert_eq!(p["memory_budget"].as_f64(), Some(1048576.0));
+    assert_eq!(p["fits_memory_budget"], false, "the char-level GPT's step does not fit in 1 MiB");
+    let p = plan(&["--memory-budget", "80GiB"]);
+    assert_eq!(p["fits_memory_budget"], true);
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/shakespeare-char");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args(["plan", model.to_str().unwrap(), "--memory-budget", "80Gx"])
+        .output()
+        .unwrap();
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("unknown unit `Gx`"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
