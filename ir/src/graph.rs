@@ -10,7 +10,6 @@ use crate::ops::{InferCtx, Op};
 use crate::sharding::Sharding;
 use crate::types::{DType, TensorType};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 /// Index of a value in [`Graph::values`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -177,23 +176,9 @@ impl Graph {
         self.values = values;
     }
 
-    /// For each value, the index of the node that defines it (None for arguments).
-    pub fn producers(&self) -> Vec<Option<usize>> {
-        let mut p = vec![None; self.values.len()];
-        for (i, n) in self.nodes.iter().enumerate() {
-            p[n.output.index()] = Some(i);
-        }
-        p
-    }
-
     /// Number of scalar elements over all parameters.
     pub fn param_count(&self) -> usize {
         self.args_of(ArgKind::Param).map(|v| self.ty(v).numel()).sum()
-    }
-
-    /// Map from value name to id.
-    pub fn names(&self) -> HashMap<&str, ValueId> {
-        self.values.iter().enumerate().map(|(i, v)| (v.name.as_str(), ValueId(i as u32))).collect()
     }
 }
 

@@ -199,12 +199,6 @@ impl Op {
     pub fn is_collective(self) -> bool {
         matches!(self, Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll)
     }
-
-    /// True for the ops whose result depends on the rank (collectives, `axis_index`,
-    /// `take_shard`).
-    pub fn is_rank_dependent(self) -> bool {
-        self.is_collective() || matches!(self, Op::AxisIndex | Op::TakeShard)
-    }
 }
 
 /// Resolves a possibly negative dimension against `rank`.

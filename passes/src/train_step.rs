@@ -56,14 +56,13 @@ pub struct TrainStep {
 /// adds, from the name it gives the collective's result. Collectives of the forward and backward
 /// passes (autodiff's adjoints) are classified by position instead.
 pub fn collective_rule(value: &str) -> Option<(&'static str, &'static str)> {
-    let table: [(&str, &str, &str); 7] = [
+    let table: [(&str, &str, &str); 6] = [
         (".grad_sum", "zero-0/all-reduce-gradients", "backward"),
         (".grad_shard_sum", "zero-1/reduce-scatter-gradients", "backward"),
         (".regathered", "zero-3/gather-parameters-for-backward", "backward"),
         ("grad_sumsq_all", "zero-1/global-gradient-norm", "optimizer"),
         ("loss_sum", "data-parallel/average-loss", "optimizer"),
         (".gathered", "zero-1/gather-updated-parameters", "optimizer"),
-        (".shard", "zero-1/own-shard", "optimizer"),
     ];
     table.iter().find(|(suffix, _, _)| value.ends_with(suffix)).map(|&(_, rule, phase)| (rule, phase))
 }

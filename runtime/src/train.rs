@@ -7,7 +7,7 @@
 //! the next step's arguments.
 
 use shardc_ir::interp::{run_spmd, InterpError, Precision};
-use shardc_ir::{ArgKind, DType, Graph, Tensor, TensorType};
+use shardc_ir::{DType, Graph, Tensor, TensorType};
 use std::collections::HashMap;
 
 /// What one step reports.
@@ -185,11 +185,6 @@ impl Trainer {
     /// The parameter names, in order.
     pub fn params(&self) -> &[String] {
         &self.params
-    }
-
-    /// Number of trainable scalars (per rank).
-    pub fn param_count(&self) -> usize {
-        self.graph.args_of(ArgKind::Param).map(|v| self.graph.ty(v).numel()).sum()
     }
 }
 
