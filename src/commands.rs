@@ -42,13 +42,7 @@ pub fn vocab_size(g: &shardc_ir::Graph) -> Option<usize> {
 }
 
 pub fn import(a: &ImportArgs) -> Result<()> {
-    let config_text = std::fs::read_to_string(a.model_dir.join("config.json"));
-    // The default sequence length needs the config; read it first (errors come from import_dir).
-    let seq = match (a.seq, config_text) {
-        (Some(s), _) => s,
-        (None, Ok(text)) => shardc_ir::import::parse_config(&text).map(|(c, _)| c.max_positions.min(1024)).unwrap_or(1),
-        (None, Err(_)) => 1,
-    };
+    let seq = a.seq.unwrap_or_else(|| crate::model::default_seq(&a.model_dir));
     let m = import_dir(
         &a.model_dir,
         BuildOptions { batch: a.batch, seq, emit_logits: a.logits, compute: a.precision.compute_dtype() },

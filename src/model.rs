@@ -35,6 +35,15 @@ pub fn read_graph(path: &Path) -> Result<Graph> {
     Ok(g)
 }
 
+/// The sequence length a command uses when none is given: the model's maximum positions, at
+/// most 1024 (1024 when the config cannot be read; the import then reports why).
+pub fn default_seq(model_dir: &Path) -> usize {
+    std::fs::read_to_string(model_dir.join("config.json"))
+        .ok()
+        .and_then(|t| shardc_ir::import::parse_config(&t).ok())
+        .map_or(1024, |(c, _)| c.max_positions.min(1024))
+}
+
 /// The graph of MODEL for `batch` x `seq` tokens, without reading or making weights (for
 /// planning: a 175B model's parameters are never materialised).
 pub fn load_graph(path: &Path, batch: usize, seq: usize, compute: DType) -> Result<Graph> {

@@ -64,13 +64,7 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
     if !a.batch.is_multiple_of(dp) {
         bail!("--batch {} does not divide over dp={dp}; use a batch that is a multiple of {dp}", a.batch);
     }
-    let seq = match a.seq {
-        Some(s) => s,
-        None => std::fs::read_to_string(a.model.join("config.json"))
-            .ok()
-            .and_then(|t| shardc_ir::import::parse_config(&t).ok())
-            .map_or(1024, |(c, _)| c.max_positions.min(1024)),
-    };
+    let seq = a.seq.unwrap_or_else(|| crate::model::default_seq(&a.model));
     let mut graph = load_graph(&a.model, a.batch / dp, seq, a.precision.compute_dtype())?;
     let params_total = graph.param_count();
     graph.mesh = mesh.clone();
