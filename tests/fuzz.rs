@@ -7,6 +7,8 @@
 //! Case counts are printed (run with `--nocapture`) and can be raised with FUZZ_CASES=N
 //! (per target).
 
+mod common;
+
 use shardc_ir::import::{import_dir, parse_config, weights::read_tensors, BuildOptions};
 use shardc_ir::interp::{run, Precision};
 use shardc_ir::text::{parse, print};
@@ -15,7 +17,7 @@ use shardc_ir::{ArgKind, Tensor};
 use shardc_runtime::data::TokenFile;
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 struct Rng(u64);
 
@@ -106,25 +108,6 @@ fn mutate(rng: &mut Rng, data: &[u8]) -> Vec<u8> {
     d
 }
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn corpus(dir: &Path, ext: &str, out: &mut Vec<Vec<u8>>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    paths.sort();
-    for p in paths {
-        if p.is_dir() {
-            corpus(&p, ext, out);
-        } else if p.file_name().is_some_and(|f| f.to_string_lossy().ends_with(ext)) {
-            out.push(std::fs::read(&p).unwrap());
-        }
-    }
-}
-
 fn cases() -> usize {
     std::env::var("FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(4000)
 }
@@ -160,8 +143,8 @@ fn zero_inputs(g: &shardc_ir::Graph) -> HashMap<String, Tensor> {
 #[test]
 fn tir_parser_verifier_and_interpreter_never_panic() {
     let mut files = Vec::new();
-    corpus(&root().join("tests/tir"), ".tir", &mut files);
-    corpus(&root().join("examples"), ".tir", &mut files);
+    files.extend(common::files_ending("tests/tir", ".tir").iter().map(|p| std::fs::read(p).unwrap()));
+    files.extend(common::files_ending("examples", ".tir").iter().map(|p| std::fs::read(p).unwrap()));
     let counters = std::cell::RefCell::new((0usize, 0usize, 0usize));
     fuzz("tir", &files, cases() * 5, 0x5EED_0001, |bytes| {
         let src = String::from_utf8_lossy(bytes);
@@ -195,8 +178,8 @@ fn tir_parser_verifier_and_interpreter_never_panic() {
 #[test]
 fn config_json_never_panics() {
     let mut files = Vec::new();
-    corpus(&root().join("tests/fixtures"), "config.json", &mut files);
-    corpus(&root().join("examples"), "config.json", &mut files);
+    files.extend(common::files_ending("tests/fixtures", "config.json").iter().map(|p| std::fs::read(p).unwrap()));
+    files.extend(common::files_ending("examples", "config.json").iter().map(|p| std::fs::read(p).unwrap()));
     fuzz("config", &files, cases(), 0x5EED_0002, |bytes| {
         let _ = parse_config(&String::from_utf8_lossy(bytes));
     });
@@ -206,10 +189,10 @@ fn config_json_never_panics() {
 fn safetensors_loading_never_panics() {
     let dir = std::env::temp_dir().join(format!("shardc-fuzz-st-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let fixture = root().join("tests/fixtures/hf/gpt2-tiny");
+    let fixture = common::root().join("tests/fixtures/hf/gpt2-tiny");
     std::fs::copy(fixture.join("config.json"), dir.join("config.json")).unwrap();
     let mut files = Vec::new();
-    corpus(&root().join("tests/fixtures/hf"), ".safetensors", &mut files);
+    files.extend(common::files_ending("tests/fixtures/hf", ".safetensors").iter().map(|p| std::fs::read(p).unwrap()));
     // Header-focused mutations matter most: keep the mutated file small by cutting the data.
     let files: Vec<Vec<u8>> = files
         .into_iter()
@@ -228,7 +211,7 @@ fn safetensors_loading_never_panics() {
 #[test]
 fn token_files_never_panic() {
     let mut files = Vec::new();
-    corpus(&root().join("tests/fixtures"), "tokens.bin", &mut files);
+    files.extend(common::files_ending("tests/fixtures", "tokens.bin").iter().map(|p| std::fs::read(p).unwrap()));
     fuzz("tokens", &files, cases(), 0x5EED_0004, |bytes| {
         if let Ok(f) = TokenFile::from_bytes(Path::new("fuzz.bin"), bytes) {
             let _ = f.batch(0, 2, 4);

@@ -21,19 +21,7 @@ use shardc_ir::{DType, Graph, Tensor};
 use shardc_passes::autodiff::{differentiate, is_differentiable};
 use shardc_runtime::init::Rng;
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
-
-fn files() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/tir/grad");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|e| e == "tir"))
-        .collect();
-    v.sort();
-    v
-}
+use std::path::Path;
 
 type Inputs = Vec<HashMap<String, Tensor>>;
 
@@ -159,7 +147,7 @@ fn check(path: &Path, seen: &mut BTreeSet<&'static str>) {
 #[test]
 fn autodiff_matches_finite_differences() {
     let mut seen = BTreeSet::new();
-    let files = files();
+    let files = common::files_ending("tests/tir/grad", ".tir");
     for path in &files {
         check(path, &mut seen);
     }

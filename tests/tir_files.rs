@@ -20,31 +20,6 @@ use shardc_ir::{Graph, Tensor};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tir_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut entries: Vec<_> = entries.flatten().map(|e| e.path()).collect();
-    entries.sort();
-    for p in entries {
-        if p.is_dir() {
-            tir_files(&p, out);
-        } else if p.extension().is_some_and(|e| e == "tir") {
-            out.push(p);
-        }
-    }
-}
-
-fn files_under(rel: &str) -> Vec<PathBuf> {
-    let mut v = Vec::new();
-    tir_files(&root().join(rel), &mut v);
-    v
-}
-
 fn numbers(s: &str) -> Vec<f64> {
     s.trim()
         .trim_start_matches('[')
@@ -56,9 +31,12 @@ fn numbers(s: &str) -> Vec<f64> {
 
 #[test]
 fn every_tir_file_round_trips() {
-    let errors = root().join("tests/tir/errors");
-    let files: Vec<PathBuf> =
-        files_under("tests").into_iter().chain(files_under("examples")).filter(|p| !p.starts_with(&errors)).collect();
+    let errors = common::root().join("tests/tir/errors");
+    let files: Vec<PathBuf> = common::files_ending("tests", ".tir")
+        .into_iter()
+        .chain(common::files_ending("examples", ".tir"))
+        .filter(|p| !p.starts_with(&errors))
+        .collect();
     assert!(files.len() >= 6, "expected the repository's .tir files, found {}", files.len());
     for path in &files {
         let src = std::fs::read_to_string(path).unwrap();
@@ -129,7 +107,7 @@ fn run_case(path: &Path, precision: Precision, tol: f64, ops_seen: &mut BTreeSet
 
 #[test]
 fn op_files_compute_the_expected_values() {
-    let files = files_under("tests/tir/ops");
+    let files = common::files_ending("tests/tir/ops", ".tir");
     let mut seen = BTreeSet::new();
     for path in &files {
         run_case(path, Precision::F64, 1e-9, &mut seen);
@@ -141,7 +119,7 @@ fn op_files_compute_the_expected_values() {
 
 #[test]
 fn verifier_error_files_fail_with_their_messages() {
-    let files = files_under("tests/tir/errors/verify");
+    let files = common::files_ending("tests/tir/errors/verify", ".tir");
     assert!(!files.is_empty());
     for path in &files {
         let src = std::fs::read_to_string(path).unwrap();
@@ -169,7 +147,7 @@ fn verifier_error_files_fail_with_their_messages() {
 
 #[test]
 fn parse_error_files_fail_at_their_location() {
-    let files = files_under("tests/tir/errors/parse");
+    let files = common::files_ending("tests/tir/errors/parse", ".tir");
     assert!(!files.is_empty());
     for path in &files {
         let src = std::fs::read_to_string(path).unwrap();

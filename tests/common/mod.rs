@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use shardc_ir::tensor::max_rel_error;
+use std::path::{Path, PathBuf};
 
 /// Compares a trained parameter with a reference: relative error below `tol`, except GPT-2's
 /// attention key bias. Its gradient is zero in exact arithmetic (softmax ignores a shift of all
@@ -30,4 +31,29 @@ pub fn directives<'a>(src: &'a str, key: &str) -> Vec<&'a str> {
         .filter_map(|l| l.trim().strip_prefix(key))
         .map(str::trim)
         .collect()
+}
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Every file below `rel` (relative to the repository root) whose name ends with `suffix`,
+/// recursively, in sorted order.
+pub fn files_ending(rel: &str, suffix: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, suffix: &str, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            if p.is_dir() {
+                walk(&p, suffix, out);
+            } else if p.file_name().is_some_and(|f| f.to_string_lossy().ends_with(suffix)) {
+                out.push(p);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&root().join(rel), suffix, &mut out);
+    out
 }
