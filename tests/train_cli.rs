@@ -230,25 +230,23 @@ fn data_parallel_training_matches_one_device_and_resumes_exactly() {
             assert!(((a - b) / a).abs() < 1e-5, "zero {zero} step {s}: dp=2 loss {b} vs one device {a}");
         }
     }
-    // ZeRO-1 checkpoints hold every rank's moment shards; a resumed run continues exactly.
-    let dir = tmp("zero1");
-    let ckpt = dir.to_str().unwrap();
-    let (_, full, _) = train(&base("4", &["--mesh", "dp=2", "--zero", "1"]));
-    let (code, _, err) = train(&base("2", &["--mesh", "dp=2", "--zero", "1", "--checkpoint", ckpt]));
-    assert_eq!(code, 0, "{err}");
-    let (code, rest, err) = train(&base("4", &["--mesh", "dp=2", "--zero", "1", "--resume", ckpt]));
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(losses(&rest), losses(&full[2..]));
-    // ZeRO-3 checkpoints hold full parameters (gathered) that `shardc eval --weights` reads, and
-    // resume exactly too.
-    let dir3 = tmp("zero3");
-    let ckpt3 = dir3.to_str().unwrap();
-    let (_, full3, _) = train(&base("4", &["--mesh", "dp=2", "--zero", "3"]));
-    let (code, _, err) = train(&base("2", &["--mesh", "dp=2", "--zero", "3", "--checkpoint", ckpt3]));
-    assert_eq!(code, 0, "{err}");
-    let (code, rest3, err) = train(&base("4", &["--mesh", "dp=2", "--zero", "3", "--resume", ckpt3]));
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(losses(&rest3), losses(&full3[2..]));
+    // ZeRO-1 checkpoints hold every rank's moment shards, ZeRO-3 ones the gathered parameters
+    // too (which `shardc eval --weights` reads below); a run resumed from either continues the
+    // uninterrupted run's losses exactly.
+    let resumes_exactly = |zero: &str| {
+        let dir = tmp(&format!("zero{zero}"));
+        let ckpt = dir.to_str().unwrap();
+        let mesh = ["--mesh", "dp=2", "--zero", zero];
+        let (_, full, _) = train(&base("4", &mesh));
+        let (code, _, err) = train(&base("2", &[&mesh[..], &["--checkpoint", ckpt]].concat()));
+        assert_eq!(code, 0, "{err}");
+        let (code, rest, err) = train(&base("4", &[&mesh[..], &["--resume", ckpt]].concat()));
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(losses(&rest), losses(&full[2..]), "zero {zero}");
+        dir
+    };
+    resumes_exactly("1");
+    let dir3 = resumes_exactly("3");
     let weights = dir3.join("checkpoint.safetensors");
     let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
         .args([
