@@ -133,17 +133,16 @@ struct Parser {
 }
 
 /// A cursor over one line.
-struct Cursor<'a> {
+struct Cursor {
     line_no: usize,
     chars: Vec<char>,
     pos: usize,
-    _src: &'a str,
 }
 
 type PResult<T> = Result<T, Diagnostic>;
 
-impl<'a> Cursor<'a> {
-    fn new(line_no: usize, line: &'a str) -> Self {
+impl Cursor {
+    fn new(line_no: usize, line: &str) -> Self {
         // Strip the comment (no '#' can occur inside a valid token other than a string).
         let mut chars: Vec<char> = Vec::new();
         let mut in_string = false;
@@ -164,7 +163,7 @@ impl<'a> Cursor<'a> {
             }
             chars.push(c);
         }
-        Cursor { line_no, chars, pos: 0, _src: line }
+        Cursor { line_no, chars, pos: 0 }
     }
 
     fn err_at(&self, col0: usize, len: usize, message: impl Into<String>) -> Diagnostic {
