@@ -154,8 +154,8 @@ op_table! {
         "per-row -log softmax(logits[..., V])[target] -> [...]";
     AllReduce => "all_reduce", Arity::Exact(1), [req("axis", K::Str), opt("reduce", K::Str)], infer_all_reduce,
         "sum over the ranks of mesh axis `axis`";
-    AllGather => "all_gather", Arity::Exact(1), [req("axis", K::Str), req("dim", K::Int)], infer_all_gather,
-        "concatenate the ranks' shards along `dim`";
+    AllGather => "all_gather", Arity::Exact(1), [req("axis", K::Str), req("dim", K::Int), opt("grad", K::Str)], infer_all_gather,
+        "concatenate the ranks' shards along `dim` (`grad = \"slice\"`: replicated consumers, see autodiff)";
     ReduceScatter => "reduce_scatter", Arity::Exact(1), [req("axis", K::Str), req("dim", K::Int)], infer_reduce_scatter,
         "sum over the ranks, each keeping its shard of `dim`";
     Identity => "identity", Arity::Exact(1), [req("axis", K::Str)], infer_identity,
@@ -483,6 +483,11 @@ fn infer_all_gather(ctx: &InferCtx) -> Result<TensorType, String> {
     let n = axis_size(ctx)?;
     let x = ctx.inputs[0];
     let dim = normalize_dim(int_attr(ctx.attrs, "dim")?, x.rank())?;
+    if let Some(g) = ctx.attrs.str("grad") {
+        if g != "sum" && g != "slice" {
+            return Err(format!("grad = \"{g}\" is not known; use \"sum\" (the default) or \"slice\""));
+        }
+    }
     let mut shape = x.shape.clone();
     shape[dim] = shape[dim].saturating_mul(n);
     Ok(TensorType::new(x.dtype, shape))

@@ -56,6 +56,56 @@ impl Tensor {
         Tensor { dtype, shape, data: Data::I64(data) }
     }
 
+    /// Chunk `k` of `n` equal chunks along `dim` (a tensor-parallel rank's shard). Panics if
+    /// `n` does not divide the dim (callers check divisibility with their own error).
+    pub fn chunk(&self, dim: usize, n: usize, k: usize) -> Tensor {
+        assert!(self.shape[dim].is_multiple_of(n) && k < n, "Tensor::chunk: {n} chunks of dim {dim} of {:?}", self.shape);
+        let outer: usize = self.shape[..dim].iter().product();
+        let block: usize = self.shape[dim..].iter().product();
+        let part = block / n;
+        fn pick<T: Copy>(v: &[T], outer: usize, block: usize, part: usize, k: usize) -> Vec<T> {
+            (0..outer).flat_map(|o| v[o * block + k * part..o * block + (k + 1) * part].iter().copied()).collect()
+        }
+        let data = match &self.data {
+            Data::F32(v) => Data::F32(pick(v, outer, block, part, k)),
+            Data::F64(v) => Data::F64(pick(v, outer, block, part, k)),
+            Data::I64(v) => Data::I64(pick(v, outer, block, part, k)),
+        };
+        let mut shape = self.shape.clone();
+        shape[dim] /= n;
+        Tensor { dtype: self.dtype, shape, data }
+    }
+
+    /// The inverse of [`Tensor::chunk`]: concatenates equal parts (same storage) along `dim`.
+    pub fn concat(parts: &[Tensor], dim: usize) -> Tensor {
+        let first = &parts[0];
+        let outer: usize = first.shape[..dim].iter().product();
+        let part: usize = first.shape[dim..].iter().product();
+        fn join<T: Copy>(vs: &[&[T]], outer: usize, part: usize) -> Vec<T> {
+            (0..outer).flat_map(|o| vs.iter().flat_map(move |v| v[o * part..(o + 1) * part].iter().copied())).collect()
+        }
+        let data = match &first.data {
+            Data::F32(_) => {
+                let vs: Vec<&[f32]> =
+                    parts.iter().filter_map(|p| if let Data::F32(v) = &p.data { Some(&v[..]) } else { None }).collect();
+                Data::F32(join(&vs, outer, part))
+            }
+            Data::F64(_) => {
+                let vs: Vec<&[f64]> =
+                    parts.iter().filter_map(|p| if let Data::F64(v) = &p.data { Some(&v[..]) } else { None }).collect();
+                Data::F64(join(&vs, outer, part))
+            }
+            Data::I64(_) => {
+                let vs: Vec<&[i64]> =
+                    parts.iter().filter_map(|p| if let Data::I64(v) = &p.data { Some(&v[..]) } else { None }).collect();
+                Data::I64(join(&vs, outer, part))
+            }
+        };
+        let mut shape = first.shape.clone();
+        shape[dim] *= parts.len();
+        Tensor { dtype: first.dtype, shape, data }
+    }
+
     /// A zero-filled tensor of the given type (f32 storage for floats).
     pub fn zeros(ty: &TensorType) -> Tensor {
         let n = ty.numel();

@@ -11,7 +11,8 @@
 //!
 //! Collectives differentiate as DESIGN.md's table says: `all_reduce(sum)` -> identity,
 //! `identity {axis}` -> `all_reduce` over the axis (Megatron's f and g), `all_gather` <->
-//! `reduce_scatter` on the same dim, `all_to_all` -> `all_to_all` with split and concat swapped.
+//! `reduce_scatter` on the same dim (`all_gather {grad = "slice"}`, whose consumers are
+//! replicated computations, -> `take_shard`), `all_to_all` -> `all_to_all` with split and concat swapped.
 //!
 //! Example (`tests/passes/autodiff/mul.tir`):
 //! ```text
@@ -57,7 +58,10 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
     }
     for n in &g.nodes {
         let depends = n.inputs.iter().any(|v| needs[v.index()]);
-        needs[n.output.index()] = depends && g.ty(n.output).dtype.is_float() && !is_constant(n.op);
+        // The global max of a vocab-parallel cross-entropy only shifts the logits (the shift
+        // cancels), so `all_reduce {reduce = "max"}` carries no gradient, as in Megatron.
+        let max = n.op == Op::AllReduce && n.attrs.str("reduce") == Some("max");
+        needs[n.output.index()] = depends && g.ty(n.output).dtype.is_float() && !is_constant(n.op) && !max;
     }
     let mut ad = Ad { b: Builder::from_graph(g.clone()), adj: HashMap::new() };
     let seed = ad.b.scalar(1.0, lt.dtype, &format!("{}.grad", g.name_of(loss))).map_err(fail)?;
@@ -445,7 +449,20 @@ impl Ad {
                 let axis = n.attrs.get("axis").cloned().unwrap_or(Attr::Str(String::new()));
                 vec![Some(self.b.op(Op::AllReduce, &[dy], Attrs::new().with("axis", axis), &h0)?)]
             }
-            Op::AllGather => vec![Some(self.b.op(Op::ReduceScatter, &[dy], n.attrs.clone(), &h0)?)],
+            Op::AllGather => {
+                let (axis, dim) = (n.attrs.get("axis").cloned(), n.attrs.get("dim").cloned());
+                let attrs = Attrs::new()
+                    .with("axis", axis.unwrap_or(Attr::Str(String::new())))
+                    .with("dim", dim.unwrap_or(Attr::Int(0)));
+                if n.attrs.str("grad") == Some("slice") {
+                    // Replicated consumers: every rank's adjoint is already the whole gradient
+                    // (Megatron's gather_from_tensor_model_parallel_region): keep this rank's chunk.
+                    vec![Some(self.b.op(Op::TakeShard, &[dy], attrs, &h0)?)]
+                } else {
+                    // The consumers' adjoints are partial: sum them, keep this rank's chunk.
+                    vec![Some(self.b.op(Op::ReduceScatter, &[dy], attrs, &h0)?)]
+                }
+            }
             // Replicated -> sharded without communication; the replicated input's (full)
             // gradient is the concatenation of the shards' gradients.
             Op::TakeShard => vec![Some(self.b.op(Op::AllGather, &[dy], n.attrs.clone(), &h0)?)],

@@ -14,4 +14,5 @@ pub mod autodiff;
 pub mod cost;
 pub mod pipeline;
 pub mod plan;
+pub mod sharding;
 pub mod train_step;

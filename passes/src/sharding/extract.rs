@@ -1,0 +1,180 @@
+//! Extraction: the cheapest term per e-class under the cost model.
+//!
+//! The cost of a term is (weight-state bytes per device, predicted seconds of the forward
+//! and backward, other bytes per device), compared in that order. The mesh the user gave
+//! is used first to store the weight matrices split, as Megatron uses it; among plans that do,
+//! the fastest wins, then the one with the smallest activations. (Which mesh, sequence
+//! parallelism and ZeRO stage to use is `--auto`'s outer search over whole plans.)
+//!
+//! - Weight state: 16 bytes per f32 element of a parameter of rank 2 or more (value, gradient,
+//!   two Adam moments); a `shard` of a parameter counts only its chunk. Vectors (biases, norm
+//!   scales) count with the activations.
+//! - Cross-entropy over all-gathered logits is not allowed where the logits exist split: the
+//!   vocab-parallel cross-entropy is required (full-vocabulary logits would be the largest
+//!   activation of the step).
+//! - Time: the roofline of each op on its per-rank shapes (matmuls counted three times for the
+//!   forward and the two backward products), plus the alpha-beta time of each collective over
+//!   the tensor-parallel axis and of its adjoint: an all_gather's reduce-scatter, a
+//!   reduce-scatter's all-gather, a `shard`'s all-gather, and the all-reduce of the gradient
+//!   of a replicated operand of split compute (Megatron's f), unless an all_gather produces it
+//!   (its reduce-scatter already sums); for a parameter operand (a norm scale under sequence
+//!   parallelism) bandwidth only, as it joins the gradient synchronisation's buckets. An
+//!   all_reduce's adjoint is free.
+//! - Activations: every per-rank result's bytes.
+//!
+//! Layer 0's terms count once per layer. With sequence parallelism on, an all-reduce of a
+//! `[batch, seq, ...]` activation is not allowed (it must be a reduce-scatter + all-gather).
+//! egg's extractor sums the costs of a term's children (shared subterms count once per use);
+//! it is deterministic (egg's `deterministic` feature; ties go to the first e-node in egg's
+//! sorted order).
+
+use super::lang::Sh;
+use super::{Layout, Search};
+use crate::cost::{collective_seconds, compute_seconds, CollectiveKind, DeviceModel};
+use egg::{CostFunction, Extractor, Id, Language};
+use shardc_ir::ops::Op;
+use shardc_ir::DType;
+use std::collections::HashMap;
+
+/// (parameter-state bytes, seconds, activation bytes).
+pub type Cost = (f64, f64, f64);
+
+/// The chosen e-node of every class and its cost.
+pub struct Extraction {
+    pub best: HashMap<Id, Sh>,
+    pub cost: HashMap<Id, Cost>,
+}
+
+struct ShCost<'a> {
+    s: &'a Search,
+    device: &'a DeviceModel,
+}
+
+const FORBIDDEN: Cost = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+
+impl ShCost<'_> {
+    fn local_bytes(&self, c: Id) -> f64 {
+        let d = &self.s.eg[c].data;
+        let full = self.s.ctx().graph.ty(d.value).size_bytes() as f64;
+        if matches!(d.layout, Layout::Split(_)) {
+            full / self.s.ctx().opts.size as f64
+        } else {
+            full
+        }
+    }
+
+    fn collective(&self, kind: CollectiveKind, bytes: f64) -> f64 {
+        collective_seconds(self.device, kind, bytes, self.s.ctx().opts.size, 1)
+    }
+
+    /// This node's own cost, before weighting and children.
+    fn own(&self, enode: &Sh) -> Cost {
+        use CollectiveKind::*;
+        let ctx = self.s.ctx();
+        let data = ctx.layout_of(enode, |c| self.s.eg[c].data.clone()).expect("only legal terms are in the e-graph");
+        let n = ctx.opts.size as f64;
+        let ty = ctx.graph.ty(data.value);
+        let full = ty.size_bytes() as f64;
+        let local = if matches!(data.layout, Layout::Split(_)) { full / n } else { full };
+        let bw = self.device.memory_bandwidth;
+        let param = ctx.params.contains(&data.value);
+        // Weight matrices (and tables) are what the mesh is for; vectors (biases, norm scales)
+        // are small and follow whatever is fastest.
+        let matrix = ty.rank() >= 2;
+        let state = |bytes: f64| if matrix { (4.0 * bytes, 0.0, 0.0) } else { (0.0, 0.0, 4.0 * bytes) };
+        match enode {
+            Sh::Arg(_) if param => state(full),
+            Sh::Arg(_) => (0.0, 0.0, full),
+            Sh::Shard(..) if param => state(local),
+            Sh::Shard(..) => (0.0, local / bw + self.collective(AllGather, full), local),
+            Sh::Op(i, ch) => {
+                let node = &ctx.graph.nodes[*i as usize];
+                // Vocab-parallel cross-entropy is required where it applies: gathered
+                // full-vocabulary logits would be the largest activation of the step.
+                if node.op == Op::CrossEntropy && self.s.eg[ch[0]].nodes.iter().any(|m| matches!(m, Sh::AllGather(..)))
+                {
+                    return FORBIDDEN;
+                }
+                let ins: f64 = ch.iter().map(|&c| self.local_bytes(c)).sum();
+                let mut time = if node.op == Op::MatMul {
+                    let a = &self.s.eg[ch[0]].data;
+                    let (ka, _) = super::propagate::contraction_dims(&ctx.graph, node);
+                    let mut k = ctx.shape(a.value)[ka] as f64;
+                    if a.layout == Layout::Split(ka as u8) {
+                        k /= n;
+                    }
+                    let flops = 2.0 * (local / ty.dtype.size_bytes() as f64) * k;
+                    3.0 * compute_seconds(self.device, flops, ins + local, ty.dtype == DType::Bf16)
+                } else {
+                    2.0 * (ins + local) / bw
+                };
+                if data.layout != Layout::Replicated {
+                    for &c in ch {
+                        let cd = &self.s.eg[c].data;
+                        let gathered = self.s.eg[c].nodes.iter().any(|m| matches!(m, Sh::AllGather(..)));
+                        let float = ctx.graph.ty(cd.value).dtype.is_float();
+                        if cd.layout == Layout::Replicated && float && !gathered {
+                            let bytes = self.local_bytes(c);
+                            time += if ctx.params.contains(&cd.value) || ctx.weights.contains(&cd.value) {
+                                // A parameter's gradient sum joins the gradient synchronisation's
+                                // buckets: bandwidth, no latency of its own.
+                                self.collective(AllReduce, bytes) - self.collective(AllReduce, 0.0)
+                            } else {
+                                self.collective(AllReduce, bytes)
+                            };
+                        }
+                    }
+                }
+                (0.0, time, local)
+            }
+            Sh::AllGather(..) => (0.0, 2.0 * self.collective(AllGather, full), full),
+            Sh::ReduceScatter(..) => (0.0, 2.0 * self.collective(ReduceScatter, full), local),
+            Sh::AllReduce(_) => {
+                let seq = ctx.opts.seq_dim;
+                let shape = ctx.shape(data.value);
+                if ctx.opts.sequence_parallel && shape.len() > seq + 1 && shape[seq].is_multiple_of(ctx.opts.size) {
+                    return FORBIDDEN;
+                }
+                (0.0, self.collective(AllReduce, full), full)
+            }
+            Sh::VocabEmbedding(..) => (0.0, 3.0 * full / bw, full),
+            Sh::VocabCrossEntropy(_, [l, _]) => {
+                let logits = self.local_bytes(*l);
+                (0.0, 3.0 * self.collective(AllReduce, full) + 6.0 * logits / bw, 3.0 * full + logits)
+            }
+        }
+    }
+}
+
+impl CostFunction<Sh> for ShCost<'_> {
+    type Cost = Cost;
+
+    fn cost<C: FnMut(Id) -> Cost>(&mut self, enode: &Sh, mut costs: C) -> Cost {
+        let ctx = self.s.ctx();
+        let value = ctx.layout_of(enode, |c| self.s.eg[c].data.clone()).expect("legal").value;
+        let w = ctx.multiplier(value);
+        let (p, t, a) = self.own(enode);
+        let mut total = (p * w, t * w, a * w);
+        // A parameter's shard is loaded as a shard: the whole parameter never exists.
+        if matches!(enode, Sh::Shard(..)) && ctx.params.contains(&value) {
+            return total;
+        }
+        for &c in enode.children() {
+            let (p, t, a) = costs(c);
+            total = (total.0 + p, total.1 + t, total.2 + a);
+        }
+        total
+    }
+}
+
+/// Runs egg's extractor over every class.
+pub fn extract(s: &Search, device: &DeviceModel) -> Extraction {
+    let ext = Extractor::new(&s.eg, ShCost { s, device });
+    let mut best = HashMap::new();
+    let mut cost = HashMap::new();
+    for c in s.eg.classes() {
+        best.insert(c.id, ext.find_best_node(c.id).clone());
+        cost.insert(c.id, ext.find_best_cost(c.id));
+    }
+    Extraction { best, cost }
+}
