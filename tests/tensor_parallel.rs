@@ -1,72 +1,156 @@
-//! Tensor and sequence parallelism on the tiny fixtures.
+//! Differential tests of tensor and sequence parallelism (with data parallelism and ZeRO): on
+//! the tiny GPT-2 and Llama fixtures, 3 AdamW steps on simulated ranks give the losses, gradient
+//! norms and updated parameters of the single-device step on the whole batch. f64 storage:
+//! relative error below 1e-11 (the only differences are summation orders; measured 5e-14).
 
+mod common;
 use shardc_ir::import::{import_dir, BuildOptions};
-use shardc_ir::interp::{run, run_spmd, Precision};
-use shardc_ir::{Mesh, Op, Tensor};
+use shardc_ir::interp::Precision;
+use shardc_ir::{Mesh, Op};
 use shardc_passes::cost::DeviceModel;
-use shardc_passes::sharding::{rank_params, shard_forward, ShardOptions};
-use std::collections::HashMap;
+use shardc_passes::sharding::ShardOptions;
+use shardc_passes::train_step::{build_parallel_step, build_train_step, AdamW, DataParallel};
+use shardc_runtime::data::TokenFile;
+use shardc_runtime::train::Trainer;
 use std::path::PathBuf;
+
+const ROWS: usize = 2;
+const SEQ: usize = 16;
+const TOL: f64 = 1e-11;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf").join(name)
 }
 
-#[test]
-fn forward_loss_matches() {
-    for name in ["gpt2-tiny", "llama-tiny"] {
-        for tp in [2, 4] {
-            for sp in [false, true] {
-                let m = import_dir(&fixture(name), BuildOptions::f32(2, 16, false)).unwrap();
-                let mut fwd = m.graph.clone();
-                fwd.mesh = Mesh::parse(&format!("tp={tp}")).unwrap();
-                let sh = shard_forward(&fwd, &ShardOptions::tp(tp, sp), &DeviceModel::h100()).unwrap();
-                let count = |op: Op| sh.graph.nodes.iter().filter(|n| n.op == op).count();
-                eprintln!(
-                    "{name} tp={tp} sp={sp}: AR {} AG {} RS {} chunk {} f {} stats {:?}",
-                    count(Op::AllReduce),
-                    count(Op::AllGather),
-                    count(Op::ReduceScatter),
-                    count(Op::TakeShard),
-                    count(Op::Identity),
-                    sh.stats
-                );
-                if std::env::var("SHOW").is_ok() {
-                    eprintln!("{}", shardc_ir::text::print(&sh.graph));
+fn mesh_of(dp: usize, tp: usize) -> Mesh {
+    let axes: Vec<String> =
+        [("dp", dp), ("tp", tp)].iter().filter(|(_, n)| *n > 1).map(|(a, n)| format!("{a}={n}")).collect();
+    Mesh::parse(&axes.join(",")).unwrap()
+}
+
+/// Trains `name` 3 steps on dp x tp ranks and on one device; returns the worst relative error.
+fn differential(name: &str, dp: usize, tp: usize, zero: u8, sp: bool) -> f64 {
+    let dir = fixture(name);
+    let opt = AdamW::default();
+    let data = TokenFile::open(&dir.join("train_tokens.bin")).unwrap();
+    let full = import_dir(&dir, BuildOptions::f32(ROWS, SEQ, false)).unwrap();
+    let weights = full.weights.clone().unwrap();
+    let step = build_train_step(&full.graph, &opt).unwrap();
+    let mut reference = Trainer::new(step.graph, step.params, weights.clone(), Precision::F64).unwrap();
+
+    let local = import_dir(&dir, BuildOptions::f32(ROWS / dp, SEQ, false)).unwrap();
+    let mut forward = local.graph.clone();
+    forward.mesh = mesh_of(dp, tp);
+    let dpc = (dp > 1).then(|| DataParallel { axis: "dp".into(), zero_stage: zero });
+    let tpc = (tp > 1).then(|| ShardOptions::tp(tp, sp));
+    let (step, _) = build_parallel_step(&forward, &opt, dpc.as_ref(), tpc.as_ref(), &DeviceModel::h100()).unwrap();
+    shardc_ir::verify::verify(&step.graph).unwrap();
+    let what = format!("{name} dp={dp} tp={tp} zero={zero} sp={sp}");
+    let initial = step.rank_params(&weights, dpc.as_ref());
+    let mesh = step.graph.mesh.clone();
+    let mut parallel = Trainer::new_spmd(step.graph.clone(), step.params.clone(), initial, Precision::F64).unwrap();
+    let mut worst = 0.0f64;
+    let per = (ROWS / dp) * SEQ;
+    for k in 0..3 {
+        let (x, y) = data.batch(k, ROWS, SEQ).unwrap();
+        let want = reference.step(x.clone(), y.clone(), 1e-3, k + 1).unwrap();
+        let batches = (0..mesh.world_size())
+            .map(|r| {
+                let d = mesh.coord(r, "dp").unwrap_or(0);
+                (x[d * per..(d + 1) * per].to_vec(), y[d * per..(d + 1) * per].to_vec())
+            })
+            .collect();
+        let got = parallel.step_spmd(batches, 1e-3, k + 1).unwrap();
+        let le = ((got.loss - want.loss) / want.loss).abs();
+        let ne = ((got.grad_norm - want.grad_norm) / want.grad_norm).abs();
+        assert!(
+            le < TOL && ne < TOL,
+            "{what} step {}: loss {} norm {} vs {} {}",
+            k + 1,
+            got.loss,
+            got.grad_norm,
+            want.loss,
+            want.grad_norm
+        );
+        worst = worst.max(le).max(ne);
+    }
+    for p in reference.params() {
+        let shape = &weights[p].shape;
+        let got = step.full_param(p, shape, dpc.as_ref(), |r| &parallel.rank_values(r)[p]);
+        let e = common::check_param(&what, p, &got.to_f64(), &reference.values()[p].to_f64(), TOL, 3, 1e-3);
+        worst = worst.max(e);
+    }
+    worst
+}
+
+fn sweep(name: &str) {
+    let mut runs = 0;
+    let mut worst = 0.0f64;
+    for tp in [1, 2, 4] {
+        for dp in [1, 2] {
+            let zeros: &[u8] = if dp > 1 { &[0, 1, 2, 3] } else { &[0] };
+            for &zero in zeros {
+                for sp in if tp > 1 { vec![false, true] } else { vec![false] } {
+                    if dp * tp == 1 {
+                        continue;
+                    }
+                    let e = differential(name, dp, tp, zero, sp);
+                    eprintln!("{name} dp={dp} tp={tp} zero={zero} sp={sp}: worst relative error {e:.1e}");
+                    worst = worst.max(e);
+                    runs += 1;
                 }
-                let mut w = m.weights.clone().unwrap();
-                let toks: Vec<i64> = (0..32).map(|i| (i * 37 % 256) as i64).collect();
-                let tgts: Vec<i64> = (0..32).map(|i| (i * 91 % 256) as i64).collect();
-                w.insert("tokens".into(), Tensor::int(shardc_ir::DType::I64, vec![2, 16], toks));
-                w.insert("targets".into(), Tensor::int(shardc_ir::DType::I64, vec![2, 16], tgts));
-                let want = run(&m.graph, &w, Precision::F64).unwrap()[0].scalar().unwrap();
-                let ranks = rank_params(&w, &sh.param_splits, &sh.graph.mesh, "tp");
-                let got = run_spmd(&sh.graph, &ranks, Precision::F64).unwrap();
-                for r in &got {
-                    let l = r[0].scalar().unwrap();
-                    assert!(((l - want) / want).abs() < 1e-12, "{name} tp={tp} sp={sp}: {l} vs {want}");
-                }
-                let _: HashMap<(), ()> = HashMap::new();
             }
         }
     }
+    eprintln!("{name}: {runs} meshes, worst relative error {worst:.1e} (tolerance {TOL:.0e})");
 }
 
 #[test]
-fn debug_costs() {
-    if std::env::var("DEBUG_COSTS").is_err() {
-        return;
-    }
-    let m = import_dir(&fixture("gpt2-tiny"), BuildOptions::f32(2, 16, false)).unwrap();
-    let mut fwd = m.graph.clone();
-    fwd.mesh = Mesh::parse("tp=2").unwrap();
-    let s = shardc_passes::sharding::search(&fwd, &ShardOptions::tp(2, true)).unwrap();
-    let ext = shardc_passes::sharding::extract::extract(&s, &DeviceModel::h100());
-    for ((v, l), ids) in shardc_passes::sharding::classes_by_layout(&s) {
-        let name = fwd.name_of(v);
-        if name.starts_with("h0.") || name == "emb" || name.starts_with("tok") {
-            for id in ids {
-                eprintln!("{name} {l:?}: best {} cost {:?} nodes {:?}", ext.best[&id], ext.cost[&id], s.eg[id].nodes);
+fn gpt2_tensor_sequence_data_parallel_equal_single_device() {
+    sweep("gpt2-tiny");
+}
+
+#[test]
+fn llama_tensor_sequence_data_parallel_equal_single_device() {
+    sweep("llama-tiny");
+}
+
+/// Megatron's collective counts per transformer layer come out of the rules.
+#[test]
+fn megatron_collectives_per_layer() {
+    for name in ["gpt2-tiny", "llama-tiny"] {
+        for sp in [false, true] {
+            let m = import_dir(&fixture(name), BuildOptions::f32(2, 16, false)).unwrap();
+            let mut fwd = m.graph.clone();
+            fwd.mesh = Mesh::parse("tp=2").unwrap();
+            let (step, _) = build_parallel_step(
+                &fwd,
+                &AdamW::default(),
+                None,
+                Some(&ShardOptions::tp(2, sp)),
+                &DeviceModel::h100(),
+            )
+            .unwrap();
+            let g = &step.graph;
+            let count = |op: Op, range: std::ops::Range<usize>, layer: usize| {
+                g.nodes[range]
+                    .iter()
+                    .filter(|n| n.op == op && shardc_passes::plan::layer_of(g.name_of(n.output)) == Some(layer))
+                    .filter(|n| g.ty(n.inputs[0]).rank() >= 3)
+                    .count()
+            };
+            for layer in 0..2 {
+                let (f, b) = (0..step.forward_nodes, step.forward_nodes..step.backward_end);
+                let got = [
+                    count(Op::AllReduce, f.clone(), layer),
+                    count(Op::AllGather, f.clone(), layer),
+                    count(Op::ReduceScatter, f.clone(), layer),
+                    count(Op::AllReduce, b.clone(), layer),
+                    count(Op::AllGather, b.clone(), layer),
+                    count(Op::ReduceScatter, b.clone(), layer),
+                ];
+                let want = if sp { [0, 2, 2, 0, 2, 2] } else { [2, 0, 0, 2, 0, 0] };
+                assert_eq!(got, want, "{name} sp={sp} layer {layer}: [AR AG RS] forward, backward");
             }
         }
     }

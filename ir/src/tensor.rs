@@ -59,7 +59,11 @@ impl Tensor {
     /// Chunk `k` of `n` equal chunks along `dim` (a tensor-parallel rank's shard). Panics if
     /// `n` does not divide the dim (callers check divisibility with their own error).
     pub fn chunk(&self, dim: usize, n: usize, k: usize) -> Tensor {
-        assert!(self.shape[dim].is_multiple_of(n) && k < n, "Tensor::chunk: {n} chunks of dim {dim} of {:?}", self.shape);
+        assert!(
+            self.shape[dim].is_multiple_of(n) && k < n,
+            "Tensor::chunk: {n} chunks of dim {dim} of {:?}",
+            self.shape
+        );
         let outer: usize = self.shape[..dim].iter().product();
         let block: usize = self.shape[dim..].iter().product();
         let part = block / n;

@@ -42,6 +42,9 @@ pub struct AutodiffError(pub String);
 pub struct Differentiated {
     pub graph: Graph,
     pub grads: Vec<ValueId>,
+    /// Each backward value's name -> the name of the forward value whose adjoint produced it
+    /// (what `shardc plan` and `explain` say a backward collective comes from).
+    pub adjoint_of: HashMap<String, String>,
 }
 
 /// Appends the gradients of the scalar `loss` with respect to `wrt` (see the module doc).
@@ -64,6 +67,7 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
         needs[n.output.index()] = depends && g.ty(n.output).dtype.is_float() && !is_constant(n.op) && !max;
     }
     let mut ad = Ad { b: Builder::from_graph(g.clone()), adj: HashMap::new() };
+    let mut adjoint_of = HashMap::new();
     let seed = ad.b.scalar(1.0, lt.dtype, &format!("{}.grad", g.name_of(loss))).map_err(fail)?;
     ad.adj.insert(loss, seed);
     for (i, n) in g.nodes.iter().enumerate().rev() {
@@ -72,6 +76,7 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
             continue;
         }
         let wanted: Vec<bool> = n.inputs.iter().map(|v| needs[v.index()]).collect();
+        let first = ad.b.graph.nodes.len();
         let grads = ad
             .adjoint(g, i, dy, &wanted)
             .map_err(|m| fail(format!("node {i} `%{}` ({}): {m}", g.name_of(n.output), n.op.name())))?;
@@ -79,6 +84,9 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
             if let (Some(grad), true) = (grad, w) {
                 ad.accumulate(g, v, grad).map_err(fail)?;
             }
+        }
+        for m in &ad.b.graph.nodes[first..] {
+            adjoint_of.insert(m.output, n.output);
         }
     }
     let mut grads = Vec::new();
@@ -118,8 +126,10 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
         }
     }
     graph.outputs.extend(grads.iter().copied());
+    let adjoint_of =
+        adjoint_of.into_iter().map(|(b, f)| (graph.name_of(b).to_string(), g.name_of(f).to_string())).collect();
     // Only nodes were appended, so the numbering is still canonical and `grads` stay valid.
-    Ok(Differentiated { graph, grads })
+    Ok(Differentiated { graph, grads, adjoint_of })
 }
 
 /// True for the ops autodiff can propagate gradients through (everything but constants, masks

@@ -20,6 +20,7 @@
 use crate::autodiff::{differentiate, AutodiffError};
 use shardc_ir::ops::Op;
 use shardc_ir::{ArgKind, Builder, DType, Graph, ValueId};
+use std::collections::HashMap;
 
 /// AdamW hyper-parameters that are fixed for a run (the learning rate is a step input).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -50,6 +51,12 @@ pub struct TrainStep {
     pub backward_end: usize,
     /// The names of the gradients as the optimizer consumes them (averaged; sharded under ZeRO).
     pub optimizer_grads: Vec<String>,
+    /// The rule behind each collective the sharding pass put in the forward (by value name);
+    /// backward collectives map to the forward value they are the adjoint of (`adjoint_of`).
+    pub rules: HashMap<String, String>,
+    pub adjoint_of: HashMap<String, String>,
+    /// Tensor parallelism: the axis, and the parameters stored split (name -> dim).
+    pub tensor_parallel: Option<(String, HashMap<String, usize>)>,
 }
 
 /// The rule (a name for `shardc plan` and `shardc explain`) and phase of a collective this pass
@@ -228,6 +235,34 @@ pub fn build_data_parallel_step(
     opt: &AdamW,
     dp: Option<&DataParallel>,
 ) -> Result<TrainStep, AutodiffError> {
+    build_step(forward, opt, dp, None)
+}
+
+/// The training step of a forward graph on a mesh with tensor parallelism (`tp`: the sharding
+/// pass runs on the forward first, see [`crate::sharding`]) and data parallelism (`dp`). The
+/// global gradient norm sums the squares of split parameters' chunks over the tensor-parallel
+/// axis and counts replicated parameters once, as Megatron does. Returns the step and the
+/// sharded forward (for `shardc plan` and `explain`).
+pub fn build_parallel_step(
+    forward: &Graph,
+    opt: &AdamW,
+    dp: Option<&DataParallel>,
+    tp: Option<&crate::sharding::ShardOptions>,
+    device: &crate::cost::DeviceModel,
+) -> Result<(TrainStep, Option<crate::sharding::Sharded>), AutodiffError> {
+    let Some(tp) = tp else { return Ok((build_step(forward, opt, dp, None)?, None)) };
+    let sharded = crate::sharding::shard_forward(forward, tp, device).map_err(|e| AutodiffError(e.to_string()))?;
+    let mut step = build_step(&sharded.graph, opt, dp, Some((&tp.axis, &sharded.param_splits)))?;
+    step.rules.extend(sharded.rules.iter().map(|(k, v)| (k.clone(), v.clone())));
+    Ok((step, Some(sharded)))
+}
+
+fn build_step(
+    forward: &Graph,
+    opt: &AdamW,
+    dp: Option<&DataParallel>,
+    tp_split: Option<(&str, &HashMap<String, usize>)>,
+) -> Result<TrainStep, AutodiffError> {
     let fail = |m: String| AutodiffError(m);
     // ZeRO-3: the parameters themselves become flat shards, gathered where the forward uses them.
     let stage3 = match dp {
@@ -250,6 +285,7 @@ pub fn build_data_parallel_step(
         d.grads = names.iter().map(|n| d.graph.find(n).expect("gradients keep their names")).collect();
     }
     let (forward_nodes, backward_end) = (forward.nodes.len(), d.graph.nodes.len());
+    let adjoint_of = std::mem::take(&mut d.adjoint_of);
     let mut b = Builder::from_graph(d.graph);
     let f32s = |b: &mut Builder, x: f64, hint: &str| b.scalar(x, DType::F32, hint).map_err(fail);
     let mut loss = loss;
@@ -321,8 +357,11 @@ pub fn build_data_parallel_step(
     let step = b.input("step", DType::F32, &[]);
 
     // Global gradient norm (each rank sums its shards; the shards' sums are then added up).
+    // Tensor-parallel chunks are summed over their axis; replicated parameters count once.
     let mut sumsq: Option<ValueId> = None;
+    let mut split_sumsq: Option<ValueId> = None;
     for v in &views {
+        let split = tp_split.is_some_and(|(_, p)| p.contains_key(&v.name));
         let sq = b.binary(Op::Mul, v.grad, v.grad, &format!("{}.grad_sq", v.name)).map_err(fail)?;
         let rank = b.ty(v.grad).rank() as i64;
         let s = if rank == 0 {
@@ -331,8 +370,10 @@ pub fn build_data_parallel_step(
             b.reduce(Op::ReduceSum, sq, &(0..rank).collect::<Vec<_>>(), &format!("{}.grad_sumsq", v.name))
                 .map_err(fail)?
         };
-        sumsq = Some(match sumsq {
-            Some(acc) => b.binary(Op::Add, acc, s, "grad_sumsq").map_err(fail)?,
+        let acc = if split { &mut split_sumsq } else { &mut sumsq };
+        let hint = if split { "grad_sumsq_split" } else { "grad_sumsq" };
+        *acc = Some(match *acc {
+            Some(a) => b.binary(Op::Add, a, s, hint).map_err(fail)?,
             None => s,
         });
     }
@@ -340,6 +381,11 @@ pub fn build_data_parallel_step(
         Some(s) => s,
         None => f32s(&mut b, 0.0, "grad_sumsq")?,
     };
+    if let (Some(split), Some((axis, _))) = (split_sumsq, tp_split) {
+        let attrs = shardc_ir::Attrs::new().with("axis", shardc_ir::Attr::Str(axis.to_string()));
+        let all = b.op(Op::AllReduce, &[split], attrs, "grad_sumsq_tp").map_err(fail)?;
+        sumsq = b.binary(Op::Add, sumsq, all, "grad_sumsq_total").map_err(fail)?;
+    }
     if let Some(attrs) = sharded_norm_axis {
         sumsq = b.op(Op::AllReduce, &[sumsq], attrs, "grad_sumsq_all").map_err(fail)?;
     }
@@ -441,5 +487,119 @@ pub fn build_data_parallel_step(
     // Names survive the renumbering in finish(); ids do not.
     let optimizer_grads = views.iter().map(|v| b.graph.name_of(v.grad).to_string()).collect();
     let graph = b.finish(&outputs);
-    Ok(TrainStep { graph, params: names, forward_nodes, backward_end, optimizer_grads })
+    let tensor_parallel = tp_split.map(|(axis, p)| (axis.to_string(), p.clone()));
+    Ok(TrainStep {
+        graph,
+        params: names,
+        forward_nodes,
+        backward_end,
+        optimizer_grads,
+        rules: HashMap::new(),
+        adjoint_of,
+        tensor_parallel,
+    })
+}
+
+/// Rank `r`'s ZeRO-3 shard of `t`: elements `r*P/n .. (r+1)*P/n` of the flattened tensor,
+/// zero-padded to a multiple of `n` (the layout of [`shard_parameters`]). Keeps f64 storage.
+pub fn flat_shard(t: &shardc_ir::Tensor, n: usize, r: usize) -> shardc_ir::Tensor {
+    let mut flat = t.to_f64();
+    let per = flat.len().div_ceil(n);
+    flat.resize(per * n, 0.0);
+    let part = flat[r * per..(r + 1) * per].to_vec();
+    match t.data {
+        shardc_ir::tensor::Data::F64(_) => shardc_ir::Tensor::f64(t.dtype, vec![per], part),
+        _ => shardc_ir::Tensor::f32(vec![per], part.into_iter().map(|x| x as f32).collect()),
+    }
+}
+
+/// The tensor of `shape` from every rank's [`flat_shard`], in rank order.
+pub fn unflatten_shards(shards: &[&shardc_ir::Tensor], shape: &[usize]) -> shardc_ir::Tensor {
+    let mut flat: Vec<f64> = shards.iter().flat_map(|t| t.to_f64()).collect();
+    flat.truncate(shape.iter().product());
+    match shards[0].data {
+        shardc_ir::tensor::Data::F64(_) => shardc_ir::Tensor::f64(shards[0].dtype, shape.to_vec(), flat),
+        _ => shardc_ir::Tensor::f32(shape.to_vec(), flat.into_iter().map(|x| x as f32).collect()),
+    }
+}
+
+impl TrainStep {
+    /// Every rank's parameters from the full ones: tensor-parallel parameters cut to the rank's
+    /// chunk, then (ZeRO-3) to its flat shard over `dp`.
+    pub fn rank_params(
+        &self,
+        full: &HashMap<String, shardc_ir::Tensor>,
+        dp: Option<&DataParallel>,
+    ) -> Vec<HashMap<String, shardc_ir::Tensor>> {
+        let mesh = &self.graph.mesh;
+        (0..mesh.world_size())
+            .map(|r| {
+                self.params
+                    .iter()
+                    .filter_map(|p| full.get(p).map(|t| (p, t)))
+                    .map(|(p, t)| {
+                        let mut t = t.clone();
+                        if let Some((axis, splits)) = &self.tensor_parallel {
+                            if let Some(&d) = splits.get(p) {
+                                let n = mesh.axis_size(axis).unwrap_or(1);
+                                t = t.chunk(d, n, mesh.coord(r, axis).unwrap_or(0));
+                            }
+                        }
+                        if let Some(dp) = dp.filter(|dp| dp.zero_stage == 3) {
+                            let n = mesh.axis_size(&dp.axis).unwrap_or(1);
+                            t = flat_shard(&t, n, mesh.coord(r, &dp.axis).unwrap_or(0));
+                        }
+                        (p.clone(), t)
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The full value of parameter `p` (of full shape `shape`) from the ranks' values
+    /// (`rank(r)` is rank r's tensor of it): the inverse of [`TrainStep::rank_params`].
+    pub fn full_param<'a>(
+        &self,
+        p: &str,
+        shape: &[usize],
+        dp: Option<&DataParallel>,
+        rank: impl Fn(usize) -> &'a shardc_ir::Tensor,
+    ) -> shardc_ir::Tensor {
+        let mesh = &self.graph.mesh;
+        let split = self.tensor_parallel.as_ref().and_then(|(axis, s)| s.get(p).map(|&d| (axis.as_str(), d)));
+        let mut chunk_shape = shape.to_vec();
+        let tp_n = split.map_or(1, |(axis, _)| mesh.axis_size(axis).unwrap_or(1));
+        if let Some((_, d)) = split {
+            chunk_shape[d] /= tp_n;
+        }
+        // The ranks at coordinate 0 of every axis but `keep` (and `k` on the tp axis).
+        let ranks_along = |keep: &str, k: usize| -> Vec<usize> {
+            (0..mesh.world_size())
+                .filter(|&r| {
+                    mesh.axes.iter().zip(mesh.coords(r)).all(|(a, c)| {
+                        if a.name == keep {
+                            true
+                        } else if split.is_some_and(|(axis, _)| a.name == axis) {
+                            c == k
+                        } else {
+                            c == 0
+                        }
+                    })
+                })
+                .collect()
+        };
+        let chunk = |k: usize| -> shardc_ir::Tensor {
+            match dp.filter(|dp| dp.zero_stage == 3) {
+                Some(dp) => {
+                    let shards: Vec<&shardc_ir::Tensor> = ranks_along(&dp.axis, k).into_iter().map(&rank).collect();
+                    unflatten_shards(&shards, &chunk_shape)
+                }
+                None => rank(ranks_along("", k)[0]).clone(),
+            }
+        };
+        match split {
+            Some((_, d)) => shardc_ir::Tensor::concat(&(0..tp_n).map(chunk).collect::<Vec<_>>(), d),
+            None => chunk(0),
+        }
+    }
 }

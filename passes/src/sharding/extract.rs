@@ -16,10 +16,10 @@
 //!   forward and the two backward products), plus the alpha-beta time of each collective over
 //!   the tensor-parallel axis and of its adjoint: an all_gather's reduce-scatter, a
 //!   reduce-scatter's all-gather, a `shard`'s all-gather, and the all-reduce of the gradient
-//!   of a replicated operand of split compute (Megatron's f), unless an all_gather produces it
-//!   (its reduce-scatter already sums); for a parameter operand (a norm scale under sequence
-//!   parallelism) bandwidth only, as it joins the gradient synchronisation's buckets. An
-//!   all_reduce's adjoint is free.
+//!   of a replicated result that split compute reads (Megatron's f), charged to the e-node that
+//!   computes it (an all_gather's result needs none: its reduce-scatter sums); for a parameter
+//!   (a norm scale under sequence parallelism) bandwidth only, as it joins the gradient
+//!   synchronisation's buckets. An all_reduce's adjoint is free.
 //! - Activations: every per-rank result's bytes.
 //!
 //! Layer 0's terms count once per layer. With sequence parallelism on, an all-reduce of a
@@ -34,7 +34,7 @@ use crate::cost::{collective_seconds, compute_seconds, CollectiveKind, DeviceMod
 use egg::{CostFunction, Extractor, Id, Language};
 use shardc_ir::ops::Op;
 use shardc_ir::DType;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// (parameter-state bytes, seconds, activation bytes).
 pub type Cost = (f64, f64, f64);
@@ -48,11 +48,17 @@ pub struct Extraction {
 struct ShCost<'a> {
     s: &'a Search,
     device: &'a DeviceModel,
+    /// Replicated classes that some split or partial e-node reads whole.
+    split_read: HashSet<Id>,
 }
 
 const FORBIDDEN: Cost = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
 
 impl ShCost<'_> {
+    fn split_read(&self, enode: &Sh) -> bool {
+        self.s.eg.lookup(enode.clone()).is_some_and(|c| self.split_read.contains(&c))
+    }
+
     fn local_bytes(&self, c: Id) -> f64 {
         let d = &self.s.eg[c].data;
         let full = self.s.ctx().graph.ty(d.value).size_bytes() as f64;
@@ -82,8 +88,16 @@ impl ShCost<'_> {
         // are small and follow whatever is fastest.
         let matrix = ty.rank() >= 2;
         let state = |bytes: f64| if matrix { (4.0 * bytes, 0.0, 0.0) } else { (0.0, 0.0, 4.0 * bytes) };
+        let f_param = if param && self.split_read(enode) {
+            self.collective(AllReduce, full) - self.collective(AllReduce, 0.0)
+        } else {
+            0.0
+        };
         match enode {
-            Sh::Arg(_) if param => state(full),
+            Sh::Arg(_) if param => {
+                let (p, t, a) = state(full);
+                (p, t + f_param, a)
+            }
             Sh::Arg(_) => (0.0, 0.0, full),
             Sh::Shard(..) if param => state(local),
             Sh::Shard(..) => (0.0, local / bw + self.collective(AllGather, full), local),
@@ -108,22 +122,12 @@ impl ShCost<'_> {
                 } else {
                     2.0 * (ins + local) / bw
                 };
-                if data.layout != Layout::Replicated {
-                    for &c in ch {
-                        let cd = &self.s.eg[c].data;
-                        let gathered = self.s.eg[c].nodes.iter().any(|m| matches!(m, Sh::AllGather(..)));
-                        let float = ctx.graph.ty(cd.value).dtype.is_float();
-                        if cd.layout == Layout::Replicated && float && !gathered {
-                            let bytes = self.local_bytes(c);
-                            time += if ctx.params.contains(&cd.value) || ctx.weights.contains(&cd.value) {
-                                // A parameter's gradient sum joins the gradient synchronisation's
-                                // buckets: bandwidth, no latency of its own.
-                                self.collective(AllReduce, bytes) - self.collective(AllReduce, 0.0)
-                            } else {
-                                self.collective(AllReduce, bytes)
-                            };
-                        }
-                    }
+                // Megatron's f: a replicated result that split compute reads needs its
+                // gradient summed over the axis (an all_gather's result does not: its
+                // reduce-scatter sums). A parameter's sum joins the gradient synchronisation's
+                // buckets: bandwidth, no latency of its own.
+                if data.layout == Layout::Replicated && ty.dtype.is_float() && self.split_read(enode) {
+                    time += self.collective(AllReduce, full);
                 }
                 (0.0, time, local)
             }
@@ -169,7 +173,20 @@ impl CostFunction<Sh> for ShCost<'_> {
 
 /// Runs egg's extractor over every class.
 pub fn extract(s: &Search, device: &DeviceModel) -> Extraction {
-    let ext = Extractor::new(&s.eg, ShCost { s, device });
+    let mut split_read = HashSet::new();
+    for c in s.eg.classes() {
+        if c.data.layout == Layout::Replicated {
+            continue;
+        }
+        for n in &c.nodes {
+            if let Sh::Op(..) = n {
+                split_read.extend(
+                    n.children().iter().map(|&k| s.eg.find(k)).filter(|&k| s.eg[k].data.layout == Layout::Replicated),
+                );
+            }
+        }
+    }
+    let ext = Extractor::new(&s.eg, ShCost { s, device, split_read });
     let mut best = HashMap::new();
     let mut cost = HashMap::new();
     for c in s.eg.classes() {
