@@ -6,10 +6,11 @@ use std::path::PathBuf;
 /// shardc: a compiler for distributed transformer training.
 ///
 /// A model (a Hugging Face config.json directory, or a .tir file in shardc's text IR) goes in;
-/// today shardc imports, prints and verifies it, and evaluates and trains it on the CPU (the whole
-/// training step compiled to one IR graph, run by the reference interpreter). Sharding over a
-/// device mesh (data parallelism with ZeRO 0-3 today; tensor parallelism next) and GPU code
-/// generation are being built. See README.md for the quick start.
+/// shardc partitions the whole training step (forward, backward, AdamW) over a device mesh with
+/// data parallelism (ZeRO 0-3), Megatron tensor parallelism and sequence parallelism, found by
+/// an e-graph search; plans what every rank holds and does; and trains on the CPU with simulated
+/// ranks (the reference interpreter), checked against the unsharded model. GPU code generation
+/// is being built. See README.md for the quick start.
 #[derive(Debug, Parser)]
 #[command(name = "shardc", version, about, long_about)]
 pub struct Cli {
@@ -33,6 +34,10 @@ pub enum Command {
     /// What every rank holds and does for one training step: collectives, memory per device,
     /// communication, FLOPs and a predicted step time, read off the compiled step.
     Plan(PlanArgs),
+    /// Compile a model's training step for a mesh and write the per-rank program (.tir).
+    Compile(CompileArgs),
+    /// Why a value has its sharding, and which rule put each adjacent collective there.
+    Explain(ExplainArgs),
     /// Run compiler passes on a .tir graph (IR in, IR out), e.g. --passes autodiff or
     /// --passes 'train-step{dp=dp zero=1}'.
     Opt(OptArgs),
@@ -192,15 +197,47 @@ pub struct TrainArgs {
     /// Continue from the checkpoint in this directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Device mesh to train on, as simulated ranks on this machine: `dp=N` splits every batch
-    /// over N data-parallel ranks (tensor parallelism is being built).
+    #[command(flatten)]
+    pub par: ParallelArgs,
+}
+
+/// How a training step is spread over devices; shared by every command that compiles one.
+#[derive(Debug, Clone, Args)]
+pub struct ParallelArgs {
+    /// Device mesh: `dp=D` data-parallel ranks (each gets 1/D of every batch) and/or `tp=T`
+    /// tensor-parallel ranks (Megatron-style: column/row-parallel MLP, head-parallel
+    /// attention, vocab-parallel embedding and cross-entropy), e.g. `dp=2,tp=4`. `train` runs
+    /// the ranks simulated on this machine.
     #[arg(long)]
     pub mesh: Option<String>,
+    /// Let the cost model choose the mesh shape (with --world), tensor-parallel placements,
+    /// sequence parallelism and the ZeRO stage under the memory budget, and explain its choice.
+    #[arg(long)]
+    pub auto: bool,
+    /// Number of devices for --auto to arrange into dp x tp.
+    #[arg(long)]
+    pub world: Option<usize>,
     /// ZeRO stage over `dp`: 0 all-reduces gradients; 1 and 2 partition the AdamW moments and
     /// reduce-scatter gradients; 3 also keeps each rank's shard of the parameters and all-gathers
     /// them in the forward pass.
     #[arg(long, default_value_t = 0)]
     pub zero: u8,
+    /// Megatron sequence parallelism over `tp`: the norms, residual adds and dropout regions run
+    /// on sequence shards; each tensor-parallel all-reduce becomes a reduce-scatter plus an
+    /// all-gather.
+    #[arg(long)]
+    pub sequence_parallel: bool,
+    /// Device and network numbers (TOML); defaults to the bundled H100 NVLink/InfiniBand model.
+    #[arg(long)]
+    pub device_model: Option<PathBuf>,
+    /// Memory per device the plan must fit in, e.g. 80GiB, 40GB, 1.5TiB or bytes; defaults to the
+    /// device model's memory.
+    #[arg(long)]
+    pub memory_budget: Option<String>,
+    /// Pad the vocabulary to a multiple of this times tp (Megatron's
+    /// --make-vocab-size-divisible-by), so that it splits over tensor-parallel ranks.
+    #[arg(long)]
+    pub pad_vocab_to_multiple_of: Option<usize>,
 }
 
 impl TrainPrecision {
@@ -257,22 +294,60 @@ pub struct PlanArgs {
     /// Tokens per row; defaults to the model's maximum positions (at most 1024).
     #[arg(long)]
     pub seq: Option<usize>,
-    /// Device mesh, e.g. dp=8 (data parallelism; tensor parallelism is being built).
-    #[arg(long)]
-    pub mesh: Option<String>,
-    /// ZeRO stage over dp.
-    #[arg(long, default_value_t = 0)]
-    pub zero: u8,
+    #[command(flatten)]
+    pub par: ParallelArgs,
     /// Plans default to bf16 mixed precision, as on the GPU.
     #[arg(long, value_enum, default_value_t = TrainPrecision::Bf16Mixed)]
     pub precision: TrainPrecision,
-    /// Device and network numbers (TOML); defaults to the bundled H100 NVLink/InfiniBand model.
-    #[arg(long)]
-    pub device_model: Option<PathBuf>,
-    /// Memory per device the plan must fit in, e.g. 80GiB, 40GB, 1.5TiB or bytes; defaults to the
-    /// device model's memory.
-    #[arg(long)]
-    pub memory_budget: Option<String>,
     #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
     pub format: PlanFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct CompileArgs {
+    /// A model directory (config.json) or a .tir file.
+    pub model: PathBuf,
+    /// Rows per global batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per row; defaults to the model's maximum positions (at most 1024).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    #[command(flatten)]
+    pub par: ParallelArgs,
+    #[arg(long, value_enum, default_value_t = TrainPrecision::Bf16Mixed)]
+    pub precision: TrainPrecision,
+    /// What to write: the whole per-rank training step, or only its sharded forward pass.
+    #[arg(long, value_enum, default_value_t = CompileStage::Step)]
+    pub stage: CompileStage,
+    /// Write the per-rank program (.tir) here instead of standard output.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompileStage {
+    /// Forward, backward, gradient synchronisation and AdamW, per rank.
+    Step,
+    /// The per-rank forward pass the sharding pass produced (before autodiff).
+    Forward,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// A model directory (config.json) or a .tir file.
+    pub model: PathBuf,
+    /// The value to explain: a forward value (`h0.mlp_up`), a parameter (`h.0.mlp.c_fc.weight`)
+    /// or any value of the compiled step (`h0.attn_out_nobias.tp_sum`).
+    pub value: String,
+    /// Rows per global batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Tokens per row; defaults to the model's maximum positions (at most 1024).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    #[command(flatten)]
+    pub par: ParallelArgs,
+    #[arg(long, value_enum, default_value_t = TrainPrecision::Bf16Mixed)]
+    pub precision: TrainPrecision,
 }

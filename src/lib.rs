@@ -3,7 +3,9 @@
 
 pub mod cli;
 pub mod commands;
+pub mod compile;
 pub mod model;
+pub mod parallel;
 pub mod plan;
 pub mod render;
 pub mod train;
@@ -19,6 +21,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(a) => train::train(a),
         Command::Data(c) => commands::data(c),
         Command::Plan(a) => plan::plan(a),
+        Command::Compile(a) => compile::compile(a),
+        Command::Explain(a) => compile::explain(a),
         Command::Opt(a) => commands::opt(a),
         Command::Ops => commands::ops(),
     }

@@ -47,16 +47,38 @@ pub fn default_seq(model_dir: &Path) -> usize {
 /// The graph of MODEL for `batch` x `seq` tokens, without reading or making weights (for
 /// planning: a 175B model's parameters are never materialised).
 pub fn load_graph(path: &Path, batch: usize, seq: usize, compute: DType) -> Result<Graph> {
+    load_graph_padded(path, batch, seq, compute, None)
+}
+
+/// [`load_graph`] with the vocabulary padded to a multiple of `pad_vocab` (Megatron's
+/// --make-vocab-size-divisible-by times tp): the embedding and output tables get extra rows,
+/// which no token uses.
+pub fn load_graph_padded(
+    path: &Path,
+    batch: usize,
+    seq: usize,
+    compute: DType,
+    pad_vocab: Option<usize>,
+) -> Result<Graph> {
     if !path.is_dir() {
+        if pad_vocab.is_some() {
+            bail!(
+                "{}: --pad-vocab-to-multiple-of applies to model directories (config.json), not .tir graphs",
+                path.display()
+            );
+        }
         return read_graph(path);
     }
     let config_path = path.join("config.json");
     let text =
         std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
-    let (config, warnings) =
+    let (mut config, warnings) =
         shardc_ir::import::parse_config(&text).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
     for w in &warnings {
         eprintln!("warning: {w}");
+    }
+    if let Some(m) = pad_vocab.filter(|&m| m > 0) {
+        config.vocab_size = config.vocab_size.div_ceil(m) * m;
     }
     let built = shardc_ir::import::build_graph(&config, BuildOptions { batch, seq, emit_logits: false, compute })
         .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
@@ -130,4 +152,35 @@ pub fn load_model(
         weights_from = format!("GPT-2-style random initialisation (seed {seed}; no weights given)");
     }
     Ok(LoadedModel { graph, params, config, weights_from })
+}
+
+/// Pads a loaded model's vocabulary to a multiple of `multiple` (see [`load_graph_padded`]):
+/// the graph is rebuilt with the padded vocabulary; loaded embedding and output tables get zero
+/// rows, which no token id reaches; a randomly initialised model is drawn afresh.
+pub fn pad_vocab(
+    model: &mut LoadedModel,
+    path: &Path,
+    batch: usize,
+    seq: usize,
+    compute: DType,
+    multiple: Option<usize>,
+    seed: u64,
+) -> Result<()> {
+    let Some(m) = multiple.filter(|&m| m > 0) else { return Ok(()) };
+    let g = load_graph_padded(path, batch, seq, compute, Some(m))?;
+    if model.weights_from.starts_with("GPT-2-style random") {
+        model.params = shardc_runtime::init::init_params(&g, seed);
+    } else {
+        for p in g.args_of(ArgKind::Param) {
+            let v = g.value(p);
+            let Some(t) = model.params.get_mut(&v.name) else { continue };
+            if t.shape != v.ty.shape && t.shape[1..] == v.ty.shape[1..] {
+                let mut data = t.to_f32();
+                data.resize(v.ty.numel(), 0.0);
+                *t = Tensor::f32(v.ty.shape.clone(), data);
+            }
+        }
+    }
+    model.graph = g;
+    Ok(())
 }

@@ -2,12 +2,11 @@
 
 use crate::cli::{PlanArgs, PlanFormat};
 use crate::commands::thousands;
-use crate::model::load_graph;
-use anyhow::{anyhow, bail, Context, Result};
-use shardc_ir::Mesh;
+use crate::parallel::{self, Candidate, Setup};
+use anyhow::{anyhow, bail, Result};
 use shardc_passes::cost::DeviceModel;
-use shardc_passes::plan::{plan as plan_step, Plan};
-use shardc_passes::train_step::{build_data_parallel_step, AdamW, DataParallel};
+use shardc_passes::plan::{layer_of, plan as plan_step, Plan};
+use shardc_passes::sharding::Sharded;
 use std::collections::BTreeMap;
 
 /// `80GiB`, `40GB`, `512MiB`, `1.5TiB` or a plain number of bytes.
@@ -32,72 +31,131 @@ pub fn parse_bytes(text: &str) -> Result<f64> {
     Ok(value * scale)
 }
 
-fn gib(bytes: usize) -> String {
+pub fn gib(bytes: usize) -> String {
     format!("{:.3} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 pub fn plan(a: &PlanArgs) -> Result<()> {
-    let device = match &a.device_model {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-            DeviceModel::from_toml(&text).map_err(|e| anyhow!("{}: {e}", p.display()))?
-        }
-        None => DeviceModel::h100(),
-    };
-    let mesh = match &a.mesh {
-        Some(m) => Mesh::parse(m).map_err(|e| anyhow!("--mesh {m}: {e}"))?,
-        None => Mesh::default(),
-    };
-    if let Some(other) = mesh.axes.iter().find(|x| x.name != "dp") {
-        bail!(
-            "--mesh: axis `{}` is not supported yet; plans cover data parallelism (`dp=N`) with ZeRO 0-3 today",
-            other.name
-        );
-    }
-    let dp = mesh.axis_size("dp").unwrap_or(1);
-    if a.zero > 0 && dp == 1 && a.mesh.is_none() {
-        bail!("--zero {} needs a data-parallel mesh, e.g. --mesh dp=8", a.zero);
-    }
-    if a.zero > 3 {
-        bail!("--zero {}: ZeRO has stages 0, 1, 2 and 3", a.zero);
-    }
-    if !a.batch.is_multiple_of(dp) {
-        bail!("--batch {} does not divide over dp={dp}; use a batch that is a multiple of {dp}", a.batch);
-    }
+    let device = parallel::device_model(&a.par)?;
+    let budget = parallel::budget(&a.par, &device)?;
     let seq = a.seq.unwrap_or_else(|| crate::model::default_seq(&a.model));
-    let mut graph = load_graph(&a.model, a.batch / dp, seq, a.precision.compute_dtype())?;
-    let params_total = graph.param_count();
-    graph.mesh = mesh.clone();
-    let parallel = (!mesh.axes.is_empty()).then(|| DataParallel { axis: "dp".into(), zero_stage: a.zero });
-    let step = build_data_parallel_step(&graph, &AdamW::default(), parallel.as_ref())?;
-    let p = plan_step(&step, params_total, &device);
-    let budget = match &a.memory_budget {
-        Some(b) => parse_bytes(b).map_err(|e| anyhow!("--memory-budget: {e}"))?,
-        None => device.memory_bytes,
-    };
+    let compute = a.precision.compute_dtype();
+    let job = parallel::Job { model: &a.model, batch: a.batch, seq, compute };
+    let (setup, ranked) = parallel::resolve(&a.par, job, &device)?;
+    let forward = parallel::forward_graph(&a.model, a.batch, seq, compute, &setup, &a.par)?;
+    let params_total = forward.param_count();
+    let (step, sharded) = parallel::build(&forward, &setup, &device)?;
+    let p = plan_step(&step, &parallel::plan_input(&forward, params_total, &setup, sharded.as_ref(), compute), &device);
     let fits = p.memory_per_device.total as f64 <= budget;
     match a.format {
         PlanFormat::Json => {
             let mut v = serde_json::to_value(&p)?;
             v["memory_budget"] = serde_json::json!(budget);
             v["fits_memory_budget"] = serde_json::json!(fits);
+            v["setup"] = serde_json::json!({
+                "dp": setup.dp, "tp": setup.tp, "zero": setup.zero, "sequence_parallel": setup.sp,
+            });
+            if let Some(s) = &sharded {
+                v["search"] = serde_json::to_value(&s.stats)?;
+            }
+            if let Some(r) = &ranked {
+                v["auto"] = serde_json::Value::Array(r.iter().take(AUTO_SHOWN).map(candidate_json).collect());
+            }
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
         PlanFormat::Text => {
-            print_text(&p, a, seq, &device, &graph.name);
+            if let Some(r) = &ranked {
+                print_auto(r, budget);
+            }
+            print_text(&p, a, seq, &device, &forward.name, &setup);
+            if let Some(s) = &sharded {
+                print_layer(s, &p);
+            }
             let verdict = if fits { "fits" } else { "does NOT fit" };
             println!(
                 "memory: {} per device {verdict} the budget of {} ({})",
                 gib(p.memory_per_device.total),
                 gib(budget as usize),
-                if a.memory_budget.is_some() { "--memory-budget" } else { "the device model's memory" }
+                if a.par.memory_budget.is_some() { "--memory-budget" } else { "the device model's memory" }
             );
         }
     }
     Ok(())
 }
 
-fn print_text(p: &Plan, a: &PlanArgs, seq: usize, device: &DeviceModel, name: &str) {
+/// How many `--auto` candidates the plan shows.
+const AUTO_SHOWN: usize = 8;
+
+fn candidate_json(c: &Candidate) -> serde_json::Value {
+    serde_json::json!({
+        "dp": c.setup.dp, "tp": c.setup.tp, "zero": c.setup.zero, "sequence_parallel": c.setup.sp,
+        "predicted_step_seconds": c.plan.predicted_step_seconds,
+        "memory_per_device": c.plan.memory_per_device.total,
+        "fits_memory_budget": c.fits,
+    })
+}
+
+/// The `--auto` ranking: the chosen setup and the runners-up.
+fn print_auto(ranked: &[Candidate], budget: f64) {
+    let fitting = ranked.iter().filter(|c| c.fits).count();
+    println!(
+        "--auto: {} candidates planned, {fitting} fit {}; ranked by predicted step time",
+        ranked.len(),
+        gib(budget as usize)
+    );
+    println!(
+        "  {:<4} {:>5} {:>4} {:>5} {:>4}  {:>12}  {:>12}  fits",
+        "", "dp", "tp", "ZeRO", "SP", "step (ms)", "memory"
+    );
+    for (i, c) in ranked.iter().take(AUTO_SHOWN).enumerate() {
+        println!(
+            "  {:<4} {:>5} {:>4} {:>5} {:>4}  {:>12.3}  {:>12}  {}",
+            if i == 0 { "->" } else { "" },
+            c.setup.dp,
+            c.setup.tp,
+            c.setup.zero,
+            if c.setup.sp { "on" } else { "off" },
+            c.plan.predicted_step_seconds * 1e3,
+            gib(c.plan.memory_per_device.total),
+            if c.fits { "yes" } else { "no" }
+        );
+    }
+    let chosen = &ranked[0];
+    if !chosen.fits {
+        println!("  no candidate fits the budget; the one shown uses the least memory among the fastest");
+    }
+    println!("  chosen: {}", chosen.setup.describe());
+    println!();
+}
+
+/// The sharding of one transformer layer (every layer is planned alike) and its collectives.
+fn print_layer(s: &Sharded, p: &Plan) {
+    // Compute copies (`.bf16`) share their parameter's layout; not repeated.
+    let layer0: Vec<_> =
+        s.values.iter().filter(|v| layer_of(&v.name) == Some(0) && !v.name.ends_with(".bf16")).collect();
+    if layer0.is_empty() {
+        return;
+    }
+    println!(
+        "layer 0 ({} e-nodes, {} e-classes searched over {} forward ops; the choice is stamped on all {} layers)",
+        s.stats.enodes, s.stats.eclasses, s.stats.searched_nodes, s.stats.layers_stamped
+    );
+    println!("  {:<44} {:<18} rule", "value (per rank)", "layout over tp");
+    for v in layer0 {
+        println!("  {:<44} {:<18} {}", v.name, v.layout, v.rule.as_deref().unwrap_or("-"));
+    }
+    let mut per: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
+    for c in p.collectives.iter().filter(|c| c.layer == Some(0)) {
+        *per.entry((c.phase, c.kind, c.rule.as_str())).or_insert(0) += 1;
+    }
+    println!("  collectives of layer 0:");
+    for ((phase, kind, rule), n) in per {
+        println!("    {phase:<9} {n:>2} x {kind:<15} {rule}");
+    }
+    println!();
+}
+
+fn print_text(p: &Plan, a: &PlanArgs, seq: usize, device: &DeviceModel, name: &str, setup: &Setup) {
     let mesh = if p.mesh.is_empty() {
         "single device".to_string()
     } else {
@@ -108,10 +166,11 @@ fn print_text(p: &Plan, a: &PlanArgs, seq: usize, device: &DeviceModel, name: &s
         crate::cli::TrainPrecision::Bf16Mixed => "bf16 mixed precision",
     };
     println!(
-        "plan: {name}, {} parameters, batch {} x {seq} tokens, {mesh}, ZeRO stage {}, {precision}",
+        "plan: {name}, {} parameters, batch {} x {seq} tokens, {mesh}, ZeRO stage {}, sequence parallelism {}, {precision}",
         thousands(p.params_total),
         a.batch,
-        a.zero
+        setup.zero,
+        if setup.sp { "on" } else { "off" }
     );
     println!("device model: {}", device.name);
     println!();

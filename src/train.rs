@@ -8,12 +8,12 @@
 use crate::cli::{DataOrder, TrainArgs};
 use crate::commands::thousands;
 use crate::model::load_model;
+use crate::parallel::{self, Setup};
 use anyhow::{bail, Context, Result};
 use shardc_ir::import::weights::{read_metadata, read_tensors, write_tensors_with_metadata};
 use shardc_ir::interp::Precision;
-use shardc_ir::Mesh;
 use shardc_ir::Tensor;
-use shardc_passes::train_step::{build_data_parallel_step, build_train_step, AdamW, DataParallel};
+use shardc_passes::train_step::{build_parallel_step, AdamW};
 use shardc_runtime::data::TokenFile;
 use shardc_runtime::init::Rng;
 use shardc_runtime::train::{lr_at, Trainer};
@@ -79,7 +79,7 @@ fn batch(a: &TrainArgs, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
 }
 
 /// What a checkpoint must agree on with the run that resumes it.
-fn run_identity(a: &TrainArgs, graph_name: &str) -> BTreeMap<&'static str, String> {
+fn run_identity(a: &TrainArgs, graph_name: &str, setup: &Setup) -> BTreeMap<&'static str, String> {
     BTreeMap::from([
         ("format", CHECKPOINT_FORMAT.to_string()),
         ("graph", graph_name.to_string()),
@@ -87,40 +87,10 @@ fn run_identity(a: &TrainArgs, graph_name: &str) -> BTreeMap<&'static str, Strin
         ("seq", a.run.seq.to_string()),
         ("data_order", format!("{:?}", a.data_order).to_lowercase()),
         ("seed", a.seed.to_string()),
-        ("mesh", a.mesh.clone().unwrap_or_default()),
-        ("zero", a.zero.to_string()),
+        ("mesh", setup.mesh().to_string()),
+        ("zero", setup.zero.to_string()),
+        ("sequence_parallel", setup.sp.to_string()),
     ])
-}
-
-/// The data-parallel degree of `--mesh`, checked.
-fn data_parallel(a: &TrainArgs) -> Result<Option<(Mesh, usize)>> {
-    let Some(text) = &a.mesh else {
-        if a.zero != 0 {
-            bail!("--zero {} needs a data-parallel mesh, e.g. --mesh dp=2", a.zero);
-        }
-        return Ok(None);
-    };
-    let mesh = Mesh::parse(text).map_err(|e| anyhow::anyhow!("--mesh {text}: {e}"))?;
-    if let Some(other) = mesh.axes.iter().find(|x| x.name != "dp") {
-        bail!(
-            "--mesh {text}: axis `{}` is not supported yet; shardc trains with data parallelism (`dp=N`) today",
-            other.name
-        );
-    }
-    let dp = mesh.axis_size("dp").unwrap_or(1);
-    if !a.run.batch.is_multiple_of(dp) {
-        let fits: Vec<String> =
-            (1..=a.run.batch).filter(|d| a.run.batch.is_multiple_of(*d)).map(|d| d.to_string()).collect();
-        bail!(
-            "--batch {} does not divide over dp={dp}; use dp in {{{}}} or a batch that is a multiple of {dp}",
-            a.run.batch,
-            fits.join(",")
-        );
-    }
-    if a.zero > 3 {
-        bail!("--zero {}: ZeRO has stages 0, 1, 2 and 3", a.zero);
-    }
-    Ok(Some((mesh, dp)))
 }
 
 /// Rank r's key for a tensor that differs between ranks (ZeRO-sharded moments).
@@ -132,29 +102,16 @@ fn is_moment(name: &str) -> bool {
     name.ends_with(".adam_m") || name.ends_with(".adam_v")
 }
 
-/// Rank `r`'s ZeRO-3 shard of a parameter: its elements r*P/n .. (r+1)*P/n, flattened and
-/// zero-padded to a multiple of n (the layout of `shardc_passes::train_step::shard_parameters`).
-fn shard_of(t: &Tensor, r: usize, n: usize) -> Tensor {
-    let mut flat = t.to_f32();
-    let per = flat.len().div_ceil(n);
-    flat.resize(per * n, 0.0);
-    Tensor::f32(vec![per], flat[r * per..(r + 1) * per].to_vec())
-}
-
-/// The full parameter of `shape` from every rank's shard.
-fn gather_shards(shards: &[&Tensor], shape: &[usize]) -> Tensor {
-    let mut flat: Vec<f32> = shards.iter().flat_map(|t| t.to_f32()).collect();
-    flat.truncate(shape.iter().product());
-    Tensor::f32(shape.to_vec(), flat)
-}
-
 /// The checkpoint layout: full parameters under their own names (so `shardc eval --weights`
 /// reads them whatever the mesh), and AdamW moments under their names on one device or when
-/// every rank holds the same ones (ZeRO 0), under `rank<r>/<name>` when ZeRO shards them.
+/// every rank holds the same ones (ZeRO 0 without tensor parallelism), under `rank<r>/<name>`
+/// when ranks hold different ones.
+#[allow(clippy::too_many_arguments)]
 fn save(
     dir: &Path,
     trainer: &Trainer,
     a: &TrainArgs,
+    run: &Run,
     shapes: &HashMap<String, Vec<usize>>,
     graph_name: &str,
     step: usize,
@@ -163,18 +120,14 @@ fn save(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ranks = trainer.ranks();
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    let dp = run.setup.data_parallel();
     for p in trainer.params() {
-        let full = if a.zero == 3 && ranks > 1 {
-            let shards: Vec<&Tensor> = (0..ranks).map(|r| &trainer.rank_values(r)[p]).collect();
-            gather_shards(&shards, &shapes[p])
-        } else {
-            trainer.values()[p].clone()
-        };
+        let full = run.step.full_param(p, &shapes[p], dp.as_ref(), |r| &trainer.rank_values(r)[p]);
         tensors.insert(p.clone(), full);
     }
     for r in 0..ranks {
         for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| is_moment(k)) {
-            if ranks > 1 && a.zero >= 1 {
+            if run.moments_differ() {
                 tensors.insert(rank_key(r, k), v.clone());
             } else if r == 0 {
                 tensors.insert(k.clone(), v.clone());
@@ -182,7 +135,7 @@ fn save(
         }
     }
     let mut meta: HashMap<String, String> =
-        run_identity(a, graph_name).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        run_identity(a, graph_name, &run.setup).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     meta.insert("step".into(), step.to_string());
     let position = match a.data_order {
         DataOrder::Sequential => (step % data.num_batches(a.run.batch, a.run.seq)) * a.run.batch * a.run.seq,
@@ -194,34 +147,39 @@ fn save(
     Ok(path)
 }
 
+/// The compiled step and how it is spread.
+struct Run {
+    setup: Setup,
+    step: shardc_passes::train_step::TrainStep,
+}
+
+impl Run {
+    /// Whether ranks hold different AdamW moments (ZeRO shards or tensor-parallel chunks).
+    fn moments_differ(&self) -> bool {
+        self.step.graph.mesh.world_size() > 1 && (self.setup.zero >= 1 || self.setup.tp > 1)
+    }
+}
+
 /// Every rank's starting state from full parameters (and moments, when resuming).
-fn per_rank_state(full: &HashMap<String, Tensor>, a: &TrainArgs, ranks: usize) -> Vec<HashMap<String, Tensor>> {
-    (0..ranks)
-        .map(|r| {
-            let mut m = HashMap::new();
-            for (k, v) in full {
-                if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
-                    m.insert(rest.to_string(), v.clone());
-                } else if k.starts_with("rank") && k.contains('/') {
-                    // another rank's shard
-                } else if is_moment(k) {
-                    m.entry(k.clone()).or_insert_with(|| v.clone());
-                } else if a.zero == 3 && ranks > 1 {
-                    m.insert(k.clone(), shard_of(v, r, ranks));
-                } else {
-                    m.insert(k.clone(), v.clone());
-                }
+fn per_rank_state(full: &HashMap<String, Tensor>, run: &Run) -> Vec<HashMap<String, Tensor>> {
+    let mut states = run.step.rank_params(full, run.setup.data_parallel().as_ref());
+    for (r, m) in states.iter_mut().enumerate() {
+        for (k, v) in full {
+            if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
+                m.insert(rest.to_string(), v.clone());
+            } else if is_moment(k) && !run.moments_differ() {
+                m.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            m
-        })
-        .collect()
+        }
+    }
+    states
 }
 
 fn load_checkpoint(
     dir: &Path,
     a: &TrainArgs,
     graph_name: &str,
-    ranks: usize,
+    run: &Run,
 ) -> Result<(Vec<HashMap<String, Tensor>>, usize)> {
     let path = dir.join(CHECKPOINT_FILE);
     if !path.is_file() {
@@ -231,7 +189,7 @@ fn load_checkpoint(
         );
     }
     let meta = read_metadata(&path)?;
-    for (key, want) in run_identity(a, graph_name) {
+    for (key, want) in run_identity(a, graph_name, &run.setup) {
         let found = meta.get(key).map(String::as_str).unwrap_or("(missing)");
         if found != want {
             bail!("{}: the checkpoint was written with {key} = {found}, but this run has {key} = {want}; resume with the same settings", path.display());
@@ -242,7 +200,7 @@ fn load_checkpoint(
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("{}: metadata has no valid `step`", path.display()))?;
     let all: HashMap<String, Tensor> = read_tensors(&path)?.into_iter().collect();
-    Ok((per_rank_state(&all, a, ranks), step))
+    Ok((per_rank_state(&all, run), step))
 }
 
 /// A one-line progress display on a terminal, or occasional lines otherwise.
@@ -291,10 +249,32 @@ impl Progress {
 
 pub fn train(a: &TrainArgs) -> Result<()> {
     validate(a)?;
-    let dp = data_parallel(a)?;
-    let ranks = dp.as_ref().map_or(1, |(_, n)| *n);
-    let local_batch = a.run.batch / ranks;
-    let mut model = load_model(&a.run.model, local_batch, a.run.seq, a.precision.compute_dtype(), None, a.seed)?;
+    let device = parallel::device_model(&a.par)?;
+    let compute = a.precision.compute_dtype();
+    let job = parallel::Job { model: &a.run.model, batch: a.run.batch, seq: a.run.seq, compute };
+    let (setup, ranked) = parallel::resolve(&a.par, job, &device)?;
+    if let (Some(r), false) = (&ranked, a.json) {
+        eprintln!(
+            "--auto chose {} (predicted {:.3} ms per step on {})",
+            r[0].setup.describe(),
+            r[0].plan.predicted_step_seconds * 1e3,
+            device.name
+        );
+    }
+    let ranks = setup.dp * setup.tp;
+    let local_batch = a.run.batch / setup.dp;
+    let mut model = load_model(&a.run.model, local_batch, a.run.seq, compute, None, a.seed)?;
+    if a.par.pad_vocab_to_multiple_of.is_some() {
+        crate::model::pad_vocab(
+            &mut model,
+            &a.run.model,
+            local_batch,
+            a.run.seq,
+            compute,
+            a.par.pad_vocab_to_multiple_of.map(|m| m * setup.tp),
+            a.seed,
+        )?;
+    }
     let data = TokenFile::open(&a.run.data)?;
     if data.len() < a.run.seq + 1 || data.num_batches(a.run.batch, a.run.seq) == 0 {
         bail!(
@@ -317,13 +297,11 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     }
     let opt =
         AdamW { beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay, grad_clip: a.grad_clip };
-    let step_graph = match &dp {
-        Some((mesh, _)) => {
-            model.graph.mesh = mesh.clone();
-            build_data_parallel_step(&model.graph, &opt, Some(&DataParallel { axis: "dp".into(), zero_stage: a.zero }))?
-        }
-        None => build_train_step(&model.graph, &opt)?,
-    };
+    let mut g = model.graph.clone();
+    g.mesh = setup.mesh();
+    let (dp, tp) = (setup.data_parallel(), setup.tensor_parallel());
+    let (step, _) = build_parallel_step(&g, &opt, dp.as_ref(), tp.as_ref(), &device)?;
+    let run = Run { setup: setup.clone(), step };
     let graph_name = model.graph.name.clone();
     let shapes: HashMap<String, Vec<usize>> = model
         .graph
@@ -332,15 +310,15 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         .collect();
     let (initial, start, origin) = match &a.resume {
         Some(dir) => {
-            let (t, s) = load_checkpoint(dir, a, &graph_name, ranks)?;
+            let (t, s) = load_checkpoint(dir, a, &graph_name, &run)?;
             (t, s, format!("checkpoint {} at step {s}", dir.join(CHECKPOINT_FILE).display()))
         }
-        None => (per_rank_state(&model.params, a, ranks), 0, model.weights_from.clone()),
+        None => (per_rank_state(&model.params, &run), 0, model.weights_from.clone()),
     };
     if start >= a.steps {
         bail!("the checkpoint is at step {start} already; ask for more --steps than that");
     }
-    let mut trainer = Trainer::new_spmd(step_graph.graph, step_graph.params, initial, Precision::F32)?;
+    let mut trainer = Trainer::new_spmd(run.step.graph.clone(), run.step.params.clone(), initial, Precision::F32)?;
     let min_lr = a.min_lr.unwrap_or(a.lr / 10.0);
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -353,10 +331,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         eprintln!(
             "training {}{} ({} parameters from {origin}) on {} ({} tokens, {} order), {} x {} tokens per step, steps {}..{}",
             graph_name,
-            match &dp {
-                Some((mesh, _)) => format!(" on {} simulated ranks (mesh {mesh}, ZeRO stage {})", ranks, a.zero),
-                None => String::new(),
-            },
+            if ranks > 1 { format!(" on {ranks} simulated ranks ({})", setup.describe()) } else { String::new() },
             thousands(model.graph.param_count()),
             a.run.data.display(),
             thousands(data.len()),
@@ -380,7 +355,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             progress.finish();
             match &a.checkpoint {
                 Some(dir) => {
-                    let path = save(dir, &trainer, a, &shapes, &graph_name, k, &data)?;
+                    let path = save(dir, &trainer, a, &run, &shapes, &graph_name, k, &data)?;
                     eprintln!(
                         "interrupted after step {k}; saved {} (continue with --resume {})",
                         path.display(),
@@ -393,10 +368,16 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         }
         let (x, y) = batch(a, &data, k);
         let lr = lr_at(k, a.lr, min_lr, a.warmup, a.steps);
-        // Rank r trains on rows r*B/dp .. (r+1)*B/dp of the global batch.
+        // Rank r trains on rows d*B/dp .. (d+1)*B/dp of the global batch, d its dp coordinate
+        // (tensor-parallel ranks of one dp group see the same rows).
         let per = local_batch * a.run.seq;
-        let shards =
-            (0..ranks).map(|r| (x[r * per..(r + 1) * per].to_vec(), y[r * per..(r + 1) * per].to_vec())).collect();
+        let mesh = &run.step.graph.mesh;
+        let shards = (0..ranks)
+            .map(|r| {
+                let d = mesh.coord(r, "dp").unwrap_or(0);
+                (x[d * per..(d + 1) * per].to_vec(), y[d * per..(d + 1) * per].to_vec())
+            })
+            .collect();
         let s = trainer.step_spmd(shards, lr, k + 1)?;
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;
@@ -409,12 +390,12 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         if let (Some(dir), true) =
             (&a.checkpoint, a.save_every > 0 && (k + 1).is_multiple_of(a.save_every) && k + 1 < a.steps)
         {
-            save(dir, &trainer, a, &shapes, &graph_name, k + 1, &data)?;
+            save(dir, &trainer, a, &run, &shapes, &graph_name, k + 1, &data)?;
         }
     }
     progress.finish();
     if let Some(dir) = &a.checkpoint {
-        let path = save(dir, &trainer, a, &shapes, &graph_name, a.steps, &data)?;
+        let path = save(dir, &trainer, a, &run, &shapes, &graph_name, a.steps, &data)?;
         if !a.json {
             eprintln!("saved {}", path.display());
         }

@@ -47,11 +47,25 @@ fn plan_json_has_the_documented_fields() {
     assert!(p["flops_per_step"].as_f64().unwrap() > 0.0 && p["predicted_step_seconds"].as_f64().unwrap() > 0.0);
 }
 
-/// Communication per step over dp in units of the parameters' bytes: ZeRO's 2 Psi for stages
-/// 0-2 and (up to) 3 Psi for stage 3. Memory: with Psi parameters, Nd = 4 ranks, f32 master
-/// parameters, f32 gradients and f32 moments, the model states per device are
-/// 16 Psi (stage 0), 4 Psi + 12 Psi/Nd (stages 1 and 2: the graph is the same) and 16 Psi/Nd
-/// (stage 3), in bytes, up to the padding of each parameter to a multiple of Nd.
+/// ZeRO's per-device model states (Rajbhandari et al. 2020, section 3.1) with bf16 mixed
+/// precision: 16 Psi (stage 0), 4 Psi + 12 Psi/Nd (1), 2 Psi + 14 Psi/Nd (2), 16 Psi/Nd (3),
+/// up to the padding of each parameter to a multiple of Nd.
+fn zero_states(stage: u8, nd: f64) -> f64 {
+    match stage {
+        0 => 16.0,
+        1 => 4.0 + 12.0 / nd,
+        2 => 2.0 + 14.0 / nd,
+        _ => 16.0 / nd,
+    }
+}
+
+fn model_states(p: &serde_json::Value) -> f64 {
+    let m = &p["memory_per_device"];
+    m["params"].as_f64().unwrap() + m["grads"].as_f64().unwrap() + m["optimizer"].as_f64().unwrap()
+}
+
+/// Communication per step over dp in units of the parameters' f32 bytes: ZeRO's 2 Psi for
+/// stages 0-2 and (up to) 3 Psi for stage 3; model states per device by ZeRO's formulas.
 #[test]
 fn zero_volumes_and_memory_per_stage() {
     let nd = 4.0;
@@ -59,20 +73,101 @@ fn zero_volumes_and_memory_per_stage() {
         let p = plan(&["--mesh", "dp=4", "--zero", &stage.to_string()]);
         let psi = p["params_total"].as_f64().unwrap();
         let comm = p["comm_bytes_per_step"]["dp"].as_f64().unwrap() / (4.0 * psi);
-        let m = &p["memory_per_device"];
-        let states =
-            (m["params"].as_f64().unwrap() + m["grads"].as_f64().unwrap() + m["optimizer"].as_f64().unwrap()) / psi;
-        let want = match stage {
-            0 => 16.0,
-            1 | 2 => 4.0 + 12.0 / nd,
-            _ => 16.0 / nd,
-        };
+        let states = model_states(&p) / psi;
+        let want = zero_states(stage, nd);
         eprintln!(
             "stage {stage}: comm {comm:.4} Psi (f32 bytes), model states {states:.4} Psi bytes (expected {want})"
         );
         let (lo, hi) = if stage == 3 { (2.5, 3.0) } else { (2.0, 2.0001) };
         assert!(comm >= lo && comm <= hi, "stage {stage}: {comm} Psi");
         assert!((states - want).abs() / want < 1e-3, "stage {stage}: model states {states} Psi bytes, expected {want}");
+    }
+}
+
+/// A 7.5B-parameter GPT (hidden 4096, 36 layers, 32 heads, vocab 51200; ZeRO's example size)
+/// in a temporary directory.
+fn config_dir(name: &str, config: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("shardc-plan-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    dir
+}
+
+fn plan_dir(dir: &std::path::Path, args: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args(["plan", dir.to_str().unwrap(), "--format", "json"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("stdout is one JSON document")
+}
+
+const GPT_7_5B: &str = r#"{"model_type": "gpt2", "n_embd": 4096, "n_layer": 36, "n_head": 32,
+  "vocab_size": 51200, "n_positions": 1024, "activation_function": "gelu_new"}"#;
+
+/// ZeRO's memory formulas on a 7.5B model at dp 4, 16 and 64 (ZeRO's Figure 1 uses Psi = 7.5B,
+/// Nd = 64: 120 GB, 31.4 GB, 16.6 GB, 1.9 GB).
+#[test]
+fn zero_memory_of_a_7_5b_model() {
+    let dir = config_dir("7.5b", GPT_7_5B);
+    for nd in [4usize, 16, 64] {
+        for stage in 0..=3u8 {
+            let mesh = format!("dp={nd}");
+            let p = plan_dir(&dir, &["--batch", "64", "--seq", "128", "--mesh", &mesh, "--zero", &stage.to_string()]);
+            let psi = p["params_total"].as_f64().unwrap();
+            assert!((7.4e9..7.6e9).contains(&psi), "a 7.5B model, found {psi}");
+            let got = model_states(&p);
+            let want = zero_states(stage, nd as f64) * psi;
+            eprintln!("7.5B dp={nd} ZeRO-{stage}: {:.1} GB per device (formula {:.1} GB)", got / 1e9, want / 1e9);
+            assert!((got - want).abs() / want < 1e-4, "dp={nd} stage {stage}: {got} vs {want}");
+        }
+    }
+}
+
+/// Megatron's collectives per transformer layer, read from the plan JSON: 2 all-reduces over tp
+/// in the forward and 2 in the backward; with sequence parallelism 2 all-gathers and 2
+/// reduce-scatters each way (4 + 4 per layer) and no all-reduce of activations (the sums of
+/// replicated norm and bias gradients are gradient synchronisation, as in Megatron).
+#[test]
+fn megatron_collectives_per_layer_from_the_plan() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf");
+    for model in ["gpt2-tiny", "llama-tiny"] {
+        for sp in [false, true] {
+            let mut args = vec!["--batch", "4", "--seq", "32", "--mesh", "dp=2,tp=2", "--zero", "1"];
+            if sp {
+                args.push("--sequence-parallel");
+            }
+            let p = plan_dir(&root.join(model), &args);
+            let layers = 2;
+            for layer in 0..layers {
+                let count = |phase: &str, kind: &str| {
+                    p["collectives"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|c| c["layer"].as_u64() == Some(layer) && c["axis"] == "tp")
+                        .filter(|c| c["phase"] == phase && c["kind"] == kind)
+                        .filter(|c| !c["rule"].as_str().unwrap().contains("replicated-parameter"))
+                        .count()
+                };
+                let got = [
+                    count("forward", "all_reduce"),
+                    count("forward", "all_gather"),
+                    count("forward", "reduce_scatter"),
+                    count("backward", "all_reduce"),
+                    count("backward", "all_gather"),
+                    count("backward", "reduce_scatter"),
+                ];
+                let want = if sp { [0, 2, 2, 0, 2, 2] } else { [2, 0, 0, 2, 0, 0] };
+                assert_eq!(got, want, "{model} sp={sp} layer {layer}: [AR AG RS] forward then backward");
+            }
+            let rules: std::collections::BTreeSet<&str> =
+                p["collectives"].as_array().unwrap().iter().map(|c| c["rule"].as_str().unwrap()).collect();
+            eprintln!("{model} sp={sp}: rules {rules:?}");
+            assert!(rules.contains("tp/matmul-row") || sp);
+            assert!(rules.contains("tp/vocab-parallel-cross-entropy"));
+        }
     }
 }
 

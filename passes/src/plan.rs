@@ -4,9 +4,15 @@
 //! - `collectives`: every collective with its kind, mesh axis, full-tensor bytes, phase
 //!   (forward, backward, optimizer), transformer layer when it belongs to one, and the rule that
 //!   introduced it ([`crate::train_step::collective_rule`], or the adjoint autodiff derived).
-//! - `memory_per_device`: parameters and optimizer state are the step's `param` and `state`
-//!   arguments; gradients are the gradients the optimizer consumes (averaged, and sharded under
-//!   ZeRO 1-3); activations are the forward values the backward reads (what autodiff keeps alive).
+//! - `memory_per_device`: model states in the layout the GPU runtime keeps them, ZeRO's
+//!   accounting (Rajbhandari et al. 2020, section 3.1): with bf16 mixed precision, bf16
+//!   parameters (2 bytes per element), bf16 gradients (2) and f32 master weights plus two Adam
+//!   moments as optimizer state (12); in f32, 4 + 4 + 8. Elements are this rank's parameters after
+//!   tensor parallelism; ZeRO over `dp` divides (flat, padded shards) the optimizer state from
+//!   stage 1, the gradients from stage 2 (reduce-scattered bucket by bucket during the backward)
+//!   and the parameters at stage 3, so a stage's total is 16 Psi, 4 Psi + 12 Psi/Nd,
+//!   2 Psi + 14 Psi/Nd or 16 Psi/Nd. Activations are the forward values the backward reads
+//!   (what autodiff keeps alive), per rank.
 //! - `comm_bytes_per_step`: per mesh axis, bytes as the ZeRO paper counts volume (an all-reduce
 //!   moves twice its tensor).
 //! - `flops_per_step`: 2 M N K per matrix product, per rank.
@@ -85,9 +91,66 @@ fn matmul_flops(g: &Graph, n: &shardc_ir::Node) -> f64 {
     2.0 * g.ty(n.output).numel() as f64 * k as f64
 }
 
-/// Reads the plan off a training step (see the module doc). `params_total` is the model's
-/// parameter count (the step's own arguments may be shards).
-pub fn plan(step: &TrainStep, params_total: usize, device: &DeviceModel) -> Plan {
+/// What a plan needs besides the step graph.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanInput {
+    /// The model's parameter count (the step's own arguments may be shards).
+    pub params_total: usize,
+    /// Elements of each parameter this rank holds before ZeRO (after tensor parallelism).
+    pub params_per_rank: Vec<usize>,
+    pub dp: usize,
+    pub zero: u8,
+    /// bf16 mixed precision (else f32 throughout).
+    pub mixed: bool,
+}
+
+impl PlanInput {
+    /// For a step of `forward` (per-rank parameters) without ZeRO details.
+    pub fn of(forward: &Graph, params_total: usize, dp: usize, zero: u8, mixed: bool) -> PlanInput {
+        let params_per_rank = forward.args_of(ArgKind::Param).map(|v| forward.ty(v).numel()).collect();
+        PlanInput { params_total, params_per_rank, dp, zero, mixed }
+    }
+
+    /// (parameters, gradients, optimizer state) bytes per device; see the module doc.
+    pub fn model_states(&self) -> (usize, usize, usize) {
+        let n = self.dp.max(1);
+        let whole: usize = self.params_per_rank.iter().sum();
+        let shard: usize = self.params_per_rank.iter().map(|p| p.div_ceil(n)).sum();
+        let (pb, gb, ob) = if self.mixed { (2, 2, 12) } else { (4, 4, 8) };
+        let z = if n > 1 { self.zero } else { 0 };
+        let params = pb * if z >= 3 { shard } else { whole };
+        let grads = gb * if z >= 2 { shard } else { whole };
+        let optimizer = ob * if z >= 1 { shard } else { whole };
+        (params, grads, optimizer)
+    }
+}
+
+/// The rule behind collective `value` of `step` and its phase.
+fn rule_of(step: &TrainStep, value: &str, node: usize) -> (String, &'static str) {
+    if node >= step.forward_nodes {
+        if let Some((rule, phase)) = collective_rule(value) {
+            return (rule.to_string(), phase);
+        }
+    }
+    let phase = if node < step.forward_nodes {
+        "forward"
+    } else if node < step.backward_end {
+        "backward"
+    } else {
+        "optimizer"
+    };
+    if let Some(rule) = step.rules.get(value) {
+        return (rule.clone(), phase);
+    }
+    if let Some(rule) = step.adjoint_of.get(value).and_then(|f| step.rules.get(f)) {
+        return (format!("{rule} (adjoint)"), phase);
+    }
+    (String::from(if phase == "forward" { "forward graph" } else { "autodiff" }), phase)
+}
+
+/// Reads the plan off a training step (see the module doc).
+pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
+    let params_total = input.params_total;
     let g = &step.graph;
     let mesh: BTreeMap<String, usize> = g.mesh.axes.iter().map(|a| (a.name.clone(), a.size)).collect();
     // Stride of each axis: the product of the sizes of the faster (later) axes.
@@ -99,11 +162,7 @@ pub fn plan(step: &TrainStep, params_total: usize, device: &DeviceModel) -> Plan
     let mut comm = BTreeMap::new();
     let mut seconds = 0.0;
     for c in collectives(g) {
-        let (rule, phase) = match collective_rule(&c.value) {
-            Some((rule, phase)) if c.node >= step.forward_nodes => (rule.to_string(), phase),
-            _ if c.node < step.forward_nodes => (format!("forward/{}", kind_name(c.kind)), "forward"),
-            _ => (format!("autodiff/adjoint-{}", kind_name(c.kind)), "backward"),
-        };
+        let (rule, phase) = rule_of(step, &c.value, c.node);
         *comm.entry(c.axis.clone()).or_insert(0.0) += c.kind.volume(c.bytes as f64);
         let size = g.mesh.axis_size(&c.axis).unwrap_or(1);
         seconds += collective_seconds(device, c.kind, c.bytes as f64, size, stride(&c.axis));
@@ -131,8 +190,6 @@ pub fn plan(step: &TrainStep, params_total: usize, device: &DeviceModel) -> Plan
             seconds += bytes as f64 / device.memory_bandwidth;
         }
     }
-    let arg_bytes = |kind: ArgKind| g.args_of(kind).map(|v| g.ty(v).size_bytes()).sum::<usize>();
-    let grads = step.optimizer_grads.iter().filter_map(|n| g.find(n)).map(|v| g.ty(v).size_bytes()).sum();
     // Activations: forward results that a backward node reads.
     let forward_values: HashSet<_> = g.nodes[..step.forward_nodes].iter().map(|n| n.output).collect();
     let saved: HashSet<_> = g.nodes[step.forward_nodes..step.backward_end]
@@ -141,13 +198,8 @@ pub fn plan(step: &TrainStep, params_total: usize, device: &DeviceModel) -> Plan
         .filter(|v| forward_values.contains(v))
         .collect();
     let activations = saved.iter().map(|&v| g.ty(v).size_bytes()).sum();
-    let mut memory = Memory {
-        params: arg_bytes(ArgKind::Param),
-        grads,
-        optimizer: arg_bytes(ArgKind::State),
-        activations,
-        total: 0,
-    };
+    let (params, grads, optimizer) = input.model_states();
+    let mut memory = Memory { params, grads, optimizer, activations, total: 0 };
     memory.total = memory.params + memory.grads + memory.optimizer + memory.activations;
     Plan {
         params_total,

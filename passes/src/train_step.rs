@@ -63,7 +63,8 @@ pub struct TrainStep {
 /// adds, from the name it gives the collective's result. Collectives of the forward and backward
 /// passes (autodiff's adjoints) are classified by position instead.
 pub fn collective_rule(value: &str) -> Option<(&'static str, &'static str)> {
-    let table: [(&str, &str, &str); 6] = [
+    let table: [(&str, &str, &str); 7] = [
+        ("grad_sumsq_tp", "tensor-parallel/global-gradient-norm", "optimizer"),
         (".grad_sum", "zero-0/all-reduce-gradients", "backward"),
         (".grad_shard_sum", "zero-1/reduce-scatter-gradients", "backward"),
         (".regathered", "zero-3/gather-parameters-for-backward", "backward"),

@@ -28,9 +28,27 @@ pub struct Sharded {
     /// produced its term (none for the forward graph's own ops on replicated values).
     pub values: Vec<ValueLayout>,
     pub stats: SearchStats,
+    /// Every e-class the search built: the layouts each forward value could have had, the
+    /// cheapest way to get each, and its cost (for `shardc explain`).
+    pub alternatives: Vec<Alternative>,
     /// The extracted cost of the loss (parameter bytes, seconds, activation bytes) as the
     /// extraction weighs them.
     pub cost: Cost,
+}
+
+/// One e-class: a forward value in one layout, the cheapest e-node for it and its cost.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Alternative {
+    pub forward_value: String,
+    pub layout: String,
+    /// The chosen e-node, e.g. `matmul(replicated, split on dim 1)` or `all_gather[2]`.
+    pub best: String,
+    pub rule: Option<String>,
+    /// (weight-state bytes, seconds, other bytes) as the extraction weighs them.
+    pub cost: Cost,
+    /// Alternatives of one forward value are listed together; `chosen` marks the layouts the
+    /// per-rank program uses.
+    pub chosen: bool,
 }
 
 /// One value of the per-rank program, for `shardc explain`.
@@ -53,6 +71,8 @@ struct Lower<'a> {
     uses: HashMap<ValueId, BTreeSet<Layout>>,
     stored: Option<HashMap<ValueId, Layout>>,
     varies: HashSet<ValueId>,
+    /// Parameters and their compute copies (casts) in the per-rank program.
+    weights: HashSet<ValueId>,
     /// Dry run: (class, layer) pairs some consumer uses whole (not as the replicated operand of
     /// split compute). Real run: read to choose how each all_gather differentiates.
     whole_use: HashSet<(egg::Id, usize)>,
@@ -82,6 +102,7 @@ impl<'a> Lower<'a> {
             uses: HashMap::new(),
             stored,
             varies: HashSet::new(),
+            weights: HashSet::new(),
             whole_use,
             partial_grad: HashSet::new(),
             out: Sharded {
@@ -90,6 +111,7 @@ impl<'a> Lower<'a> {
                 param_splits: HashMap::new(),
                 values: Vec::new(),
                 stats: s.stats.clone(),
+                alternatives: Vec::new(),
                 cost: (0.0, 0.0, 0.0),
             },
         }
@@ -229,6 +251,7 @@ impl<'a> Lower<'a> {
         }
         if kind == ArgKind::Param {
             self.varies.insert(v);
+            self.weights.insert(v);
         }
         self.args.insert((orig, layout), v);
         Ok(v)
@@ -243,7 +266,15 @@ impl<'a> Lower<'a> {
             return Ok(f);
         }
         let name = format!("{}.tp_f", self.b.graph.name_of(v));
-        let f = self.collective(Op::Identity, v, self.axis(), &name, "localize/replicated-into-parallel-region")?;
+        // A replicated parameter read by split compute (a norm scale or bias under sequence
+        // parallelism): its gradient's sum is part of the gradient synchronisation.
+        let param = self.weights.contains(&v);
+        let rule = if param {
+            "localize/replicated-parameter-in-parallel-region"
+        } else {
+            "localize/replicated-into-parallel-region"
+        };
+        let f = self.collective(Op::Identity, v, self.axis(), &name, rule)?;
         self.ident.insert(v, f);
         Ok(f)
     }
@@ -301,7 +332,11 @@ impl<'a> Lower<'a> {
                     let shape = self.local_shape(data.value, data.layout).iter().map(|&d| d as i64).collect();
                     attrs = attrs.with("shape", Attr::Ints(shape));
                 }
-                self.op(n.op, &ins, attrs, &vname)?
+                let v = self.op(n.op, &ins, attrs, &vname)?;
+                if n.op == Op::Cast && self.weights.contains(&ins[0]) {
+                    self.weights.insert(v);
+                }
+                v
             }
             Sh::AllGather(d, [x]) => {
                 let xv = self.emit_child(*x, data.value, ctx, false)?;
@@ -497,7 +532,32 @@ pub fn localize(s: &Search, ext: &Extraction) -> Result<Sharded, ShardError> {
             (p, only)
         })
         .collect();
-    let sharded = Lower::new(s, ext, Some(stored), whole_use).run()?;
+    let mut sharded = Lower::new(s, ext, Some(stored), whole_use).run()?;
+    let used: HashSet<(String, String)> =
+        sharded.values.iter().map(|v| (v.forward_value.clone(), v.layout.clone())).collect();
+    let g = &s.ctx().graph;
+    for c in s.eg.classes() {
+        let node = &ext.best[&c.id];
+        let best = match node {
+            Sh::Op(i, ch) => {
+                let kids: Vec<String> = ch.iter().map(|&k| s.data(k).layout.to_string()).collect();
+                format!("{}({})", g.nodes[*i as usize].op.name(), kids.join(", "))
+            }
+            Sh::Arg(_) => "argument".to_string(),
+            other => other.to_string(),
+        };
+        let (forward_value, layout) = (g.name_of(c.data.value).to_string(), c.data.layout.to_string());
+        let chosen = used.contains(&(forward_value.clone(), layout.clone()));
+        sharded.alternatives.push(Alternative {
+            forward_value,
+            layout,
+            best,
+            rule: s.provenance.get(node).map(|r| r.to_string()),
+            cost: ext.cost[&c.id],
+            chosen,
+        });
+    }
+    sharded.alternatives.sort_by(|a, b| (&a.forward_value, &a.layout).cmp(&(&b.forward_value, &b.layout)));
     shardc_ir::verify::verify(&sharded.graph)
         .map_err(|e| ShardError(format!("internal: the sharded program does not verify: {e}")))?;
     Ok(sharded)

@@ -22,7 +22,7 @@ pub fn rules() -> Vec<Rule> {
         },
         Rule {
             name: "tp/propagate-gather",
-            law: "f(.., all_gather[di](xi), ..) = all_gather[d](f(.., xi, ..)) when f commutes with the split",
+            law: "f(.., all_gather[di](xi), ..) = all_gather[d](f(.., xi, ..)) when f commutes with the split (other operands: their shards)",
             apply: propagate_gather,
         },
         Rule {
@@ -125,12 +125,17 @@ fn propagate_gather(s: &mut Search) -> Vec<(Id, Id)> {
             if reqs[j] != Some(dj as usize) {
                 continue;
             }
+            // Megatron's regions: outside a tensor-parallel region activations are whole, so
+            // a sibling operand is cut (without communication) only if it is a weight, or
+            // along the sequence under sequence parallelism.
+            let seq_split = s.ctx().opts.sequence_parallel && d == s.ctx().opts.seq_dim;
             let mut kids = Vec::new();
             for (k, &ck) in ch.iter().enumerate() {
                 let kid = match reqs[k] {
                     Some(dk) => match s.gathered(ck, dk as u8) {
                         Some(x) => Some(x),
-                        None => s.shard(ck, dk as u8, RULE),
+                        None if seq_split || s.is_weight(ck) => s.shard(ck, dk as u8, RULE),
+                        None => None,
                     },
                     None => Some(ck),
                 };

@@ -1,0 +1,199 @@
+//! `shardc compile` (the per-rank program) and `shardc explain` (why a value has its layout).
+
+use crate::cli::{CompileArgs, CompileStage, ExplainArgs};
+use crate::parallel::{self, Setup};
+use anyhow::{bail, Result};
+use shardc_ir::text::print;
+use shardc_ir::{DType, Graph};
+use shardc_passes::cost::DeviceModel;
+use shardc_passes::plan::{layer_of, plan as plan_step};
+use shardc_passes::sharding::{rules, ShardOptions, Sharded};
+use shardc_passes::train_step::TrainStep;
+use std::path::Path;
+
+/// Everything a compiling command builds.
+struct Compiled {
+    setup: Setup,
+    forward: Graph,
+    step: TrainStep,
+    sharded: Option<Sharded>,
+    device: DeviceModel,
+    compute: DType,
+}
+
+fn compile_model(
+    model: &Path,
+    batch: usize,
+    seq: Option<usize>,
+    par: &crate::cli::ParallelArgs,
+    compute: DType,
+) -> Result<Compiled> {
+    let device = parallel::device_model(par)?;
+    let seq = seq.unwrap_or_else(|| crate::model::default_seq(model));
+    let (setup, _) = parallel::resolve(par, parallel::Job { model, batch, seq, compute }, &device)?;
+    let forward = parallel::forward_graph(model, batch, seq, compute, &setup, par)?;
+    let (step, sharded) = parallel::build(&forward, &setup, &device)?;
+    Ok(Compiled { setup, forward, step, sharded, device, compute })
+}
+
+pub fn compile(a: &CompileArgs) -> Result<()> {
+    let c = compile_model(&a.model, a.batch, a.seq, &a.par, a.precision.compute_dtype())?;
+    let g = match a.stage {
+        CompileStage::Step => &c.step.graph,
+        CompileStage::Forward => c.sharded.as_ref().map_or(&c.forward, |s| &s.graph),
+    };
+    let text = print(g);
+    let collectives = g.nodes.iter().filter(|n| n.op.is_collective()).count();
+    match &a.output {
+        Some(path) => {
+            std::fs::write(path, &text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            eprintln!(
+                "wrote {}: the per-rank {} of {} on {} ({} ops, {} collectives, {} parameter elements per rank)",
+                path.display(),
+                if a.stage == CompileStage::Step { "training step" } else { "forward pass" },
+                c.forward.name,
+                c.setup.describe(),
+                g.nodes.len(),
+                collectives,
+                crate::commands::thousands(g.param_count()),
+            );
+        }
+        None => print!("{text}"),
+    }
+    Ok(())
+}
+
+/// A later layer's name for its layer-0 twin (`h3.mlp_up` -> `h0.mlp_up`), which is what the
+/// search saw.
+fn template_name(name: &str) -> String {
+    match layer_of(name) {
+        Some(i) if i > 0 => {
+            for (from, to) in [
+                (format!("h.{i}."), "h.0."),
+                (format!("layers.{i}."), "layers.0."),
+                (format!("h{i}."), "h0."),
+                (format!("l{i}."), "l0."),
+            ] {
+                if let Some(rest) = name.strip_prefix(&from) {
+                    return format!("{to}{rest}");
+                }
+            }
+            name.to_string()
+        }
+        _ => name.to_string(),
+    }
+}
+
+pub fn explain(a: &ExplainArgs) -> Result<()> {
+    let c = compile_model(&a.model, a.batch, a.seq, &a.par, a.precision.compute_dtype())?;
+    let Some(sharded) = &c.sharded else {
+        bail!(
+            "{} is not tensor-parallel here ({}): every value is replicated over the mesh's data-parallel ranks; explain a tensor-parallel plan, e.g. --mesh tp=2",
+            c.forward.name,
+            c.setup.describe()
+        );
+    };
+    let step = &c.step;
+    let g = &step.graph;
+    let laws: Vec<(&str, &str)> = rules(&ShardOptions::tp(2, true)).iter().map(|r| (r.name, r.law)).collect();
+    let law = |rule: &str| laws.iter().find(|(n, _)| rule.starts_with(n)).map(|(_, l)| *l);
+    let name = a.value.trim_start_matches('%');
+    // The forward value this names: itself, the value a per-rank value holds, or a parameter.
+    let forward_value = sharded
+        .values
+        .iter()
+        .find(|v| v.name == name)
+        .map(|v| v.forward_value.clone())
+        .unwrap_or_else(|| name.to_string());
+    let holders: Vec<_> = sharded.values.iter().filter(|v| v.forward_value == forward_value).collect();
+    let is_param = c.forward.args.iter().any(|x| c.forward.name_of(x.value) == forward_value);
+    if holders.is_empty() && g.find(name).is_none() && !is_param {
+        let near: Vec<&str> = sharded
+            .values
+            .iter()
+            .map(|v| v.forward_value.as_str())
+            .filter(|v| v.contains(name) || name.contains(*v))
+            .take(8)
+            .collect();
+        bail!(
+            "no value `{name}` in the compiled step of {}{}",
+            c.forward.name,
+            if near.is_empty() { String::new() } else { format!("; similar: {}", near.join(", ")) }
+        );
+    }
+    println!("{forward_value} on {} ({})", c.setup.describe(), c.device.name);
+    if let Some(&d) = sharded.param_splits.get(&forward_value) {
+        println!(
+            "  parameter stored split on dim {d} over tp: every use of it in the chosen plan reads only this rank's chunk"
+        );
+    } else if is_param {
+        println!("  parameter stored whole (replicated over tp): some use of it reads it whole");
+    }
+    for h in &holders {
+        let ty = g.find(&h.name).map(|v| g.ty(v).to_string()).unwrap_or_default();
+        match &h.rule {
+            Some(r) => println!("  held as %{} {ty}: {}, by rule {r}", h.name, h.layout),
+            None => println!("  held as %{} {ty}: {} (the forward graph's own op)", h.name, h.layout),
+        }
+        if let Some(l) = h.rule.as_deref().and_then(law) {
+            println!("      law: {l}");
+        }
+    }
+    let key = template_name(&forward_value);
+    let alts: Vec<_> = sharded.alternatives.iter().filter(|x| x.forward_value == key).collect();
+    if !alts.is_empty() {
+        println!(
+            "  why: the e-graph holds {} layout(s) of {key}; extraction compares (weight-state bytes, seconds, other bytes) per device{}:",
+            alts.len(),
+            if key != forward_value { " (searched as its layer-0 twin; every layer is alike)" } else { "" }
+        );
+        for x in alts {
+            println!(
+                "    {} {:<18} cheapest as {:<42} ({:.3e} B, {:.3e} s, {:.3e} B){}",
+                if x.chosen { "*" } else { " " },
+                x.layout,
+                x.best,
+                x.cost.0,
+                x.cost.1,
+                x.cost.2,
+                x.rule.as_deref().map(|r| format!("  [{r}]")).unwrap_or_default()
+            );
+        }
+        println!("    (* = used by the per-rank program)");
+    }
+    // Collectives that produce or consume this value's per-rank forms, and their adjoints.
+    let input = parallel::plan_input(&c.forward, c.forward.param_count(), &c.setup, Some(sharded), c.compute);
+    let plan = plan_step(step, &input, &c.device);
+    let mut names: Vec<String> = holders.iter().map(|h| h.name.clone()).collect();
+    if names.is_empty() {
+        names.push(name.to_string());
+    }
+    let mut adjacent = Vec::new();
+    for col in &plan.collectives {
+        let Some(v) = g.find(&col.value) else { continue };
+        let node = g.nodes.iter().find(|n| n.output == v).expect("a collective is a node");
+        let touches = names.iter().any(|n| {
+            col.value == *n
+                || node.inputs.iter().any(|&i| g.name_of(i) == n)
+                || step.adjoint_of.get(&col.value).is_some_and(|f| f == n || f.starts_with(&format!("{n}.tp_")))
+        });
+        if touches {
+            adjacent.push(col);
+        }
+    }
+    if adjacent.is_empty() {
+        println!("  no collective next to it");
+    } else {
+        println!("  collectives next to it:");
+        for col in adjacent {
+            println!(
+                "    {:<9} {:<15} over {} of {} bytes -> %{}  [{}]",
+                col.phase, col.kind, col.axis, col.bytes, col.value, col.rule
+            );
+            if let Some(l) = law(&col.rule) {
+                println!("        law: {l}");
+            }
+        }
+    }
+    Ok(())
+}

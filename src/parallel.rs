@@ -1,0 +1,286 @@
+//! The options every compiling command shares (`--mesh`, `--auto`, `--world`, `--zero`,
+//! `--sequence-parallel`, `--device-model`, `--memory-budget`, `--pad-vocab-to-multiple-of`):
+//! checked against the model with errors that say what would work, turned into a training step,
+//! and, with `--auto`, searched.
+
+use crate::cli::ParallelArgs;
+use anyhow::{anyhow, bail, Context, Result};
+use shardc_ir::import::ModelConfig;
+use shardc_ir::{DType, Graph, Mesh};
+use shardc_passes::cost::DeviceModel;
+use shardc_passes::plan::{plan as plan_step, Plan, PlanInput};
+use shardc_passes::sharding::{ShardOptions, Sharded};
+use shardc_passes::train_step::{build_parallel_step, AdamW, DataParallel, TrainStep};
+use std::path::Path;
+
+/// One way to spread the step: a dp x tp mesh, a ZeRO stage, sequence parallelism.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Setup {
+    pub dp: usize,
+    pub tp: usize,
+    pub zero: u8,
+    pub sp: bool,
+}
+
+impl Setup {
+    /// The mesh, `dp` major (tensor-parallel ranks are neighbours, inside a node).
+    pub fn mesh(&self) -> Mesh {
+        let axes: Vec<String> = [("dp", self.dp), ("tp", self.tp)]
+            .iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(a, n)| format!("{a}={n}"))
+            .collect();
+        Mesh::parse(&axes.join(",")).expect("well-formed mesh")
+    }
+
+    pub fn data_parallel(&self) -> Option<DataParallel> {
+        (self.dp > 1).then(|| DataParallel { axis: "dp".into(), zero_stage: self.zero })
+    }
+
+    pub fn tensor_parallel(&self) -> Option<ShardOptions> {
+        (self.tp > 1).then(|| ShardOptions::tp(self.tp, self.sp))
+    }
+
+    /// `dp=2,tp=4 zero=1 sp`, for people.
+    pub fn describe(&self) -> String {
+        let mesh = self.mesh();
+        let mesh = if mesh.axes.is_empty() { "single device".to_string() } else { mesh.to_string() };
+        format!("{mesh}, ZeRO-{}, sequence parallelism {}", self.zero, if self.sp { "on" } else { "off" })
+    }
+}
+
+pub fn device_model(par: &ParallelArgs) -> Result<DeviceModel> {
+    match &par.device_model {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+            DeviceModel::from_toml(&text).map_err(|e| anyhow!("{}: {e}", p.display()))
+        }
+        None => Ok(DeviceModel::h100()),
+    }
+}
+
+/// The memory budget per device, in bytes.
+pub fn budget(par: &ParallelArgs, device: &DeviceModel) -> Result<f64> {
+    match &par.memory_budget {
+        Some(b) => crate::plan::parse_bytes(b).map_err(|e| anyhow!("--memory-budget: {e}")),
+        None => Ok(device.memory_bytes),
+    }
+}
+
+/// The model's config, when MODEL is a Hugging Face directory.
+pub fn model_config(path: &Path) -> Option<ModelConfig> {
+    let text = std::fs::read_to_string(path.join("config.json")).ok()?;
+    shardc_ir::import::parse_config(&text).ok().map(|(c, _)| c)
+}
+
+fn divisors(n: usize) -> Vec<usize> {
+    (1..=n).filter(|d| n.is_multiple_of(*d)).collect()
+}
+
+fn set(v: &[usize]) -> String {
+    format!("{{{}}}", v.iter().map(usize::to_string).collect::<Vec<_>>().join(","))
+}
+
+/// Why `tp` cannot split `config`, with the sizes that would work.
+pub fn check_tp(config: &ModelConfig, tp: usize, padded_vocab: usize) -> Result<()> {
+    let fits = |n: usize| divisors(n).into_iter().filter(|d| config.ffn_hidden.is_multiple_of(*d)).collect::<Vec<_>>();
+    if !config.heads.is_multiple_of(tp) {
+        bail!("tp={tp} does not divide {} attention heads; use tp in {}", config.heads, set(&fits(config.heads)));
+    }
+    if !config.ffn_hidden.is_multiple_of(tp) {
+        bail!(
+            "tp={tp} does not divide the MLP's {} hidden units; use tp in {}",
+            config.ffn_hidden,
+            set(&fits(config.heads))
+        );
+    }
+    if !padded_vocab.is_multiple_of(tp) {
+        bail!(
+            "tp={tp} does not divide the vocabulary of {padded_vocab} tokens; pad it with \
+             --pad-vocab-to-multiple-of N (Megatron pads to a multiple of 128 x tp), or use tp in {}",
+            set(&divisors(padded_vocab).into_iter().filter(|d| fits(config.heads).contains(d)).collect::<Vec<_>>())
+        );
+    }
+    Ok(())
+}
+
+/// The vocabulary after `--pad-vocab-to-multiple-of` for `tp`.
+pub fn padded_vocab(vocab: usize, par: &ParallelArgs, tp: usize) -> usize {
+    match par.pad_vocab_to_multiple_of {
+        Some(m) if m > 0 => vocab.div_ceil(m * tp) * m * tp,
+        _ => vocab,
+    }
+}
+
+/// Checks `setup` against the batch, sequence and model.
+pub fn check(setup: &Setup, batch: usize, seq: usize, model: &Path, par: &ParallelArgs) -> Result<()> {
+    if setup.zero > 3 {
+        bail!("--zero {}: ZeRO has stages 0, 1, 2 and 3", setup.zero);
+    }
+    if setup.zero > 0 && setup.dp == 1 {
+        bail!("--zero {} needs a data-parallel mesh, e.g. --mesh dp=2", setup.zero);
+    }
+    if setup.sp && setup.tp == 1 {
+        bail!("--sequence-parallel needs a tensor-parallel mesh, e.g. --mesh tp=2");
+    }
+    if !batch.is_multiple_of(setup.dp) {
+        bail!(
+            "--batch {batch} does not divide over dp={}; use dp in {} or a batch that is a multiple of {}",
+            setup.dp,
+            set(&divisors(batch)),
+            setup.dp
+        );
+    }
+    if setup.sp && !seq.is_multiple_of(setup.tp) {
+        bail!(
+            "--sequence-parallel splits the {seq} tokens of a row over tp={}; use a --seq that is a multiple of {}",
+            setup.tp,
+            setup.tp
+        );
+    }
+    if setup.tp > 1 {
+        if let Some(config) = model_config(model) {
+            check_tp(&config, setup.tp, padded_vocab(config.vocab_size, par, setup.tp))?;
+        }
+    }
+    Ok(())
+}
+
+/// The setup `--mesh`/`--zero`/`--sequence-parallel` ask for (not `--auto`).
+pub fn explicit(par: &ParallelArgs, batch: usize, seq: usize, model: &Path) -> Result<Setup> {
+    let mesh = match &par.mesh {
+        Some(m) => Mesh::parse(m).map_err(|e| anyhow!("--mesh {m}: {e}"))?,
+        None => Mesh::default(),
+    };
+    if let Some(other) = mesh.axes.iter().find(|x| x.name != "dp" && x.name != "tp") {
+        bail!(
+            "--mesh: axis `{}` is not known; shardc shards over `dp` (data parallelism) and `tp` (tensor parallelism), e.g. --mesh dp=2,tp=4",
+            other.name
+        );
+    }
+    let names: Vec<&str> = mesh.axes.iter().map(|a| a.name.as_str()).collect();
+    if names == ["tp", "dp"] {
+        bail!("--mesh: put `dp` first (dp=D,tp=T): tensor-parallel ranks are neighbours, inside a node");
+    }
+    let setup = Setup {
+        dp: mesh.axis_size("dp").unwrap_or(1),
+        tp: mesh.axis_size("tp").unwrap_or(1),
+        zero: par.zero,
+        sp: par.sequence_parallel,
+    };
+    check(&setup, batch, seq, model, par)?;
+    Ok(setup)
+}
+
+/// The forward graph for one dp rank's share of the batch, vocabulary padded if asked.
+pub fn forward_graph(
+    model: &Path,
+    batch: usize,
+    seq: usize,
+    compute: DType,
+    setup: &Setup,
+    par: &ParallelArgs,
+) -> Result<Graph> {
+    let pad = par.pad_vocab_to_multiple_of.map(|m| m * setup.tp);
+    crate::model::load_graph_padded(model, batch / setup.dp, seq, compute, pad)
+}
+
+/// The training step of `forward` (one dp rank's batch) on `setup`.
+pub fn build(forward: &Graph, setup: &Setup, device: &DeviceModel) -> Result<(TrainStep, Option<Sharded>)> {
+    let mut g = forward.clone();
+    g.mesh = setup.mesh();
+    let (dp, tp) = (setup.data_parallel(), setup.tensor_parallel());
+    Ok(build_parallel_step(&g, &AdamW::default(), dp.as_ref(), tp.as_ref(), device)?)
+}
+
+/// What the plan of `step` needs besides the step.
+pub fn plan_input(
+    forward: &Graph,
+    params_total: usize,
+    setup: &Setup,
+    sharded: Option<&Sharded>,
+    compute: DType,
+) -> PlanInput {
+    let per_rank = sharded.map_or(forward, |s| &s.graph);
+    PlanInput::of(per_rank, params_total, setup.dp, setup.zero, compute != DType::F32)
+}
+
+/// What a compiling command compiles: a model for a global batch of `batch` x `seq` tokens.
+#[derive(Clone, Copy, Debug)]
+pub struct Job<'a> {
+    pub model: &'a Path,
+    pub batch: usize,
+    pub seq: usize,
+    pub compute: DType,
+}
+
+/// One `--auto` candidate and its plan.
+pub struct Candidate {
+    pub setup: Setup,
+    pub plan: Plan,
+    pub fits: bool,
+}
+
+/// `--auto`: every dp x tp arrangement of `world` devices (tp inside a node and dividing the
+/// model), with and without sequence parallelism, at every ZeRO stage; planned, then ranked:
+/// plans that fit the budget first, by predicted step time, then by memory.
+pub fn auto(par: &ParallelArgs, world: usize, job: Job, device: &DeviceModel, budget: f64) -> Result<Vec<Candidate>> {
+    let Job { model, batch, seq, compute } = job;
+    let node = device.links.first().map_or(world, |l| if l.ranks_per_group == 0 { world } else { l.ranks_per_group });
+    let mut out = Vec::new();
+    let mut skipped = Vec::new();
+    for tp in divisors(world).into_iter().filter(|&t| t <= node) {
+        let dp = world / tp;
+        for sp in [false, true] {
+            for zero in 0..=3u8 {
+                let setup = Setup { dp, tp, zero, sp };
+                if let Err(e) = check(&setup, batch, seq, model, par) {
+                    if !skipped.iter().any(|(t, _): &(usize, String)| *t == tp) {
+                        skipped.push((tp, e.to_string()));
+                    }
+                    continue;
+                }
+                let forward = forward_graph(model, batch, seq, compute, &setup, par)?;
+                let params_total = forward.param_count();
+                let (step, sharded) = build(&forward, &setup, device)?;
+                let input = plan_input(&forward, params_total, &setup, sharded.as_ref(), compute);
+                let plan = plan_step(&step, &input, device);
+                let fits = plan.memory_per_device.total as f64 <= budget;
+                out.push(Candidate { setup, plan, fits });
+            }
+        }
+    }
+    if out.is_empty() {
+        let why: Vec<String> = skipped.into_iter().map(|(tp, e)| format!("  tp={tp}: {e}")).collect();
+        bail!("--auto found no way to arrange {world} devices for this model and batch:\n{}", why.join("\n"));
+    }
+    out.sort_by(|a, b| {
+        (!a.fits, a.plan.predicted_step_seconds, a.plan.memory_per_device.total)
+            .partial_cmp(&(!b.fits, b.plan.predicted_step_seconds, b.plan.memory_per_device.total))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Ok(out)
+}
+
+/// The setup a command runs with: `--auto` (returns the ranked candidates too) or the explicit one.
+pub fn resolve(par: &ParallelArgs, job: Job, device: &DeviceModel) -> Result<(Setup, Option<Vec<Candidate>>)> {
+    let Job { model, batch, seq, .. } = job;
+    if !par.auto {
+        if par.world.is_some() {
+            bail!("--world needs --auto (or give the mesh itself with --mesh dp=D,tp=T)");
+        }
+        return Ok((explicit(par, batch, seq, model)?, None));
+    }
+    let world = match (par.world, &par.mesh) {
+        (Some(w), None) => w,
+        (None, Some(m)) => Mesh::parse(m).map_err(|e| anyhow!("--mesh {m}: {e}"))?.world_size(),
+        (Some(_), Some(_)) => bail!("--auto: give --world N or --mesh, not both"),
+        (None, None) => bail!("--auto needs the number of devices: --world N"),
+    };
+    if world == 0 {
+        bail!("--world must be at least 1");
+    }
+    let budget = budget(par, device)?;
+    let ranked = auto(par, world, job, device, budget)?;
+    Ok((ranked[0].setup.clone(), Some(ranked)))
+}
