@@ -254,10 +254,19 @@ pub fn auto(par: &ParallelArgs, world: usize, job: Job, device: &DeviceModel, bu
         let why: Vec<String> = skipped.into_iter().map(|(tp, e)| format!("  tp={tp}: {e}")).collect();
         bail!("--auto found no way to arrange {world} devices for this model and batch:\n{}", why.join("\n"));
     }
+    // Fitting plans by time (then memory); if none fits, the smallest first: it says how far off
+    // the budget is.
+    let any_fits = out.iter().any(|c| c.fits);
     out.sort_by(|a, b| {
-        (!a.fits, a.plan.predicted_step_seconds, a.plan.memory_per_device.total)
-            .partial_cmp(&(!b.fits, b.plan.predicted_step_seconds, b.plan.memory_per_device.total))
-            .unwrap_or(std::cmp::Ordering::Equal)
+        let key = |c: &Candidate| {
+            let (t, m) = (c.plan.predicted_step_seconds, c.plan.memory_per_device.total as f64);
+            if any_fits {
+                (!c.fits, t, m)
+            } else {
+                (false, m, t)
+            }
+        };
+        key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal)
     });
     Ok(out)
 }

@@ -99,9 +99,10 @@ fn candidate_json(c: &Candidate) -> serde_json::Value {
 fn print_auto(ranked: &[Candidate], budget: f64) {
     let fitting = ranked.iter().filter(|c| c.fits).count();
     println!(
-        "--auto: {} candidates planned, {fitting} fit {}; ranked by predicted step time",
+        "--auto: {} candidates planned, {fitting} fit {}; ranked by {}",
         ranked.len(),
-        gib(budget as usize)
+        gib(budget as usize),
+        if fitting > 0 { "predicted step time" } else { "memory per device (none fits)" }
     );
     println!(
         "  {:<4} {:>5} {:>4} {:>5} {:>4}  {:>12}  {:>12}  fits",
@@ -122,7 +123,10 @@ fn print_auto(ranked: &[Candidate], budget: f64) {
     }
     let chosen = &ranked[0];
     if !chosen.fits {
-        println!("  no candidate fits the budget; the one shown uses the least memory among the fastest");
+        println!(
+            "  no candidate fits: the smallest needs {} per device; use a smaller --batch (activations grow with the rows per rank) or more devices",
+            gib(chosen.plan.memory_per_device.total)
+        );
     }
     println!("  chosen: {}", chosen.setup.describe());
     println!();
