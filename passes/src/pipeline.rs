@@ -9,6 +9,9 @@
 //! - `train-step`: the whole training step (autodiff, clipping, AdamW), with the options
 //!   `beta1`, `beta2`, `eps`, `weight-decay`, `grad-clip` (defaults: nanoGPT's), and for data
 //!   parallelism `dp=AXIS` and `zero=0..3`.
+//! - `shard`: the sharding pass ([`crate::sharding`]) on a forward graph whose mesh has the
+//!   axis: `tp=AXIS` (default `tp`), `sp=0|1` (sequence parallelism), with the bundled H100
+//!   device model. The result is the per-rank forward program.
 
 use crate::autodiff::differentiate;
 use crate::train_step::{build_data_parallel_step, AdamW, DataParallel};
@@ -22,7 +25,7 @@ pub struct PassSpec {
     pub options: BTreeMap<String, String>,
 }
 
-const PASSES: &[&str] = &["autodiff", "train-step"];
+const PASSES: &[&str] = &["autodiff", "train-step", "shard"];
 
 /// Parses a pipeline string; errors name the offending part.
 pub fn parse_pipeline(text: &str) -> Result<Vec<PassSpec>, String> {
@@ -97,6 +100,21 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
                 None => None,
             };
             Ok(build_data_parallel_step(g, &opt, dp.as_ref()).map_err(|e| e.to_string())?.graph)
+        }
+        "shard" => {
+            check_options(spec, &["tp", "sp"])?;
+            let axis = spec.options.get("tp").cloned().unwrap_or_else(|| "tp".into());
+            let size = g.mesh.axis_size(&axis).ok_or_else(|| {
+                format!("pass `shard`: the graph's mesh `{}` has no axis `{axis}`; add a `mesh {axis}=N` line", g.mesh)
+            })?;
+            let opts = crate::sharding::ShardOptions {
+                axis,
+                size,
+                sequence_parallel: number(spec, "sp", 0.0)? != 0.0,
+                seq_dim: 1,
+            };
+            let device = crate::cost::DeviceModel::h100();
+            Ok(crate::sharding::shard_forward(g, &opts, &device).map_err(|e| e.to_string())?.graph)
         }
         other => Err(format!("unknown pass `{other}`")),
     }
