@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the bundled defaults: build shardc, tokenize the bundled Shakespeare, import the
-# bundled char-level GPT config to IR and verify it, show the plan of its training step on a
-# data-parallel mesh, train it for a few hundred steps on the CPU
-# (STEPS=N to change), evaluate the result, and reproduce Hugging Face's loss on the tiny GPT-2
-# and Llama fixtures.
+# bundled char-level GPT config to IR and verify it, plan its training step on a dp=2 x tp=2 mesh
+# (ZeRO-1, sequence parallelism), explain one sharding, compile the per-rank program, train it
+# for a few hundred steps on 4 simulated ranks on the CPU (STEPS=N to change), evaluate the
+# gathered checkpoint on one device, and reproduce Hugging Face's loss on the tiny GPT-2 and
+# Llama fixtures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -32,15 +33,23 @@ grep -m 6 -E '^%h0\.(q|scores|probs)' "$out/shakespeare-char.tir" | sed 's/^/   
 step "Verify the IR"
 $shardc check "$out/shakespeare-char.tir"
 
-step "Show the plan of its training step on 4 data-parallel ranks with ZeRO stage 1 (H100 device model)"
-$shardc plan examples/shakespeare-char --batch 8 --seq 128 --mesh dp=4 --zero 1
+MESH=(--mesh dp=2,tp=2 --zero 1 --sequence-parallel)
+step "Plan its training step on dp=2 x tp=2 (ZeRO-1, sequence parallelism; H100 device model)"
+$shardc plan examples/shakespeare-char --batch 8 --seq 128 "${MESH[@]}"
 
-step "Train it on the CPU: ${STEPS:=300} AdamW steps of 8 x 128 tokens (the loss starts near ln 256 = 5.55)"
+step "Why is h0.mlp_up split, and which rule put the collectives around h0.attn_out_nobias there?"
+$shardc explain examples/shakespeare-char h0.mlp_up --batch 8 --seq 128 "${MESH[@]}"
+$shardc explain examples/shakespeare-char h0.attn_out_nobias --batch 8 --seq 128 "${MESH[@]}" | tail -8
+
+step "Compile the per-rank training step to $out/step.tir"
+$shardc compile examples/shakespeare-char --batch 8 --seq 128 --precision f32 "${MESH[@]}" -o "$out/step.tir"
+
+step "Train it on 4 simulated ranks on the CPU: ${STEPS:=300} AdamW steps of 8 x 128 tokens (the loss starts near ln 256 = 5.55)"
 rm -rf "$out/checkpoint"
 $shardc train examples/shakespeare-char --data "$out/shakespeare.bin" --batch 8 --seq 128 \
-  --steps "$STEPS" --lr 2e-3 --warmup 30 --checkpoint "$out/checkpoint"
+  --steps "$STEPS" --lr 2e-3 --warmup 30 --checkpoint "$out/checkpoint" "${MESH[@]}"
 
-step "Evaluate the trained weights on 4 batches"
+step "Evaluate the trained (gathered) weights on one device, 4 batches"
 $shardc eval examples/shakespeare-char --weights "$out/checkpoint/checkpoint.safetensors" \
   --data "$out/shakespeare.bin" --batch 8 --seq 128 --batches 4
 

@@ -155,3 +155,20 @@ fn megatron_collectives_per_layer() {
         }
     }
 }
+
+/// Identical layers are searched once: the e-graph of a 12-layer model is the 2-layer one's.
+#[test]
+fn search_does_not_grow_with_depth() {
+    let size = |layers: usize| {
+        let json = format!(
+            r#"{{"model_type": "gpt2", "n_embd": 64, "n_layer": {layers}, "n_head": 4, "vocab_size": 256, "n_positions": 64}}"#
+        );
+        let (config, _) = shardc_ir::import::parse_config(&json).unwrap();
+        let mut g = shardc_ir::import::build_graph(&config, BuildOptions::f32(2, 16, false)).unwrap().graph;
+        g.mesh = Mesh::parse("tp=2").unwrap();
+        let s = shardc_passes::sharding::search(&g, &ShardOptions::tp(2, true)).unwrap();
+        assert_eq!(s.stats.layers_stamped, layers);
+        (s.stats.enodes, s.stats.eclasses, s.stats.searched_nodes)
+    };
+    assert_eq!(size(2), size(12));
+}

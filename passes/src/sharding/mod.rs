@@ -351,20 +351,29 @@ pub fn search(forward: &Graph, opts: &ShardOptions) -> Result<Search, ShardError
         Some(t) if v == t.last_output => t.output0,
         _ => v,
     };
-    for a in &forward.args {
-        let id = s.eg.add(Sh::Arg(a.value.0));
-        s.class_of.insert(a.value, id);
-    }
     for (i, n) in forward.nodes.iter().enumerate() {
         if let Some(t) = &template {
             if !t.in_layer0(i) && i >= t.start && !t.after_layers(i) {
                 continue;
             }
         }
+        // Arguments enter when a searched node reads them (later layers' parameters never do).
+        for &v in &n.inputs {
+            if !s.class_of.contains_key(&v) {
+                let id = s.eg.add(Sh::Arg(v.0));
+                s.class_of.insert(v, id);
+            }
+        }
         let ch: Vec<Id> = n.inputs.iter().map(|&v| s.class_of[&redirect(v)]).collect();
         let id = s.eg.add(Sh::Op(i as u32, ch));
         s.class_of.insert(n.output, id);
         s.stats.searched_nodes += 1;
+    }
+    for &v in &forward.outputs {
+        if !s.class_of.contains_key(&redirect(v)) {
+            let id = s.eg.add(Sh::Arg(v.0));
+            s.class_of.insert(v, id);
+        }
     }
     s.roots = forward.outputs.iter().map(|&v| s.class_of[&redirect(v)]).collect();
     s.eg.rebuild();
