@@ -189,3 +189,42 @@ fn memory_budget_is_checked() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// A mesh that does not divide the model says what would; the vocabulary pads as Megatron's.
+#[test]
+fn meshes_that_do_not_divide_the_model_are_explained_and_the_vocabulary_pads() {
+    let dir = config_dir(
+        "v250",
+        r#"{"model_type": "gpt2", "n_embd": 96, "n_layer": 2, "n_head": 12, "vocab_size": 250, "n_positions": 64}"#,
+    );
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_shardc"))
+            .args(["plan", dir.to_str().unwrap(), "--batch", "4", "--seq", "32", "--format", "json"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = run(&["--mesh", "tp=5"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("tp=5 does not divide 12 attention heads; use tp in {1,2,3,4,6,12}"),
+        "{err}"
+    );
+    let o = run(&["--mesh", "tp=4"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("does not divide the vocabulary of 250 tokens") && err.contains("--pad-vocab-to-multiple-of"),
+        "{err}"
+    );
+    let p = plan_dir(&dir, &["--batch", "4", "--seq", "32", "--mesh", "tp=4", "--pad-vocab-to-multiple-of", "8"]);
+    // 250 -> 256 (a multiple of 8 x 4): six more rows in the (tied) embedding table.
+    let unpadded = plan_dir(&dir, &["--batch", "4", "--seq", "32"]);
+    let extra = p["params_total"].as_u64().unwrap() - unpadded["params_total"].as_u64().unwrap();
+    assert_eq!(extra, 6 * 96);
+    let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args(["plan", dir.to_str().unwrap(), "--batch", "4", "--seq", "30", "--mesh", "tp=4", "--sequence-parallel"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("splits the 30 tokens of a row over tp=4"), "{err}");
+}
