@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// data parallelism (ZeRO 0-3), Megatron tensor parallelism and sequence parallelism, found by
 /// an e-graph search; plans what every rank holds and does; and trains on the CPU with simulated
 /// ranks (the reference interpreter), checked against the unsharded model. GPU code generation
-/// is being built. See README.md for the quick start.
+/// is the next piece. See README.md for the quick start.
 #[derive(Debug, Parser)]
 #[command(name = "shardc", version, about, long_about)]
 pub struct Cli {

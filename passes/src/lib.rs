@@ -1,11 +1,12 @@
 //! IR to IR transformations and the analyses behind `shardc plan`.
 //!
-//! Built: [`autodiff`] (reverse mode over the whole op table, collectives included) and
-//! [`train_step`] (the whole step: forward, backward, clipping, AdamW).
-//! Coming (DESIGN.md): sharding (an egg e-graph whose language is private to this crate),
-//! collectives, zero, localize, fusion and memory planning. Every pass takes verified IR and
-//! returns verified IR; each pass's doc states what holds after it, with a before/after example
-//! that is also a golden test under `tests/passes/<pass>/`.
+//! Built: [`sharding`] (tensor and sequence parallelism by equality saturation over an egg
+//! e-graph whose language is private to this crate, then localized to a per-rank program),
+//! [`autodiff`] (reverse mode over the whole op table, collectives included), [`train_step`]
+//! (the whole step: forward, backward, gradient synchronisation and ZeRO over `dp`, clipping,
+//! AdamW), [`cost`] and [`plan`]. Coming (DESIGN.md): fusion and memory planning. Every pass
+//! takes verified IR and returns verified IR; each pass's doc states what holds after it, with a
+//! before/after example that is also a golden test under `tests/passes/<pass>/`.
 //!
 //! Architecture Invariant: this crate never touches a GPU, MLIR or the file system.
 

@@ -27,6 +27,18 @@
 //!   vocab-parallel embedding and cross-entropy lower to masked lookups, local reductions and
 //!   all-reduces (no rank ever holds full-vocabulary logits).
 //!
+//! Example (`tests/passes/shard/mlp.tir`, `mesh tp=2`; the per-rank result on the right):
+//! ```text
+//! param %w1: f32[16, 64]                       param %w1: f32[16, 32]      (column shard)
+//! param %b1: f32[64]                           param %b1: f32[32]
+//! param %w2: f32[64, 16]                       param %w2: f32[32, 16]      (row shard)
+//! %h: f32[8, 64] = matmul(%x, %w1)             %h: f32[8, 32] = matmul(%x, %w1)
+//! %hb: f32[8, 64] = add(%h, %b1)        ==>    %hb: f32[8, 32] = add(%h, %b1)
+//! %a: f32[8, 64] = gelu(%hb)                   %a: f32[8, 32] = gelu(%hb)
+//! %out: f32[8, 16] = matmul(%a, %w2)           %out: f32[8, 16] = matmul(%a, %w2)   (partial)
+//!                                              %out.tp_sum: f32[8, 16] = all_reduce(%out) {axis = "tp"}
+//! ```
+//!
 //! The pass handles one mesh axis (tensor parallelism); data parallelism and ZeRO over `dp`
 //! are applied to the differentiated step by [`crate::train_step`], which treats the per-rank
 //! parameters this pass produces like any other.
