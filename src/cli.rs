@@ -284,8 +284,9 @@ pub enum PlanFormat {
     Json,
 }
 
+/// A model and the step to compile for it: shared by `plan`, `compile` and `explain`.
 #[derive(Debug, Args)]
-pub struct PlanArgs {
+pub struct StepArgs {
     /// A model directory (config.json) or a .tir file.
     pub model: PathBuf,
     /// Rows per global batch.
@@ -299,24 +300,20 @@ pub struct PlanArgs {
     /// Plans default to bf16 mixed precision, as on the GPU.
     #[arg(long, value_enum, default_value_t = TrainPrecision::Bf16Mixed)]
     pub precision: TrainPrecision,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub step: StepArgs,
     #[arg(long, value_enum, default_value_t = PlanFormat::Text)]
     pub format: PlanFormat,
 }
 
 #[derive(Debug, Args)]
 pub struct CompileArgs {
-    /// A model directory (config.json) or a .tir file.
-    pub model: PathBuf,
-    /// Rows per global batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// Tokens per row; defaults to the model's maximum positions (at most 1024).
-    #[arg(long)]
-    pub seq: Option<usize>,
     #[command(flatten)]
-    pub par: ParallelArgs,
-    #[arg(long, value_enum, default_value_t = TrainPrecision::Bf16Mixed)]
-    pub precision: TrainPrecision,
+    pub step: StepArgs,
     /// What to write: the whole per-rank training step, or only its sharded forward pass.
     #[arg(long, value_enum, default_value_t = CompileStage::Step)]
     pub stage: CompileStage,
@@ -335,19 +332,9 @@ pub enum CompileStage {
 
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
-    /// A model directory (config.json) or a .tir file.
-    pub model: PathBuf,
+    #[command(flatten)]
+    pub step: StepArgs,
     /// The value to explain: a forward value (`h0.mlp_up`), a parameter (`h.0.mlp.c_fc.weight`)
     /// or any value of the compiled step (`h0.attn_out_nobias.tp_sum`).
     pub value: String,
-    /// Rows per global batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// Tokens per row; defaults to the model's maximum positions (at most 1024).
-    #[arg(long)]
-    pub seq: Option<usize>,
-    #[command(flatten)]
-    pub par: ParallelArgs,
-    #[arg(long, value_enum, default_value_t = TrainPrecision::Bf16Mixed)]
-    pub precision: TrainPrecision,
 }

@@ -1,6 +1,6 @@
 //! `shardc compile` (the per-rank program) and `shardc explain` (why a value has its layout).
 
-use crate::cli::{CompileArgs, CompileStage, ExplainArgs};
+use crate::cli::{CompileArgs, CompileStage, ExplainArgs, StepArgs};
 use crate::parallel::{self, Setup};
 use anyhow::{bail, Result};
 use shardc_ir::text::print;
@@ -9,7 +9,6 @@ use shardc_passes::cost::DeviceModel;
 use shardc_passes::plan::{layer_of, plan as plan_step};
 use shardc_passes::sharding::{rules, ShardOptions, Sharded};
 use shardc_passes::train_step::TrainStep;
-use std::path::Path;
 
 /// Everything a compiling command builds.
 struct Compiled {
@@ -21,15 +20,10 @@ struct Compiled {
     compute: DType,
 }
 
-fn compile_model(
-    model: &Path,
-    batch: usize,
-    seq: Option<usize>,
-    par: &crate::cli::ParallelArgs,
-    compute: DType,
-) -> Result<Compiled> {
+fn compile_model(a: &StepArgs) -> Result<Compiled> {
+    let (model, batch, par, compute) = (a.model.as_path(), a.batch, &a.par, a.precision.compute_dtype());
     let device = parallel::device_model(par)?;
-    let seq = seq.unwrap_or_else(|| crate::model::default_seq(model));
+    let seq = a.seq.unwrap_or_else(|| crate::model::default_seq(model));
     let (setup, _) = parallel::resolve(par, parallel::Job { model, batch, seq, compute }, &device)?;
     let forward = parallel::forward_graph(model, batch, seq, compute, &setup, par)?;
     let (step, sharded) = parallel::build(&forward, &setup, &device)?;
@@ -37,7 +31,7 @@ fn compile_model(
 }
 
 pub fn compile(a: &CompileArgs) -> Result<()> {
-    let c = compile_model(&a.model, a.batch, a.seq, &a.par, a.precision.compute_dtype())?;
+    let c = compile_model(&a.step)?;
     let g = match a.stage {
         CompileStage::Step => &c.step.graph,
         CompileStage::Forward => c.sharded.as_ref().map_or(&c.forward, |s| &s.graph),
@@ -85,7 +79,7 @@ fn template_name(name: &str) -> String {
 }
 
 pub fn explain(a: &ExplainArgs) -> Result<()> {
-    let c = compile_model(&a.model, a.batch, a.seq, &a.par, a.precision.compute_dtype())?;
+    let c = compile_model(&a.step)?;
     let Some(sharded) = &c.sharded else {
         bail!(
             "{} is not tensor-parallel here ({}): every value is replicated over the mesh's data-parallel ranks; explain a tensor-parallel plan, e.g. --mesh tp=2",

@@ -1,6 +1,6 @@
 //! `shardc plan`: the plan of a training step, for people (text) or programs (JSON).
 
-use crate::cli::{PlanArgs, PlanFormat};
+use crate::cli::{PlanArgs, PlanFormat, StepArgs};
 use crate::commands::thousands;
 use crate::parallel::{self, Candidate, Setup};
 use anyhow::{anyhow, bail, Result};
@@ -35,7 +35,8 @@ pub fn gib(bytes: usize) -> String {
     format!("{:.3} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
-pub fn plan(a: &PlanArgs) -> Result<()> {
+pub fn plan(args: &PlanArgs) -> Result<()> {
+    let a = &args.step;
     let device = parallel::device_model(&a.par)?;
     let budget = parallel::budget(&a.par, &device)?;
     let seq = a.seq.unwrap_or_else(|| crate::model::default_seq(&a.model));
@@ -47,7 +48,7 @@ pub fn plan(a: &PlanArgs) -> Result<()> {
     let (step, sharded) = parallel::build(&forward, &setup, &device)?;
     let p = plan_step(&step, &parallel::plan_input(&forward, params_total, &setup, sharded.as_ref(), compute), &device);
     let fits = p.memory_per_device.total as f64 <= budget;
-    match a.format {
+    match args.format {
         PlanFormat::Json => {
             let mut v = serde_json::to_value(&p)?;
             v["memory_budget"] = serde_json::json!(budget);
@@ -159,7 +160,7 @@ fn print_layer(s: &Sharded, p: &Plan) {
     println!();
 }
 
-fn print_text(p: &Plan, a: &PlanArgs, seq: usize, device: &DeviceModel, name: &str, setup: &Setup) {
+fn print_text(p: &Plan, a: &StepArgs, seq: usize, device: &DeviceModel, name: &str, setup: &Setup) {
     let mesh = if p.mesh.is_empty() {
         "single device".to_string()
     } else {

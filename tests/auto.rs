@@ -3,6 +3,7 @@
 //! its own; a tight memory budget turns on what saves memory. Configs: Megatron's 8.3B GPT
 //! (hidden 3072, 72 layers, 32 heads) and a Llama-2-7B-shaped model.
 
+mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -18,28 +19,6 @@ fn plan(model: &str, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-/// [AR, AG, RS] over tp in the forward, then the backward, of one layer (activations only).
-fn layer_counts(p: &serde_json::Value, layer: u64) -> [usize; 6] {
-    let count = |phase: &str, kind: &str| {
-        p["collectives"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["layer"].as_u64() == Some(layer) && c["axis"] == "tp")
-            .filter(|c| c["phase"] == phase && c["kind"] == kind)
-            .filter(|c| !c["rule"].as_str().unwrap().contains("replicated-parameter"))
-            .count()
-    };
-    [
-        count("forward", "all_reduce"),
-        count("forward", "all_gather"),
-        count("forward", "reduce_scatter"),
-        count("backward", "all_reduce"),
-        count("backward", "all_gather"),
-        count("backward", "reduce_scatter"),
-    ]
-}
-
 #[test]
 fn auto_arrives_at_megatron_placements() {
     for model in ["megatron-8.3b", "llama-7b"] {
@@ -51,7 +30,7 @@ fn auto_arrives_at_megatron_placements() {
         let sp = s["sequence_parallel"].as_bool().unwrap();
         let want = if sp { [0, 2, 2, 0, 2, 2] } else { [2, 0, 0, 2, 0, 0] };
         for layer in [0, 1, 5] {
-            assert_eq!(layer_counts(&p, layer), want, "{model} layer {layer}: Megatron's collectives");
+            assert_eq!(common::tp_layer_counts(&p, layer), want, "{model} layer {layer}: Megatron's collectives");
         }
         let rules: std::collections::BTreeSet<&str> =
             p["collectives"].as_array().unwrap().iter().map(|c| c["rule"].as_str().unwrap()).collect();

@@ -1,6 +1,7 @@
 //! `shardc plan --format json` read by a program: the fields issue 4 names, ZeRO's communication
 //! volumes and the per-device model-state memory of each stage, on the bundled char-level GPT.
 
+mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -141,24 +142,7 @@ fn megatron_collectives_per_layer_from_the_plan() {
             let p = plan_dir(&root.join(model), &args);
             let layers = 2;
             for layer in 0..layers {
-                let count = |phase: &str, kind: &str| {
-                    p["collectives"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .filter(|c| c["layer"].as_u64() == Some(layer) && c["axis"] == "tp")
-                        .filter(|c| c["phase"] == phase && c["kind"] == kind)
-                        .filter(|c| !c["rule"].as_str().unwrap().contains("replicated-parameter"))
-                        .count()
-                };
-                let got = [
-                    count("forward", "all_reduce"),
-                    count("forward", "all_gather"),
-                    count("forward", "reduce_scatter"),
-                    count("backward", "all_reduce"),
-                    count("backward", "all_gather"),
-                    count("backward", "reduce_scatter"),
-                ];
+                let got = common::tp_layer_counts(&p, layer);
                 let want = if sp { [0, 2, 2, 0, 2, 2] } else { [2, 0, 0, 2, 0, 0] };
                 assert_eq!(got, want, "{model} sp={sp} layer {layer}: [AR AG RS] forward then backward");
             }

@@ -57,3 +57,28 @@ pub fn files_ending(rel: &str, suffix: &str) -> Vec<PathBuf> {
     walk(&root().join(rel), suffix, &mut out);
     out
 }
+
+/// Collectives over `tp` of one transformer layer in a `shardc plan --format json` document:
+/// [all_reduce, all_gather, reduce_scatter] in the forward, then the same in the backward.
+/// Sums of replicated parameters' gradients (gradient synchronisation, as Megatron does it)
+/// are not counted.
+pub fn tp_layer_counts(p: &serde_json::Value, layer: u64) -> [usize; 6] {
+    let count = |phase: &str, kind: &str| {
+        p["collectives"]
+            .as_array()
+            .expect("collectives")
+            .iter()
+            .filter(|c| c["layer"].as_u64() == Some(layer) && c["axis"] == "tp")
+            .filter(|c| c["phase"] == phase && c["kind"] == kind)
+            .filter(|c| !c["rule"].as_str().unwrap_or("").contains("replicated-parameter"))
+            .count()
+    };
+    [
+        count("forward", "all_reduce"),
+        count("forward", "all_gather"),
+        count("forward", "reduce_scatter"),
+        count("backward", "all_reduce"),
+        count("backward", "all_gather"),
+        count("backward", "reduce_scatter"),
+    ]
+}
