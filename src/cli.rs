@@ -222,9 +222,8 @@ pub struct ParallelArgs {
     /// them in the forward pass.
     #[arg(long, default_value_t = 0)]
     pub zero: u8,
-    /// Megatron sequence parallelism over `tp`: the norms, residual adds and dropout regions run
-    /// on sequence shards; each tensor-parallel all-reduce becomes a reduce-scatter plus an
-    /// all-gather.
+    /// Megatron sequence parallelism over `tp`: the norms and residual adds run on sequence
+    /// shards; each tensor-parallel all-reduce becomes a reduce-scatter plus an all-gather.
     #[arg(long)]
     pub sequence_parallel: bool,
     /// Device and network numbers (TOML); defaults to the bundled H100 NVLink/InfiniBand model.

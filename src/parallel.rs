@@ -202,7 +202,9 @@ pub fn plan_input(
     compute: DType,
 ) -> PlanInput {
     let per_rank = sharded.map_or(forward, |s| &s.graph);
-    PlanInput::of(per_rank, params_total, setup.dp, setup.zero, compute != DType::F32)
+    // A .tir graph fixes its own dtypes: mixed precision if it computes in bf16/f16.
+    let mixed = compute != DType::F32 && forward.values.iter().any(|v| matches!(v.ty.dtype, DType::Bf16 | DType::F16));
+    PlanInput::of(per_rank, params_total, setup.dp, setup.zero, mixed)
 }
 
 /// What a compiling command compiles: a model for a global batch of `batch` x `seq` tokens.
