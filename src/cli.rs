@@ -327,6 +327,10 @@ pub enum CompileStage {
     Step,
     /// The per-rank forward pass the sharding pass produced (before autodiff).
     Forward,
+    /// The forward pass with every value's sharding over `tp` annotated (`@[_, _, tp]`,
+    /// `partial(tp)`) on shapes whole over `tp` (one data-parallel rank's batch), before
+    /// localize; verified.
+    Sharded,
 }
 
 #[derive(Debug, Args)]

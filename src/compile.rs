@@ -32,9 +32,21 @@ fn compile_model(a: &StepArgs) -> Result<Compiled> {
 
 pub fn compile(a: &CompileArgs) -> Result<()> {
     let c = compile_model(&a.step)?;
+    let annotated;
     let g = match a.stage {
         CompileStage::Step => &c.step.graph,
         CompileStage::Forward => c.sharded.as_ref().map_or(&c.forward, |s| &s.graph),
+        CompileStage::Sharded => {
+            let mut forward = c.forward.clone();
+            forward.mesh = c.setup.mesh();
+            annotated = match &c.sharded {
+                Some(s) => s.annotated_forward(&forward, "tp"),
+                None => forward,
+            };
+            shardc_ir::verify::verify(&annotated)
+                .map_err(|e| anyhow::anyhow!("internal: the annotated forward does not verify: {e}"))?;
+            &annotated
+        }
     };
     let text = print(g);
     let collectives = g.nodes.iter().filter(|n| n.op.is_collective()).count();
@@ -44,7 +56,11 @@ pub fn compile(a: &CompileArgs) -> Result<()> {
             eprintln!(
                 "wrote {}: the per-rank {} of {} on {} ({} ops, {} collectives, {} parameter elements per rank)",
                 path.display(),
-                if a.stage == CompileStage::Step { "training step" } else { "forward pass" },
+                match a.stage {
+                    CompileStage::Step => "training step",
+                    CompileStage::Forward => "forward pass",
+                    CompileStage::Sharded => "sharded forward pass (global shapes)",
+                },
                 c.forward.name,
                 c.setup.describe(),
                 g.nodes.len(),

@@ -118,3 +118,33 @@ fn a_model_without_weights_is_initialised_and_says_so() {
     let loss = v["loss"].as_f64().unwrap();
     assert!((loss - 256f64.ln()).abs() < 0.3, "untrained loss {loss}");
 }
+
+/// `shardc compile` writes per-rank programs that `shardc check` accepts: the training step,
+/// the sharded forward, and the annotated global view; `explain` names rules and laws.
+#[test]
+fn compile_writes_programs_that_check_and_explain_names_the_rules() {
+    let model = root().join("tests/fixtures/hf/llama-tiny");
+    let dir = tmp("compile");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mesh = ["--batch", "4", "--seq", "32", "--mesh", "dp=2,tp=2", "--zero", "1", "--sequence-parallel"];
+    for stage in ["step", "forward", "sharded"] {
+        let out = dir.join(format!("{stage}.tir"));
+        let o = shardc(&[&["compile", s(&model)], &mesh[..], &["--stage", stage, "-o", s(&out)]].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(stderr(&o).contains("dp=2, tp=2, ZeRO-1, sequence parallelism on"), "{}", stderr(&o));
+        let o = shardc(&["check", s(&out)]);
+        assert!(o.status.success(), "{stage}: {}", stderr(&o));
+        let text = std::fs::read_to_string(&out).unwrap();
+        match stage {
+            "sharded" => {
+                assert!(text.contains("param %layers.0.self_attn.q_proj.weight: f32[64, 64] @[tp, _]"), "{text}");
+                assert!(text.contains("param %layers.0.mlp.down_proj.weight: f32[64, 128] @[_, tp]"));
+            }
+            _ => assert!(text.contains("reduce_scatter(") && text.contains("all_gather(")),
+        }
+    }
+    let o = shardc(&[&["explain", s(&model), "l0.attn_out"], &mesh[..]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("tp/matmul-row") && text.contains("sp/all-reduce-split") && text.contains("law:"), "{text}");
+}

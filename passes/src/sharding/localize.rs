@@ -36,6 +36,44 @@ pub struct Sharded {
     pub cost: Cost,
 }
 
+impl Sharded {
+    /// The forward graph on its own (global over `tp`) shapes with every value's sharding as the
+    /// per-rank program holds it (`@[_, _, tp]`, `partial(tp)`; a value held in several layouts
+    /// shows the one its own op computes), for people and the verifier: DESIGN.md's "sharding"
+    /// stage, before localize.
+    pub fn annotated_forward(&self, forward: &Graph, axis: &str) -> Graph {
+        let mut g = forward.clone();
+        let mut layouts: HashMap<&str, &str> = HashMap::new();
+        for v in &self.values {
+            if v.name == v.forward_value {
+                layouts.entry(v.forward_value.as_str()).or_insert(v.layout.as_str());
+            }
+        }
+        for (name, split) in &self.param_splits {
+            if let Some(v) = g.find(name) {
+                let rank = g.ty(v).rank();
+                let mut dims = vec![Vec::new(); rank];
+                dims[*split] = vec![axis.to_string()];
+                g.values[v.index()].sharding = Some(shardc_ir::Sharding { dims, partial: Vec::new() });
+            }
+        }
+        for i in 0..g.values.len() {
+            let Some(layout) = layouts.get(g.values[i].name.as_str()) else { continue };
+            let rank = g.values[i].ty.rank();
+            let mut sh = shardc_ir::Sharding::replicated(rank);
+            if *layout == Layout::Partial.to_string() {
+                sh.partial.push(axis.to_string());
+            } else if let Some(d) = (0..rank).find(|&d| *layout == Layout::Split(d as u8).to_string()) {
+                sh.dims[d].push(axis.to_string());
+            } else {
+                continue;
+            }
+            g.values[i].sharding = Some(sh);
+        }
+        g
+    }
+}
+
 /// One e-class: a forward value in one layout, the cheapest e-node for it and its cost.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Alternative {
