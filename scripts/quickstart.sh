@@ -41,8 +41,8 @@ step "Why is h0.mlp_up split, and which rule put the collectives around h0.attn_
 $shardc explain examples/shakespeare-char h0.mlp_up --batch 8 --seq 128 "${MESH[@]}"
 $shardc explain examples/shakespeare-char h0.attn_out_nobias --batch 8 --seq 128 "${MESH[@]}" | tail -8
 
-step "Compile the per-rank training step to $out/step.tir"
-$shardc compile examples/shakespeare-char --batch 8 --seq 128 --precision f32 "${MESH[@]}" -o "$out/step.tir"
+step "Compile the per-rank training step to $out/step.tir, checked against the unsharded step first"
+$shardc compile examples/shakespeare-char --batch 8 --seq 128 --precision f32 "${MESH[@]}" --check -o "$out/step.tir"
 
 step "Train it on 4 simulated ranks on the CPU: ${STEPS:=300} AdamW steps of 8 x 128 tokens (the loss starts near ln 256 = 5.55)"
 rm -rf "$out/checkpoint"

@@ -319,6 +319,11 @@ pub struct CompileArgs {
     /// Write the per-rank program (.tir) here instead of standard output.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// Check the compiled step numerically before writing it: one AdamW step on simulated ranks
+    /// against the unsharded step (same random parameters and tokens, f64 storage). For models
+    /// that fit the CPU (up to 100M parameters).
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

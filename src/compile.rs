@@ -13,6 +13,7 @@ use shardc_passes::train_step::TrainStep;
 /// Everything a compiling command builds.
 struct Compiled {
     setup: Setup,
+    seq: usize,
     forward: Graph,
     step: TrainStep,
     sharded: Option<Sharded>,
@@ -27,11 +28,95 @@ fn compile_model(a: &StepArgs) -> Result<Compiled> {
     let (setup, _) = parallel::resolve(par, parallel::Job { model, batch, seq, compute }, &device)?;
     let forward = parallel::forward_graph(model, batch, seq, compute, &setup, par)?;
     let (step, sharded) = parallel::build(&forward, &setup, &device)?;
-    Ok(Compiled { setup, forward, step, sharded, device, compute })
+    Ok(Compiled { setup, seq, forward, step, sharded, device, compute })
+}
+
+/// The most parameters `compile --check` runs on the CPU.
+const CHECK_LIMIT: usize = 100_000_000;
+
+/// `compile --check`: one training step of the compiled per-rank program on simulated ranks
+/// against the unsharded step, with the same random parameters and tokens, in f64 storage.
+fn check_numerics(c: &Compiled, a: &StepArgs) -> Result<()> {
+    use shardc_ir::interp::Precision;
+    use shardc_passes::train_step::{build_train_step, AdamW};
+    use shardc_runtime::train::Trainer;
+    let whole = Setup { dp: 1, ..c.setup.clone() };
+    let global = parallel::forward_graph(&a.model, a.batch, c.seq, c.compute, &whole, &a.par)?;
+    let n = global.param_count();
+    if n > CHECK_LIMIT {
+        bail!(
+            "--check runs the step on this CPU; {} has {} parameters (the limit is {}): check a smaller config of the same shape",
+            global.name,
+            crate::commands::thousands(n),
+            crate::commands::thousands(CHECK_LIMIT)
+        );
+    }
+    let Some(vocab) = crate::commands::vocab_size(&global) else {
+        bail!("--check needs a model with token inputs (`tokens`, `targets`) and an embedding table");
+    };
+    let params = shardc_runtime::init::init_params(&global, 1);
+    let opt = AdamW::default();
+    let reference = build_train_step(&global, &opt)?;
+    let mut reference = Trainer::new(reference.graph, reference.params, params.clone(), Precision::F64)?;
+    let dp = c.setup.data_parallel();
+    let initial = c.step.rank_params(&params, dp.as_ref());
+    let mut parallel = Trainer::new_spmd(c.step.graph.clone(), c.step.params.clone(), initial, Precision::F64)?;
+    let mut rng = shardc_runtime::init::Rng::new(7);
+    let tokens: Vec<i64> = (0..a.batch * c.seq + 1).map(|_| (rng.next_u64() % vocab as u64) as i64).collect();
+    let (x, y) = (tokens[..a.batch * c.seq].to_vec(), tokens[1..].to_vec());
+    let want = reference.step(x.clone(), y.clone(), 1e-3, 1)?;
+    let per = a.batch / c.setup.dp * c.seq;
+    let mesh = &c.step.graph.mesh;
+    let batches = (0..mesh.world_size())
+        .map(|r| {
+            let d = mesh.coord(r, "dp").unwrap_or(0);
+            (x[d * per..(d + 1) * per].to_vec(), y[d * per..(d + 1) * per].to_vec())
+        })
+        .collect();
+    let got = parallel.step_spmd(batches, 1e-3, 1)?;
+    let rel = |g: f64, w: f64| ((g - w) / w).abs();
+    let mut worst_param = 0.0f64;
+    for p in reference.params() {
+        let shape = &params[p].shape;
+        let full = c.step.full_param(p, shape, dp.as_ref(), |r| &parallel.rank_values(r)[p]);
+        let (got, want) = (full.to_f64(), reference.values()[p].to_f64());
+        if p.ends_with("attn.k.bias") {
+            // GPT-2's key bias has zero gradient in exact arithmetic (softmax ignores a shift of
+            // a query's scores); Adam turns rounding noise into a step of up to lr either way.
+            let diff = got.iter().zip(&want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+            if diff > 2.0 * 1e-3 {
+                bail!("parameter `{p}` moved {diff:.1e} from the unsharded step's, more than two learning rates");
+            }
+            continue;
+        }
+        worst_param = worst_param.max(shardc_ir::tensor::max_rel_error(&got, &want));
+    }
+    // bf16 rounds after every op, so summation order shows; f32 compute agrees to rounding.
+    // Under bf16, Adam's normalised step turns rounding noise in tiny gradients into steps of
+    // up to lr either way, so updated parameters are compared in f32 compute only.
+    let f32 = c.compute == DType::F32;
+    let tol = if f32 { 1e-9 } else { 2e-2 };
+    let (le, ne) = (rel(got.loss, want.loss), rel(got.grad_norm, want.grad_norm));
+    let params_note = if f32 {
+        format!("updated parameters {worst_param:.1e}")
+    } else {
+        "updated parameters not compared under bf16 (check with --precision f32)".to_string()
+    };
+    eprintln!(
+        "checked against the unsharded step (1 AdamW step, random parameters and tokens, f64 storage): \
+         loss rel err {le:.1e}, gradient norm {ne:.1e} (tolerance {tol:.0e}), {params_note}"
+    );
+    if le > tol || ne > tol || (f32 && worst_param > tol) {
+        bail!("the compiled step does not reproduce the unsharded step (a compiler bug; please report it with this command line)");
+    }
+    Ok(())
 }
 
 pub fn compile(a: &CompileArgs) -> Result<()> {
     let c = compile_model(&a.step)?;
+    if a.check {
+        check_numerics(&c, &a.step)?;
+    }
     let annotated;
     let g = match a.stage {
         CompileStage::Step => &c.step.graph,

@@ -143,6 +143,11 @@ fn compile_writes_programs_that_check_and_explain_names_the_rules() {
             _ => assert!(text.contains("reduce_scatter(") && text.contains("all_gather(")),
         }
     }
+    // --check runs the compiled step against the unsharded one before writing it.
+    let out = dir.join("checked.tir");
+    let o = shardc(&[&["compile", s(&model)], &mesh[..], &["--precision", "f32", "--check", "-o", s(&out)]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("checked against the unsharded step") && out.is_file(), "{}", stderr(&o));
     let o = shardc(&[&["explain", s(&model), "l0.attn_out"], &mesh[..]].concat());
     assert!(o.status.success(), "{}", stderr(&o));
     let text = stdout(&o);
