@@ -269,6 +269,7 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
         let node = g.nodes.iter().find(|n| n.output == v).expect("a collective is a node");
         let touches = names.iter().any(|n| {
             col.value == *n
+                || col.value.starts_with(&format!("{n}."))
                 || node.inputs.iter().any(|&i| g.name_of(i) == n)
                 || step.adjoint_of.get(&col.value).is_some_and(|f| f == n || f.starts_with(&format!("{n}.tp_")))
         });

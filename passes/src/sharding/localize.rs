@@ -582,6 +582,11 @@ pub fn localize(s: &Search, ext: &Extraction) -> Result<Sharded, ShardError> {
                 format!("{}({})", g.nodes[*i as usize].op.name(), kids.join(", "))
             }
             Sh::Arg(_) => "argument".to_string(),
+            Sh::VocabEmbedding(_, ch) | Sh::VocabCrossEntropy(_, ch) => {
+                let kids: Vec<String> = ch.iter().map(|&k| s.data(k).layout.to_string()).collect();
+                let op = if matches!(node, Sh::VocabEmbedding(..)) { "vocab_embedding" } else { "vocab_cross_entropy" };
+                format!("{op}({})", kids.join(", "))
+            }
             other => other.to_string(),
         };
         let (forward_value, layout) = (g.name_of(c.data.value).to_string(), c.data.layout.to_string());
