@@ -146,6 +146,22 @@ pub fn check(setup: &Setup, batch: usize, seq: usize, model: &Path, par: &Parall
     Ok(())
 }
 
+/// What a user should know about a valid but unusual setup.
+pub fn notes(setup: &Setup, model: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Some(c) = model_config(model).filter(|c| setup.tp > 1 && !c.kv_heads.is_multiple_of(setup.tp)) {
+        out.push(format!(
+            "tp={} does not divide the {} key/value heads: attention is not split by heads (q, k and v \
+             are gathered and every rank computes all heads); Megatron would replicate key/value heads. \
+             tp in {} splits attention.",
+            setup.tp,
+            c.kv_heads,
+            set(&divisors(c.kv_heads))
+        ));
+    }
+    out
+}
+
 /// The setup `--mesh`/`--zero`/`--sequence-parallel` ask for (not `--auto`).
 pub fn explicit(par: &ParallelArgs, batch: usize, seq: usize, model: &Path) -> Result<Setup> {
     let mesh = match &par.mesh {
@@ -169,6 +185,9 @@ pub fn explicit(par: &ParallelArgs, batch: usize, seq: usize, model: &Path) -> R
         sp: par.sequence_parallel,
     };
     check(&setup, batch, seq, model, par)?;
+    for n in notes(&setup, model) {
+        eprintln!("note: {n}");
+    }
     Ok(setup)
 }
 
