@@ -210,8 +210,10 @@ pub struct ParallelArgs {
     /// the ranks simulated on this machine.
     #[arg(long)]
     pub mesh: Option<String>,
-    /// Let the cost model choose the mesh shape (with --world), tensor-parallel placements,
-    /// sequence parallelism and the ZeRO stage under the memory budget, and explain its choice.
+    /// Let the cost model choose the mesh shape (with --world N; with --mesh the shape is kept),
+    /// sequence parallelism and the ZeRO stage (unless --sequence-parallel / --zero fix them)
+    /// under the memory budget, and show the ranking. Tensor-parallel placements are always the
+    /// e-graph search's.
     #[arg(long)]
     pub auto: bool,
     /// Number of devices for --auto to arrange into dp x tp.

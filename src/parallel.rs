@@ -243,17 +243,25 @@ pub struct Candidate {
 }
 
 /// `--auto`: every dp x tp arrangement of `world` devices (tp inside a node and dividing the
-/// model), with and without sequence parallelism, at every ZeRO stage; planned, then ranked:
-/// plans that fit the budget first, by predicted step time, then by memory.
-pub fn auto(par: &ParallelArgs, world: usize, job: Job, device: &DeviceModel, budget: f64) -> Result<Vec<Candidate>> {
+/// model) or the one `--mesh` fixes, with and without sequence parallelism, at every ZeRO stage
+/// (what `--zero` / `--sequence-parallel` fix stays fixed); planned, then ranked: plans that fit
+/// the budget first, by predicted step time, then by memory.
+pub fn auto(
+    par: &ParallelArgs,
+    shapes: &[(usize, usize)],
+    job: Job,
+    device: &DeviceModel,
+    budget: f64,
+) -> Result<Vec<Candidate>> {
     let Job { model, batch, seq, compute } = job;
-    let node = device.links.first().map_or(world, |l| if l.ranks_per_group == 0 { world } else { l.ranks_per_group });
+    let sps: &[bool] = if par.sequence_parallel { &[true] } else { &[false, true] };
+    let zeros: Vec<u8> = if par.zero > 0 { vec![par.zero] } else { (0..=3).collect() };
     let mut out = Vec::new();
     let mut skipped = Vec::new();
-    for tp in divisors(world).into_iter().filter(|&t| t <= node) {
-        let dp = world / tp;
-        for sp in [false, true] {
-            for zero in 0..=3u8 {
+    for &(dp, tp) in shapes {
+        let mut forward = None;
+        for &sp in sps {
+            for &zero in &zeros {
                 let setup = Setup { dp, tp, zero, sp };
                 if let Err(e) = check(&setup, batch, seq, model, par) {
                     if !skipped.iter().any(|(t, _): &(usize, String)| *t == tp) {
@@ -261,10 +269,13 @@ pub fn auto(par: &ParallelArgs, world: usize, job: Job, device: &DeviceModel, bu
                     }
                     continue;
                 }
-                let forward = forward_graph(model, batch, seq, compute, &setup, par)?;
+                if forward.is_none() {
+                    forward = Some(forward_graph(model, batch, seq, compute, &setup, par)?);
+                }
+                let forward = forward.as_ref().expect("built above");
                 let params_total = forward.param_count();
-                let (step, sharded) = build(&forward, &setup, device)?;
-                let input = plan_input(&forward, params_total, &setup, sharded.as_ref(), compute);
+                let (step, sharded) = build(forward, &setup, device)?;
+                let input = plan_input(forward, params_total, &setup, sharded.as_ref(), compute);
                 let plan = plan_step(&step, &input, device);
                 let fits = plan.memory_per_device.total as f64 <= budget;
                 out.push(Candidate { setup, plan, fits });
@@ -273,7 +284,7 @@ pub fn auto(par: &ParallelArgs, world: usize, job: Job, device: &DeviceModel, bu
     }
     if out.is_empty() {
         let why: Vec<String> = skipped.into_iter().map(|(tp, e)| format!("  tp={tp}: {e}")).collect();
-        bail!("--auto found no way to arrange {world} devices for this model and batch:\n{}", why.join("\n"));
+        bail!("--auto found no way to arrange the devices for this model and batch:\n{}", why.join("\n"));
     }
     // Fitting plans by time (then memory); if none fits, the smallest first: it says how far off
     // the budget is.
@@ -301,16 +312,25 @@ pub fn resolve(par: &ParallelArgs, job: Job, device: &DeviceModel) -> Result<(Se
         }
         return Ok((explicit(par, batch, seq, model)?, None));
     }
-    let world = match (par.world, &par.mesh) {
-        (Some(w), None) => w,
-        (None, Some(m)) => Mesh::parse(m).map_err(|e| anyhow!("--mesh {m}: {e}"))?.world_size(),
-        (Some(_), Some(_)) => bail!("--auto: give --world N or --mesh, not both"),
-        (None, None) => bail!("--auto needs the number of devices: --world N"),
+    let shapes: Vec<(usize, usize)> = match (par.world, &par.mesh) {
+        (Some(0), _) => bail!("--world must be at least 1"),
+        (Some(world), None) => {
+            // Tensor parallelism stays inside a node (the device model's fastest link).
+            let node =
+                device.links.first().map_or(world, |l| if l.ranks_per_group == 0 { world } else { l.ranks_per_group });
+            divisors(world).into_iter().filter(|&t| t <= node).map(|tp| (world / tp, tp)).collect()
+        }
+        (None, Some(_)) => {
+            let fixed =
+                explicit(&ParallelArgs { sequence_parallel: false, zero: 0, ..par.clone() }, batch, seq, model)?;
+            vec![(fixed.dp, fixed.tp)]
+        }
+        (Some(_), Some(_)) => {
+            bail!("--auto: give --world N (to choose the mesh shape) or --mesh (to keep it), not both")
+        }
+        (None, None) => bail!("--auto needs the number of devices (--world N) or a mesh to keep (--mesh dp=D,tp=T)"),
     };
-    if world == 0 {
-        bail!("--world must be at least 1");
-    }
     let budget = budget(par, device)?;
-    let ranked = auto(par, world, job, device, budget)?;
+    let ranked = auto(par, &shapes, job, device, budget)?;
     Ok((ranked[0].setup.clone(), Some(ranked)))
 }
