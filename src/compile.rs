@@ -7,7 +7,7 @@ use shardc_ir::text::print;
 use shardc_ir::{DType, Graph};
 use shardc_passes::cost::DeviceModel;
 use shardc_passes::plan::{layer_of, plan as plan_step};
-use shardc_passes::sharding::{rules, ShardOptions, Sharded};
+use shardc_passes::sharding::{laws, Sharded};
 use shardc_passes::train_step::TrainStep;
 
 /// Everything a compiling command builds.
@@ -190,7 +190,7 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
     };
     let step = &c.step;
     let g = &step.graph;
-    let laws: Vec<(&str, &str)> = rules(&ShardOptions::tp(2, true)).iter().map(|r| (r.name, r.law)).collect();
+    let laws = laws();
     let law = |rule: &str| laws.iter().find(|(n, _)| rule.starts_with(n)).map(|(_, l)| *l);
     let name = a.value.trim_start_matches('%');
     // The forward value this names: itself, the value a per-rank value holds, or a parameter.

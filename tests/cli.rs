@@ -143,6 +143,11 @@ fn compile_writes_programs_that_check_and_explain_names_the_rules() {
             _ => assert!(text.contains("reduce_scatter(") && text.contains("all_gather(")),
         }
     }
+    // The compiler is deterministic: the same command writes the same bytes.
+    let again = dir.join("again.tir");
+    let o = shardc(&[&["compile", s(&model)], &mesh[..], &["-o", s(&again)]].concat());
+    assert!(o.status.success());
+    assert_eq!(std::fs::read(&again).unwrap(), std::fs::read(dir.join("step.tir")).unwrap(), "deterministic output");
     // --check runs the compiled step against the unsharded one before writing it.
     let out = dir.join("checked.tir");
     let o = shardc(&[&["compile", s(&model)], &mesh[..], &["--precision", "f32", "--check", "-o", s(&out)]].concat());

@@ -166,9 +166,9 @@ fn search_does_not_grow_with_depth() {
         let (config, _) = shardc_ir::import::parse_config(&json).unwrap();
         let mut g = shardc_ir::import::build_graph(&config, BuildOptions::f32(2, 16, false)).unwrap().graph;
         g.mesh = Mesh::parse("tp=2").unwrap();
-        let s = shardc_passes::sharding::search(&g, &ShardOptions::tp(2, true)).unwrap();
-        assert_eq!(s.stats.layers_stamped, layers);
-        (s.stats.enodes, s.stats.eclasses, s.stats.searched_nodes)
+        let s = shardc_passes::sharding::search_stats(&g, &ShardOptions::tp(2, true)).unwrap();
+        assert_eq!(s.layers_stamped, layers);
+        (s.enodes, s.eclasses, s.searched_nodes)
     };
     assert_eq!(size(2), size(12));
 }

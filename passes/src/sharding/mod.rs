@@ -43,15 +43,16 @@
 //! are applied to the differentiated step by [`crate::train_step`], which treats the per-rank
 //! parameters this pass produces like any other.
 
-pub mod canonical;
-pub mod collectives;
-pub mod extract;
-pub mod lang;
-pub mod localize;
+// The e-graph language and everything built on it are private to this crate.
+mod canonical;
+mod collectives;
+mod extract;
+mod lang;
+mod localize;
 pub mod propagate;
-pub mod sequence_parallel;
+mod sequence_parallel;
 pub mod template;
-pub mod tensor_parallel;
+mod tensor_parallel;
 
 use egg::{Analysis, DidMerge, EGraph, Id, Language};
 use lang::Sh;
@@ -60,7 +61,8 @@ use shardc_ir::{ArgKind, Graph, ValueId};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-pub use localize::Sharded;
+pub use extract::Cost;
+pub use localize::{Alternative, Sharded, ValueLayout};
 
 /// What one rank holds of a value, relative to the tensor-parallel axis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -115,7 +117,7 @@ impl ShardOptions {
 pub struct ShardError(pub String);
 
 /// The forward graph and facts the rules and the cost model read.
-pub struct Ctx {
+pub(crate) struct Ctx {
     pub graph: Graph,
     pub opts: ShardOptions,
     pub template: Option<template::Template>,
@@ -231,7 +233,7 @@ impl Ctx {
 }
 
 /// The egg analysis: (value, layout) per class; merging classes that disagree is a bug in a rule.
-pub struct ShAnalysis {
+pub(crate) struct ShAnalysis {
     pub ctx: Ctx,
 }
 
@@ -252,10 +254,10 @@ impl Analysis<Sh> for ShAnalysis {
     }
 }
 
-pub type ShGraph = EGraph<Sh, ShAnalysis>;
+pub(crate) type ShGraph = EGraph<Sh, ShAnalysis>;
 
 /// The e-graph and which rule added each e-node.
-pub struct Search {
+pub(crate) struct Search {
     pub eg: ShGraph,
     pub provenance: HashMap<Sh, &'static str>,
     /// Class of each forward value, as written (replicated).
@@ -326,14 +328,19 @@ impl Search {
 
 /// A rule: a name with its law, and how to apply it once to the whole e-graph (returns pairs
 /// of classes found equal).
-pub struct Rule {
+pub(crate) struct Rule {
     pub name: &'static str,
     pub law: &'static str,
     pub apply: fn(&mut Search) -> Vec<(Id, Id)>,
 }
 
+/// Every rule's name and law (for `shardc explain`).
+pub fn laws() -> Vec<(&'static str, &'static str)> {
+    rules(&ShardOptions::tp(2, true)).iter().map(|r| (r.name, r.law)).collect()
+}
+
 /// Every rule, in the (deterministic) order they run.
-pub fn rules(opts: &ShardOptions) -> Vec<Rule> {
+pub(crate) fn rules(opts: &ShardOptions) -> Vec<Rule> {
     let mut r = tensor_parallel::rules();
     if opts.sequence_parallel {
         r.extend(sequence_parallel::rules());
@@ -345,8 +352,13 @@ pub fn rules(opts: &ShardOptions) -> Vec<Rule> {
 const MAX_ITERATIONS: usize = 30;
 const MAX_ENODES: usize = 200_000;
 
+/// How big the e-graph of `forward` gets (for tests and benchmarks).
+pub fn search_stats(forward: &Graph, opts: &ShardOptions) -> Result<SearchStats, ShardError> {
+    Ok(search(forward, opts)?.stats)
+}
+
 /// Builds the e-graph of `forward` (one layer of identical ones) and saturates it.
-pub fn search(forward: &Graph, opts: &ShardOptions) -> Result<Search, ShardError> {
+pub(crate) fn search(forward: &Graph, opts: &ShardOptions) -> Result<Search, ShardError> {
     if opts.size < 2 {
         return Err(ShardError(format!("the `{}` axis has size {}; nothing to shard", opts.axis, opts.size)));
     }
@@ -441,7 +453,7 @@ pub fn shard_forward(
 }
 
 /// Lists classes by (value, layout), for the canonical rule and for lookups.
-pub fn classes_by_layout(s: &Search) -> BTreeMap<(ValueId, Layout), Vec<Id>> {
+pub(crate) fn classes_by_layout(s: &Search) -> BTreeMap<(ValueId, Layout), Vec<Id>> {
     let mut m: BTreeMap<(ValueId, Layout), Vec<Id>> = BTreeMap::new();
     for c in s.eg.classes() {
         m.entry((c.data.value, c.data.layout)).or_default().push(c.id);
