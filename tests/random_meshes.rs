@@ -27,7 +27,7 @@ fn random_models_on_random_meshes_compile_to_the_unsharded_step() {
         let hidden = heads * head_dim;
         let layers = pick(&mut rng, &[1usize, 2, 3]);
         let vocab = pick(&mut rng, &[48usize, 60, 64, 96]);
-        let pad = (vocab % tp != 0).then_some(8);
+        let pad = (!vocab.is_multiple_of(tp)).then_some(8);
         let config = if pick(&mut rng, &[false, true]) {
             let kv = pick(&mut rng, &[heads, (heads / 2).max(1)]);
             serde_json::json!({
