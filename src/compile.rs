@@ -65,15 +65,7 @@ fn check_numerics(c: &Compiled, a: &StepArgs) -> Result<()> {
     let tokens: Vec<i64> = (0..a.batch * c.seq + 1).map(|_| (rng.next_u64() % vocab as u64) as i64).collect();
     let (x, y) = (tokens[..a.batch * c.seq].to_vec(), tokens[1..].to_vec());
     let want = reference.step(x.clone(), y.clone(), 1e-3, 1)?;
-    let per = a.batch / c.setup.dp * c.seq;
-    let mesh = &c.step.graph.mesh;
-    let batches = (0..mesh.world_size())
-        .map(|r| {
-            let d = mesh.coord(r, "dp").unwrap_or(0);
-            (x[d * per..(d + 1) * per].to_vec(), y[d * per..(d + 1) * per].to_vec())
-        })
-        .collect();
-    let got = parallel.step_spmd(batches, 1e-3, 1)?;
+    let got = parallel.step_spmd(shardc_runtime::train::dp_shards(&c.step.graph.mesh, &x, &y), 1e-3, 1)?;
     let rel = |g: f64, w: f64| ((g - w) / w).abs();
     let mut worst_param = 0.0f64;
     for p in reference.params() {

@@ -16,7 +16,7 @@ use shardc_ir::Tensor;
 use shardc_passes::train_step::{build_parallel_step, AdamW};
 use shardc_runtime::data::TokenFile;
 use shardc_runtime::init::Rng;
-use shardc_runtime::train::{lr_at, Trainer};
+use shardc_runtime::train::{dp_shards, lr_at, Trainer};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -370,14 +370,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         let lr = lr_at(k, a.lr, min_lr, a.warmup, a.steps);
         // Rank r trains on rows d*B/dp .. (d+1)*B/dp of the global batch, d its dp coordinate
         // (tensor-parallel ranks of one dp group see the same rows).
-        let per = local_batch * a.run.seq;
-        let mesh = &run.step.graph.mesh;
-        let shards = (0..ranks)
-            .map(|r| {
-                let d = mesh.coord(r, "dp").unwrap_or(0);
-                (x[d * per..(d + 1) * per].to_vec(), y[d * per..(d + 1) * per].to_vec())
-            })
-            .collect();
+        let shards = dp_shards(&run.step.graph.mesh, &x, &y);
         let s = trainer.step_spmd(shards, lr, k + 1)?;
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;

@@ -11,7 +11,7 @@ use shardc_passes::cost::DeviceModel;
 use shardc_passes::sharding::ShardOptions;
 use shardc_passes::train_step::{build_parallel_step, build_train_step, AdamW, DataParallel};
 use shardc_runtime::data::TokenFile;
-use shardc_runtime::train::Trainer;
+use shardc_runtime::train::{dp_shards, Trainer};
 use std::path::PathBuf;
 
 const ROWS: usize = 2;
@@ -50,16 +50,10 @@ fn differential(name: &str, dp: usize, tp: usize, zero: u8, sp: bool) -> f64 {
     let mesh = step.graph.mesh.clone();
     let mut parallel = Trainer::new_spmd(step.graph.clone(), step.params.clone(), initial, Precision::F64).unwrap();
     let mut worst = 0.0f64;
-    let per = (ROWS / dp) * SEQ;
     for k in 0..3 {
         let (x, y) = data.batch(k, ROWS, SEQ).unwrap();
         let want = reference.step(x.clone(), y.clone(), 1e-3, k + 1).unwrap();
-        let batches = (0..mesh.world_size())
-            .map(|r| {
-                let d = mesh.coord(r, "dp").unwrap_or(0);
-                (x[d * per..(d + 1) * per].to_vec(), y[d * per..(d + 1) * per].to_vec())
-            })
-            .collect();
+        let batches = dp_shards(&mesh, &x, &y);
         let got = parallel.step_spmd(batches, 1e-3, k + 1).unwrap();
         let le = ((got.loss - want.loss) / want.loss).abs();
         let ne = ((got.grad_norm - want.grad_norm) / want.grad_norm).abs();
@@ -194,16 +188,10 @@ fn bf16_mixed_tensor_parallel_matches_one_device() {
     let mesh = step.graph.mesh.clone();
     let initial = step.rank_params(&weights, Some(&dp));
     let mut parallel = Trainer::new_spmd(step.graph.clone(), step.params.clone(), initial, Precision::F32).unwrap();
-    let per = (ROWS / 2) * SEQ;
     for k in 0..3 {
         let (x, y) = data.batch(k, ROWS, SEQ).unwrap();
         let want = reference.step(x.clone(), y.clone(), 1e-3, k + 1).unwrap();
-        let batches = (0..mesh.world_size())
-            .map(|r| {
-                let d = mesh.coord(r, "dp").unwrap_or(0);
-                (x[d * per..(d + 1) * per].to_vec(), y[d * per..(d + 1) * per].to_vec())
-            })
-            .collect();
+        let batches = dp_shards(&mesh, &x, &y);
         let got = parallel.step_spmd(batches, 1e-3, k + 1).unwrap();
         let rel = ((got.loss - want.loss) / want.loss).abs();
         eprintln!("bf16 step {}: loss {:.6} vs {:.6} (rel {rel:.1e})", k + 1, got.loss, want.loss);

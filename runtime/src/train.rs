@@ -7,7 +7,7 @@
 //! the next step's arguments.
 
 use shardc_ir::interp::{run_spmd, InterpError, Precision};
-use shardc_ir::{DType, Graph, Tensor, TensorType};
+use shardc_ir::{DType, Graph, Mesh, Tensor, TensorType};
 use std::collections::HashMap;
 
 /// What one step reports.
@@ -32,6 +32,20 @@ pub enum TrainError {
     Interp(#[from] InterpError),
     #[error("step {step}: the loss is {loss}; training diverged (try a lower --lr or --grad-clip 1.0)")]
     NonFinite { step: usize, loss: f64 },
+}
+
+/// Each rank's rows of a global batch (`tokens`, `targets` row-major `[B, T]`): rank r gets
+/// block d of `dp` equal row blocks, d its coordinate on the `dp` axis, so the tensor-parallel
+/// ranks of one data-parallel group see the same rows.
+pub fn dp_shards(mesh: &Mesh, tokens: &[i64], targets: &[i64]) -> Vec<(Vec<i64>, Vec<i64>)> {
+    let dp = mesh.axis_size("dp").unwrap_or(1);
+    let per = tokens.len() / dp;
+    (0..mesh.world_size())
+        .map(|r| {
+            let d = mesh.coord(r, "dp").unwrap_or(0);
+            (tokens[d * per..(d + 1) * per].to_vec(), targets[d * per..(d + 1) * per].to_vec())
+        })
+        .collect()
 }
 
 /// Parameters and optimizer state, stepped by a training-step graph. An SPMD step graph (one
