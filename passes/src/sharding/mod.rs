@@ -14,16 +14,22 @@
 //!   row-parallel matmul, where it turns into an `all_reduce`; sequence parallelism splits that
 //!   `all_reduce` into `reduce_scatter` + `all_gather` and the `all_gather` commutes through
 //!   the residual add and the norm to the next column-parallel matmul.
-//! - **Extraction** ([`extract`]) minimises memory per device, then predicted time (roofline
-//!   compute on per-rank shapes plus alpha-beta collectives over the device model), so a given
-//!   mesh is used to save memory the way Megatron uses it; which mesh, sequence parallelism and
-//!   ZeRO stage to use is `--auto`'s outer search over whole plans.
+//! - **Extraction** ([`extract`]) minimises (weight-matrix state bytes, predicted seconds of the
+//!   forward and backward, other bytes) per device: the mesh is used to split the weights, as
+//!   Megatron uses it, and time (roofline compute on per-rank shapes plus the alpha-beta time of
+//!   every collective and of its adjoint) decides how; which mesh, sequence parallelism and ZeRO
+//!   stage to use is `--auto`'s outer search over whole plans.
+//! - **Regions**: a sibling operand is cut without communication only if it is a weight, or
+//!   along the sequence under sequence parallelism, so activations are never chunked along
+//!   features outside a parallel region (Megatron's f/g boundaries).
 //! - **Layers** ([`template`]): identical transformer layers are searched once (layer 0, its
 //!   costs weighted by the layer count) and the chosen terms stamped on every layer, so the
 //!   search does not grow with depth.
 //! - **Localize** ([`localize`]): the extracted terms become per-rank IR. Split parameters become
 //!   per-rank parameter shards; a replicated value entering split or partial compute passes
-//!   through `identity {tp}` (Megatron's f), so autodiff all-reduces its gradient; the
+//!   through `identity {tp}` (Megatron's f), so autodiff all-reduces its gradient (unless an
+//!   `all_gather` whose every consumer is split compute produced it: its reduce-scatter adjoint
+//!   sums; one read whole is `all_gather {grad = "slice"}`); the
 //!   vocab-parallel embedding and cross-entropy lower to masked lookups, local reductions and
 //!   all-reduces (no rank ever holds full-vocabulary logits).
 //!
