@@ -7,14 +7,15 @@
 //! Passes:
 //! - `autodiff`: gradients of the first output with respect to every parameter.
 //! - `train-step`: the whole training step (autodiff, clipping, AdamW), with the options
-//!   `beta1`, `beta2`, `eps`, `weight-decay`, `grad-clip` (defaults: nanoGPT's), and for data
-//!   parallelism `dp=AXIS` and `zero=0..3`.
+//!   `beta1`, `beta2`, `eps`, `weight-decay`, `grad-clip` (defaults: nanoGPT's), for data
+//!   parallelism `dp=AXIS` and `zero=0..3`, and for tensor parallelism `tp=AXIS` and `sp=0|1`
+//!   (the sharding pass runs first, inside the step, so the gradient norm knows the chunks).
 //! - `shard`: the sharding pass ([`crate::sharding`]) on a forward graph whose mesh has the
 //!   axis: `tp=AXIS` (default `tp`), `sp=0|1` (sequence parallelism), with the bundled H100
 //!   device model. The result is the per-rank forward program.
 
 use crate::autodiff::differentiate;
-use crate::train_step::{build_data_parallel_step, AdamW, DataParallel};
+use crate::train_step::{AdamW, DataParallel};
 use shardc_ir::{ArgKind, Graph};
 use std::collections::BTreeMap;
 
@@ -84,7 +85,18 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
             Ok(differentiate(g, loss, &params).map_err(|e| e.to_string())?.graph)
         }
         "train-step" => {
-            check_options(spec, &["beta1", "beta2", "eps", "weight-decay", "grad-clip", "dp", "zero"])?;
+            check_options(spec, &["beta1", "beta2", "eps", "weight-decay", "grad-clip", "dp", "zero", "tp", "sp"])?;
+            // A per-rank program (collectives already in it) hides which parameters are chunks, so
+            // the gradient norm could not be right: shard inside the step instead.
+            if g.nodes
+                .iter()
+                .any(|n| n.op.is_collective() || matches!(n.op, shardc_ir::Op::Identity | shardc_ir::Op::TakeShard))
+            {
+                return Err("pass `train-step`: the graph is already a per-rank program (it has collectives), so the \
+                            gradient norm cannot tell parameter chunks from replicated parameters; give the forward \
+                            graph and the tensor-parallel options to train-step (`train-step{tp=tp sp=1 ...}`)"
+                    .into());
+            }
             let d = AdamW::default();
             let opt = AdamW {
                 beta1: number(spec, "beta1", d.beta1)?,
@@ -99,7 +111,22 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
                 None if zero != 0.0 => return Err("pass `train-step`: `zero` needs `dp=AXIS`".into()),
                 None => None,
             };
-            Ok(build_data_parallel_step(g, &opt, dp.as_ref()).map_err(|e| e.to_string())?.graph)
+            let tp = match spec.options.get("tp") {
+                Some(axis) => Some(crate::sharding::ShardOptions {
+                    axis: axis.clone(),
+                    size: g.mesh.axis_size(axis).ok_or_else(|| {
+                        format!("pass `train-step`: the graph's mesh `{}` has no axis `{axis}`", g.mesh)
+                    })?,
+                    sequence_parallel: number(spec, "sp", 0.0)? != 0.0,
+                    seq_dim: 1,
+                }),
+                None if spec.options.contains_key("sp") => return Err("pass `train-step`: `sp` needs `tp=AXIS`".into()),
+                None => None,
+            };
+            let device = crate::cost::DeviceModel::h100();
+            let (step, _) = crate::train_step::build_parallel_step(g, &opt, dp.as_ref(), tp.as_ref(), &device)
+                .map_err(|e| e.to_string())?;
+            Ok(step.graph)
         }
         "shard" => {
             check_options(spec, &["tp", "sp"])?;
