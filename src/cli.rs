@@ -38,8 +38,8 @@ pub enum Command {
     Compile(CompileArgs),
     /// Why a value has its sharding, and which rule put each adjacent collective there.
     Explain(ExplainArgs),
-    /// Run compiler passes on a .tir graph (IR in, IR out), e.g. --passes autodiff or
-    /// --passes 'train-step{dp=dp zero=1}'.
+    /// Run compiler passes on a .tir graph (IR in, IR out), e.g. --passes autodiff,
+    /// --passes 'shard{sp=1}' or --passes 'train-step{dp=dp zero=1 tp=tp}'.
     Opt(OptArgs),
     /// List the IR's ops with their operands and attributes.
     Ops,
