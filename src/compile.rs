@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use shardc_ir::text::print;
 use shardc_ir::{DType, Graph};
 use shardc_passes::cost::DeviceModel;
-use shardc_passes::plan::{layer_of, plan as plan_step};
+use shardc_passes::plan::{layer_zero_name, plan as plan_step};
 use shardc_passes::sharding::{laws, Sharded};
 use shardc_passes::train_step::TrainStep;
 
@@ -150,27 +150,6 @@ pub fn compile(a: &CompileArgs) -> Result<()> {
     Ok(())
 }
 
-/// A later layer's name for its layer-0 twin (`h3.mlp_up` -> `h0.mlp_up`), which is what the
-/// search saw.
-fn template_name(name: &str) -> String {
-    match layer_of(name) {
-        Some(i) if i > 0 => {
-            for (from, to) in [
-                (format!("h.{i}."), "h.0."),
-                (format!("layers.{i}."), "layers.0."),
-                (format!("h{i}."), "h0."),
-                (format!("l{i}."), "l0."),
-            ] {
-                if let Some(rest) = name.strip_prefix(&from) {
-                    return format!("{to}{rest}");
-                }
-            }
-            name.to_string()
-        }
-        _ => name.to_string(),
-    }
-}
-
 pub fn explain(a: &ExplainArgs) -> Result<()> {
     let c = compile_model(&a.step)?;
     let Some(sharded) = &c.sharded else {
@@ -226,7 +205,7 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
             println!("      law: {l}");
         }
     }
-    let key = template_name(&forward_value);
+    let key = layer_zero_name(&forward_value).unwrap_or_else(|| forward_value.clone());
     let alts: Vec<_> = sharded.alternatives.iter().filter(|x| x.forward_value == key).collect();
     if !alts.is_empty() {
         println!(

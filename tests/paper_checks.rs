@@ -6,15 +6,21 @@
 use shardc_ir::import::{import_dir, BuildOptions};
 use std::process::Command;
 
-/// `params_total` of `shardc plan --format json --mesh tp=TP` for the config.
-fn planned(hidden: usize, heads: usize, layers: usize, tp: usize) -> u64 {
-    let dir = std::env::temp_dir().join(format!("shardc-megatron-plan-{hidden}-{layers}-{}", std::process::id()));
+/// A directory holding the Table 1 configuration's config.json (`tag` keeps callers apart).
+fn config_dir(hidden: usize, heads: usize, layers: usize, tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("shardc-megatron-{tag}-{hidden}-{layers}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let config = serde_json::json!({
         "model_type": "gpt2", "vocab_size": 51200, "n_positions": 1024, "n_embd": hidden,
         "n_head": heads, "n_layer": layers, "activation_function": "gelu_new"
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+/// `params_total` of `shardc plan --format json --mesh tp=TP` for the config.
+fn planned(hidden: usize, heads: usize, layers: usize, tp: usize) -> u64 {
+    let dir = config_dir(hidden, heads, layers, "plan");
     let mut args = vec!["plan".to_string(), dir.to_str().unwrap().into(), "--batch".into(), "8".into()];
     args.extend(["--seq".into(), "1024".into(), "--format".into(), "json".into()]);
     if tp > 1 {
@@ -40,13 +46,7 @@ fn megatron_table_1_parameter_counts_from_the_plan() {
 }
 
 fn params(hidden: usize, heads: usize, layers: usize) -> usize {
-    let dir = std::env::temp_dir().join(format!("shardc-megatron-{hidden}-{layers}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = serde_json::json!({
-        "model_type": "gpt2", "vocab_size": 51200, "n_positions": 1024, "n_embd": hidden,
-        "n_head": heads, "n_layer": layers, "activation_function": "gelu_new"
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let dir = config_dir(hidden, heads, layers, "import");
     let m = import_dir(&dir, BuildOptions::f32(1, 1024, false)).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     m.graph.param_count()

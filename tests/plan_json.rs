@@ -149,7 +149,7 @@ fn megatron_collectives_per_layer_from_the_plan() {
             let rules: std::collections::BTreeSet<&str> =
                 p["collectives"].as_array().unwrap().iter().map(|c| c["rule"].as_str().unwrap()).collect();
             eprintln!("{model} sp={sp}: rules {rules:?}");
-            assert!(rules.contains("tp/matmul-row") || sp);
+            assert!(rules.contains(if sp { "sp/all-reduce-split" } else { "tp/matmul-row" }), "{rules:?}");
             assert!(rules.contains("tp/vocab-parallel-cross-entropy"));
         }
     }

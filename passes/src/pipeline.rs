@@ -75,6 +75,15 @@ fn check_options(spec: &PassSpec, known: &[&str]) -> Result<(), String> {
     }
 }
 
+/// The sharding pass's options from a pass's `sp` option, for the mesh axis `axis` of `g`.
+fn tp_options(spec: &PassSpec, g: &Graph, axis: &str) -> Result<crate::sharding::ShardOptions, String> {
+    let size = g.mesh.axis_size(axis).ok_or_else(|| {
+        format!("pass `{}`: the graph's mesh `{}` has no axis `{axis}`; add a `mesh {axis}=N` line", spec.name, g.mesh)
+    })?;
+    let sequence_parallel = number(spec, "sp", 0.0)? != 0.0;
+    Ok(crate::sharding::ShardOptions { axis: axis.to_string(), size, sequence_parallel, seq_dim: 1 })
+}
+
 /// Runs one pass.
 pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
     match spec.name.as_str() {
@@ -112,14 +121,7 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
                 None => None,
             };
             let tp = match spec.options.get("tp") {
-                Some(axis) => Some(crate::sharding::ShardOptions {
-                    axis: axis.clone(),
-                    size: g.mesh.axis_size(axis).ok_or_else(|| {
-                        format!("pass `train-step`: the graph's mesh `{}` has no axis `{axis}`", g.mesh)
-                    })?,
-                    sequence_parallel: number(spec, "sp", 0.0)? != 0.0,
-                    seq_dim: 1,
-                }),
+                Some(axis) => Some(tp_options(spec, g, axis)?),
                 None if spec.options.contains_key("sp") => return Err("pass `train-step`: `sp` needs `tp=AXIS`".into()),
                 None => None,
             };
@@ -130,16 +132,8 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
         }
         "shard" => {
             check_options(spec, &["tp", "sp"])?;
-            let axis = spec.options.get("tp").cloned().unwrap_or_else(|| "tp".into());
-            let size = g.mesh.axis_size(&axis).ok_or_else(|| {
-                format!("pass `shard`: the graph's mesh `{}` has no axis `{axis}`; add a `mesh {axis}=N` line", g.mesh)
-            })?;
-            let opts = crate::sharding::ShardOptions {
-                axis,
-                size,
-                sequence_parallel: number(spec, "sp", 0.0)? != 0.0,
-                seq_dim: 1,
-            };
+            let axis = spec.options.get("tp").map_or("tp", String::as_str);
+            let opts = tp_options(spec, g, axis)?;
             let device = crate::cost::DeviceModel::h100();
             Ok(crate::sharding::shard_forward(g, &opts, &device).map_err(|e| e.to_string())?.graph)
         }

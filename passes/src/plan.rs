@@ -74,11 +74,22 @@ fn kind_name(k: CollectiveKind) -> &'static str {
 /// The transformer layer a value belongs to, from the importer's names (`h3.…`, `l3.…`,
 /// `h.3.…`, `layers.3.…`).
 pub fn layer_of(name: &str) -> Option<usize> {
+    layer_parts(name).and_then(|(_, digits, _)| digits.parse().ok())
+}
+
+/// The same name in layer 0 (`h3.mlp_up` -> `h0.mlp_up`): what the sharding search saw, since
+/// identical layers are searched once.
+pub fn layer_zero_name(name: &str) -> Option<String> {
+    layer_parts(name).map(|(prefix, _, rest)| format!("{prefix}0{rest}"))
+}
+
+/// (prefix, layer digits, the rest from the `.` on) of an importer's layer name.
+fn layer_parts(name: &str) -> Option<(&str, &str, &str)> {
     for prefix in ["h.", "layers.", "h", "l"] {
         if let Some(rest) = name.strip_prefix(prefix) {
-            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-            if !digits.is_empty() && rest[digits.len()..].starts_with('.') {
-                return digits.parse().ok();
+            let n = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+            if n > 0 && rest[n..].starts_with('.') {
+                return Some((prefix, &rest[..n], &rest[n..]));
             }
         }
     }
@@ -224,5 +235,8 @@ mod tests {
         assert_eq!(layer_of("l7.mlp_down"), Some(7));
         assert_eq!(layer_of("loss_sum"), None);
         assert_eq!(layer_of("logits"), None);
+        assert_eq!(layer_zero_name("h.12.attn.q.weight").as_deref(), Some("h.0.attn.q.weight"));
+        assert_eq!(layer_zero_name("l3.mlp_up").as_deref(), Some("l0.mlp_up"));
+        assert_eq!(layer_zero_name("logits"), None);
     }
 }

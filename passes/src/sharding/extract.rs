@@ -74,10 +74,9 @@ impl ShCost<'_> {
     }
 
     /// This node's own cost, before weighting and children.
-    fn own(&self, enode: &Sh) -> Cost {
+    fn own(&self, enode: &Sh, data: &super::Data) -> Cost {
         use CollectiveKind::*;
         let ctx = self.s.ctx();
-        let data = ctx.layout_of(enode, |c| self.s.eg[c].data.clone()).expect("only legal terms are in the e-graph");
         let n = ctx.opts.size as f64;
         let ty = ctx.graph.ty(data.value);
         let full = ty.size_bytes() as f64;
@@ -155,9 +154,10 @@ impl CostFunction<Sh> for ShCost<'_> {
 
     fn cost<C: FnMut(Id) -> Cost>(&mut self, enode: &Sh, mut costs: C) -> Cost {
         let ctx = self.s.ctx();
-        let value = ctx.layout_of(enode, |c| self.s.eg[c].data.clone()).expect("legal").value;
+        let data = ctx.layout_of(enode, |c| self.s.eg[c].data.clone()).expect("only legal terms are in the e-graph");
+        let value = data.value;
         let w = ctx.multiplier(value);
-        let (p, t, a) = self.own(enode);
+        let (p, t, a) = self.own(enode, &data);
         let mut total = (p * w, t * w, a * w);
         // A parameter's shard is loaded as a shard: the whole parameter never exists.
         if matches!(enode, Sh::Shard(..)) && ctx.params.contains(&value) {

@@ -114,6 +114,8 @@ struct Lower<'a> {
     /// Dry run: (class, layer) pairs some consumer uses whole (not as the replicated operand of
     /// split compute). Real run: read to choose how each all_gather differentiates.
     whole_use: HashSet<(egg::Id, usize)>,
+    /// The e-classes of each (forward value, layout), to find a layer's output for the next.
+    by_layout: std::collections::BTreeMap<(ValueId, Layout), Vec<egg::Id>>,
     /// All-gathered values whose every consumer is split compute: their adjoints are partial
     /// and the all_gather's reduce-scatter sums them, so they need no `identity`.
     partial_grad: HashSet<ValueId>,
@@ -142,6 +144,7 @@ impl<'a> Lower<'a> {
             varies: HashSet::new(),
             weights: HashSet::new(),
             whole_use,
+            by_layout: super::classes_by_layout(s),
             partial_grad: HashSet::new(),
             out: Sharded {
                 graph: Graph::new(""),
@@ -219,11 +222,10 @@ impl<'a> Lower<'a> {
         if let Some(t) = &self.s.ctx().template {
             if kd.value == t.input && ctx > 0 && t.layer0.contains(&parent) {
                 // Layer `ctx` reads layer `ctx - 1`'s output in the same layout.
-                let by = super::classes_by_layout(self.s);
-                if let Some(ids) = by.get(&(t.output0, kd.layout)) {
+                if let Some(ids) = self.by_layout.get(&(t.output0, kd.layout)) {
                     return self.emit(ids[0], ctx - 1, split);
                 }
-                let rep = by.get(&(t.output0, Layout::Replicated)).expect("the layer output exists replicated")[0];
+                let rep = self.by_layout[&(t.output0, Layout::Replicated)][0];
                 let v = self.emit(rep, ctx - 1, false)?;
                 return self.convert(v, t.output0, kd.layout);
             }
