@@ -7,7 +7,7 @@ use shardc_ir::import::{import_dir, weights, BuildOptions, Family};
 use shardc_ir::interp::{run, Precision};
 use shardc_ir::ops::Op;
 use shardc_ir::text::print;
-use shardc_ir::{ArgKind, DType, Tensor};
+use shardc_ir::{ArgKind, ArgRole, DType, OutputRole, Tensor};
 use shardc_runtime::data::{byte_tokens, write_llmc, TokenFile};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -35,9 +35,9 @@ fn write_output(path: Option<&std::path::Path>, text: &str) -> Result<()> {
     }
 }
 
-/// Rows of the embedding table that `%tokens` index, when the graph has one.
+/// Rows of the embedding table that the `[tokens]` input indexes, when the graph has one.
 pub fn vocab_size(g: &shardc_ir::Graph) -> Option<usize> {
-    let tokens = g.find("tokens")?;
+    let tokens = g.signature().arg(&ArgRole::Tokens)?;
     g.nodes.iter().find(|n| n.op == Op::Embedding && n.inputs[1] == tokens).map(|n| g.ty(n.inputs[0]).shape[0])
 }
 
@@ -139,14 +139,23 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         EvalPrecision::F32 => Precision::F32,
         EvalPrecision::F64 => Precision::F64,
     };
-    let loss_index = model.graph.outputs.iter().position(|&o| model.graph.name_of(o) == "loss").unwrap_or(0);
+    let loss_index = model
+        .graph
+        .signature()
+        .output(&OutputRole::Loss)
+        .ok_or_else(|| anyhow::anyhow!("the model graph has no output marked `[loss]`"))?;
+    let sig = model.graph.signature();
+    let input_name = |role: ArgRole| sig.arg(&role).map(|v| model.graph.name_of(v).to_string());
+    let (Some(tok), Some(tgt)) = (input_name(ArgRole::Tokens), input_name(ArgRole::Targets)) else {
+        bail!("the model graph has no inputs marked `[tokens]` and `[targets]`");
+    };
     let mut inputs = model.params.clone();
     let mut losses = Vec::new();
     let start = std::time::Instant::now();
     for k in 0..a.batches {
         let (x, y) = data.batch(k, a.run.batch, a.run.seq)?;
-        inputs.insert("tokens".into(), Tensor::int(DType::I64, vec![a.run.batch, a.run.seq], x));
-        inputs.insert("targets".into(), Tensor::int(DType::I64, vec![a.run.batch, a.run.seq], y));
+        inputs.insert(tok.clone(), Tensor::int(DType::I64, vec![a.run.batch, a.run.seq], x));
+        inputs.insert(tgt.clone(), Tensor::int(DType::I64, vec![a.run.batch, a.run.seq], y));
         let out = run(&model.graph, &inputs, precision)?;
         let loss = out[loss_index].scalar().ok_or_else(|| anyhow!("the `%loss` output is not a scalar"))?;
         if !a.json {

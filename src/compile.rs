@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use shardc_ir::text::print;
 use shardc_ir::{DType, Graph};
 use shardc_passes::cost::DeviceModel;
-use shardc_passes::plan::{layer_zero_name, plan as plan_step};
+use shardc_passes::plan::plan as plan_step;
 use shardc_passes::sharding::{laws, Sharded};
 use shardc_passes::train_step::TrainStep;
 
@@ -57,10 +57,9 @@ fn check_numerics(c: &Compiled, a: &StepArgs) -> Result<()> {
     let params = shardc_runtime::init::init_params(&global, 1);
     let opt = AdamW::default();
     let reference = build_train_step(&global, &opt)?;
-    let mut reference = Trainer::new(reference.graph, reference.params, params.clone(), Precision::F64)?;
-    let dp = c.setup.data_parallel();
-    let initial = c.step.rank_params(&params, dp.as_ref());
-    let mut parallel = Trainer::new_spmd(c.step.graph.clone(), c.step.params.clone(), initial, Precision::F64)?;
+    let mut reference = Trainer::new(reference.graph, params.clone(), Precision::F64)?;
+    let initial = c.step.rank_params(&params);
+    let mut parallel = Trainer::new_spmd(c.step.graph.clone(), initial, Precision::F64)?;
     let mut rng = shardc_runtime::init::Rng::new(7);
     let tokens: Vec<i64> = (0..a.batch * c.seq + 1).map(|_| (rng.next_u64() % vocab as u64) as i64).collect();
     let (x, y) = (tokens[..a.batch * c.seq].to_vec(), tokens[1..].to_vec());
@@ -70,7 +69,7 @@ fn check_numerics(c: &Compiled, a: &StepArgs) -> Result<()> {
     let mut worst_param = 0.0f64;
     for p in reference.params() {
         let shape = &params[p].shape;
-        let full = c.step.full_param(p, shape, dp.as_ref(), |r| &parallel.rank_values(r)[p]);
+        let full = c.step.full_param(p, shape, |r| &parallel.rank_values(r)[p]);
         let (got, want) = (full.to_f64(), reference.values()[p].to_f64());
         if p.ends_with("attn.k.bias") {
             // GPT-2's key bias has zero gradient in exact arithmetic (softmax ignores a shift of
@@ -188,7 +187,7 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
         );
     }
     println!("{forward_value} on {} ({})", c.setup.describe(), c.device.name);
-    if let Some(&d) = sharded.param_splits.get(&forward_value) {
+    if let Some(&d) = sharded.param_splits().get(&forward_value) {
         println!(
             "  parameter stored split on dim {d} over tp: every use of it in the chosen plan reads only this rank's chunk"
         );
@@ -205,7 +204,11 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
             println!("      law: {l}");
         }
     }
-    let key = layer_zero_name(&forward_value).unwrap_or_else(|| forward_value.clone());
+    // Identical layers are searched once: layer 0's twin of the value holds the alternatives.
+    let key = match (shardc_passes::sharding::template::find(&c.forward), c.forward.find(&forward_value)) {
+        (Some(t), Some(v)) => c.forward.name_of(t.layer_zero_twin(&c.forward, v)).to_string(),
+        _ => forward_value.clone(),
+    };
     let alts: Vec<_> = sharded.alternatives.iter().filter(|x| x.forward_value == key).collect();
     if !alts.is_empty() {
         println!(
@@ -234,16 +237,26 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
     if names.is_empty() {
         names.push(name.to_string());
     }
+    // Adjacent: a collective holding, reading, or differentiating one of these values (or a
+    // collective next to them), or the training step's work on this parameter (ZeRO's gathers,
+    // gradient reductions), all from the program's data.
+    let mut near: std::collections::HashSet<shardc_ir::ValueId> = names.iter().filter_map(|n| g.find(n)).collect();
+    let param = g.find(&forward_value).filter(|&v| g.arg_of(v).is_some());
+    let next: Vec<_> = g
+        .nodes
+        .iter()
+        .filter(|n| n.op.is_collective() && n.inputs.iter().any(|i| near.contains(i)))
+        .map(|n| n.output)
+        .collect();
+    near.extend(next);
     let mut adjacent = Vec::new();
     for col in &plan.collectives {
         let Some(v) = g.find(&col.value) else { continue };
-        let node = g.nodes.iter().find(|n| n.output == v).expect("a collective is a node");
-        let touches = names.iter().any(|n| {
-            col.value == *n
-                || col.value.starts_with(&format!("{n}."))
-                || node.inputs.iter().any(|&i| g.name_of(i) == n)
-                || step.adjoint_of.get(&col.value).is_some_and(|f| f == n || f.starts_with(&format!("{n}.tp_")))
-        });
+        let Some(node) = g.nodes.iter().find(|n| n.output == v) else { continue };
+        let touches = near.contains(&v)
+            || node.inputs.iter().any(|i| near.contains(i))
+            || matches!(node.origin, shardc_ir::Origin::Adjoint(f) if near.contains(&f))
+            || matches!(node.origin, shardc_ir::Origin::Step { param: Some(p), .. } if Some(p) == param);
         if touches {
             adjacent.push(col);
         }

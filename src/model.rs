@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use shardc_ir::import::{import_dir, weights, BuildOptions, ModelConfig};
 use shardc_ir::text::parse_with_source_map;
 use shardc_ir::verify::verify;
-use shardc_ir::{ArgKind, DType, Graph, Tensor};
+use shardc_ir::{ArgKind, ArgRole, DType, Graph, OutputRole, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -107,21 +107,24 @@ pub fn load_model(
         if compute != DType::F32 {
             bail!("{}: a .tir graph fixes its own dtypes; mixed precision applies to model directories (import with --precision bf16-mixed)", path.display());
         }
-        for (name, want) in [("tokens", DType::I64), ("targets", DType::I64)] {
-            let v = g.find(name).filter(|&v| g.args.iter().any(|a| a.value == v && a.kind == ArgKind::Input));
-            let Some(v) = v else {
-                bail!("{}: a model graph needs an `input %{name}: i64[{batch}, {seq}]` argument", path.display());
+        for (role, name) in [(ArgRole::Tokens, "tokens"), (ArgRole::Targets, "targets")] {
+            let Some(v) = g.signature().arg(&role) else {
+                bail!(
+                    "{}: a model graph needs an argument `input %{name}: i64[{batch}, {seq}] [{name}]` (the `[{name}]` marks its role)",
+                    path.display()
+                );
             };
+            let name = g.name_of(v);
             let ty = g.ty(v);
-            if ty.dtype.is_float() != want.is_float() || ty.shape != [batch, seq] {
+            if ty.dtype.is_float() || ty.shape != [batch, seq] {
                 bail!(
                     "{}: `%{name}` is {ty} but --batch {batch} --seq {seq} asks for i64[{batch}, {seq}]; re-import with those sizes or change the flags",
                     path.display()
                 );
             }
         }
-        if g.find("loss").is_none_or(|v| !g.outputs.contains(&v)) {
-            bail!("{}: a model graph needs an output named `%loss`", path.display());
+        if g.signature().output(&OutputRole::Loss).is_none() {
+            bail!("{}: a model graph needs an output marked as its loss, e.g. `output %loss [loss]`", path.display());
         }
         (g, HashMap::new(), None, String::new())
     };

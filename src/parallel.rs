@@ -6,7 +6,7 @@
 use crate::cli::ParallelArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use shardc_ir::import::ModelConfig;
-use shardc_ir::{DType, Graph, Mesh};
+use shardc_ir::{DType, Graph, Mesh, ZeroStage};
 use shardc_passes::cost::DeviceModel;
 use shardc_passes::plan::{plan as plan_step, Plan, PlanInput};
 use shardc_passes::sharding::{ShardOptions, Sharded};
@@ -18,7 +18,7 @@ use std::path::Path;
 pub struct Setup {
     pub dp: usize,
     pub tp: usize,
-    pub zero: u8,
+    pub zero: ZeroStage,
     pub sp: bool,
 }
 
@@ -114,10 +114,7 @@ pub fn padded_vocab(vocab: usize, par: &ParallelArgs, tp: usize) -> usize {
 
 /// Checks `setup` against the batch, sequence and model.
 pub fn check(setup: &Setup, batch: usize, seq: usize, model: &Path, par: &ParallelArgs) -> Result<()> {
-    if setup.zero > 3 {
-        bail!("--zero {}: ZeRO has stages 0, 1, 2 and 3", setup.zero);
-    }
-    if setup.zero > 0 && setup.dp == 1 {
+    if setup.zero != ZeroStage::Replicated && setup.dp == 1 {
         bail!("--zero {} needs a data-parallel mesh, e.g. --mesh dp=2", setup.zero);
     }
     if setup.sp && setup.tp == 1 {
@@ -162,6 +159,11 @@ pub fn notes(setup: &Setup, model: &Path) -> Vec<String> {
     out
 }
 
+/// `--zero N` as a stage.
+pub fn zero_stage(n: u8) -> Result<ZeroStage> {
+    ZeroStage::from_number(n).ok_or_else(|| anyhow!("--zero {n}: ZeRO has stages 0, 1, 2 and 3"))
+}
+
 /// The setup `--mesh`/`--zero`/`--sequence-parallel` ask for (not `--auto`).
 pub fn explicit(par: &ParallelArgs, batch: usize, seq: usize, model: &Path) -> Result<Setup> {
     let mesh = match &par.mesh {
@@ -181,7 +183,7 @@ pub fn explicit(par: &ParallelArgs, batch: usize, seq: usize, model: &Path) -> R
     let setup = Setup {
         dp: mesh.axis_size("dp").unwrap_or(1),
         tp: mesh.axis_size("tp").unwrap_or(1),
-        zero: par.zero,
+        zero: zero_stage(par.zero)?,
         sp: par.sequence_parallel,
     };
     check(&setup, batch, seq, model, par)?;
@@ -255,7 +257,7 @@ pub fn auto(
 ) -> Result<Vec<Candidate>> {
     let Job { model, batch, seq, compute } = job;
     let sps: &[bool] = if par.sequence_parallel { &[true] } else { &[false, true] };
-    let zeros: Vec<u8> = if par.zero > 0 { vec![par.zero] } else { (0..=3).collect() };
+    let zeros: Vec<ZeroStage> = if par.zero > 0 { vec![zero_stage(par.zero)?] } else { ZeroStage::ALL.to_vec() };
     let mut out = Vec::new();
     let mut skipped = Vec::new();
     for &(dp, tp) in shapes {

@@ -5,7 +5,7 @@ use crate::commands::thousands;
 use crate::parallel::{self, Candidate, Setup};
 use anyhow::{anyhow, bail, Result};
 use shardc_passes::cost::DeviceModel;
-use shardc_passes::plan::{layer_of, plan as plan_step, Plan};
+use shardc_passes::plan::{plan as plan_step, Plan};
 use shardc_passes::sharding::Sharded;
 use std::collections::BTreeMap;
 
@@ -136,8 +136,7 @@ fn print_auto(ranked: &[Candidate], budget: f64) {
 /// The sharding of one transformer layer (every layer is planned alike) and its collectives.
 fn print_layer(s: &Sharded, p: &Plan) {
     // Compute copies (`.bf16`) share their parameter's layout; not repeated.
-    let layer0: Vec<_> =
-        s.values.iter().filter(|v| layer_of(&v.name) == Some(0) && !v.name.ends_with(".bf16")).collect();
+    let layer0: Vec<_> = s.values.iter().filter(|v| v.layer == Some(0) && !v.weight_copy).collect();
     if layer0.is_empty() {
         return;
     }
@@ -151,7 +150,7 @@ fn print_layer(s: &Sharded, p: &Plan) {
     }
     let mut per: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
     for c in p.collectives.iter().filter(|c| c.layer == Some(0)) {
-        *per.entry((c.phase, c.kind, c.rule.as_str())).or_insert(0) += 1;
+        *per.entry((c.phase.name(), c.kind, c.rule.as_str())).or_insert(0) += 1;
     }
     println!("  collectives of layer 0:");
     for ((phase, kind, rule), n) in per {
@@ -206,7 +205,7 @@ fn print_text(p: &Plan, a: &StepArgs, seq: usize, device: &DeviceModel, name: &s
     // Collectives grouped by (phase, kind, axis, rule).
     let mut groups: BTreeMap<(&str, &str, &str, &str), (usize, usize)> = BTreeMap::new();
     for c in &p.collectives {
-        let e = groups.entry((c.phase, c.kind, c.axis.as_str(), c.rule.as_str())).or_insert((0, 0));
+        let e = groups.entry((c.phase.name(), c.kind, c.axis.as_str(), c.rule.as_str())).or_insert((0, 0));
         e.0 += 1;
         e.1 += c.bytes;
     }

@@ -98,10 +98,6 @@ fn rank_key(rank: usize, name: &str) -> String {
     format!("rank{rank}/{name}")
 }
 
-fn is_moment(name: &str) -> bool {
-    name.ends_with(".adam_m") || name.ends_with(".adam_v")
-}
-
 /// The checkpoint layout: full parameters under their own names (so `shardc eval --weights`
 /// reads them whatever the mesh), and AdamW moments under their names on one device or when
 /// every rank holds the same ones (ZeRO 0 without tensor parallelism), under `rank<r>/<name>`
@@ -120,13 +116,12 @@ fn save(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ranks = trainer.ranks();
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
-    let dp = run.setup.data_parallel();
     for p in trainer.params() {
-        let full = run.step.full_param(p, &shapes[p], dp.as_ref(), |r| &trainer.rank_values(r)[p]);
+        let full = run.step.full_param(p, &shapes[p], |r| &trainer.rank_values(r)[p]);
         tensors.insert(p.clone(), full);
     }
     for r in 0..ranks {
-        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| is_moment(k)) {
+        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| trainer.is_moment(k)) {
             if run.moments_differ() {
                 tensors.insert(rank_key(r, k), v.clone());
             } else if r == 0 {
@@ -156,18 +151,18 @@ struct Run {
 impl Run {
     /// Whether ranks hold different AdamW moments (ZeRO shards or tensor-parallel chunks).
     fn moments_differ(&self) -> bool {
-        self.step.graph.mesh.world_size() > 1 && (self.setup.zero >= 1 || self.setup.tp > 1)
+        self.step.graph.mesh.world_size() > 1 && (self.setup.zero.shards_optimizer() || self.setup.tp > 1)
     }
 }
 
 /// Every rank's starting state from full parameters (and moments, when resuming).
 fn per_rank_state(full: &HashMap<String, Tensor>, run: &Run) -> Vec<HashMap<String, Tensor>> {
-    let mut states = run.step.rank_params(full, run.setup.data_parallel().as_ref());
+    let mut states = run.step.rank_params(full);
     for (r, m) in states.iter_mut().enumerate() {
         for (k, v) in full {
             if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
                 m.insert(rest.to_string(), v.clone());
-            } else if is_moment(k) && !run.moments_differ() {
+            } else if run.step.is_moment(k) && !run.moments_differ() {
                 m.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }
@@ -318,7 +313,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     if start >= a.steps {
         bail!("the checkpoint is at step {start} already; ask for more --steps than that");
     }
-    let mut trainer = Trainer::new_spmd(run.step.graph.clone(), run.step.params.clone(), initial, Precision::F32)?;
+    let mut trainer = Trainer::new_spmd(run.step.graph.clone(), initial, Precision::F32)?;
     let min_lr = a.min_lr.unwrap_or(a.lr / 10.0);
     let interrupted = Arc::new(AtomicBool::new(false));
     {

@@ -32,11 +32,16 @@ fn setup(name: &str, zero_stage: u8, precision: Precision) -> Setup {
     let data = TokenFile::open(&dir.join("train_tokens.bin")).unwrap();
     let full = import_dir(&dir, BuildOptions::f32(ROWS, SEQ, false)).unwrap();
     let step = build_train_step(&full.graph, &opt).unwrap();
-    let reference = Trainer::new(step.graph, step.params, full.weights.unwrap(), precision).unwrap();
+    let reference = Trainer::new(step.graph, full.weights.unwrap(), precision).unwrap();
     let local = import_dir(&dir, BuildOptions::f32(ROWS / DP, SEQ, false)).unwrap();
     let mut forward = local.graph.clone();
     forward.mesh = Mesh::parse(&format!("dp={DP}")).unwrap();
-    let step = build_data_parallel_step(&forward, &opt, Some(&DataParallel { axis: "dp".into(), zero_stage })).unwrap();
+    let step = build_data_parallel_step(
+        &forward,
+        &opt,
+        Some(&DataParallel { axis: "dp".into(), zero_stage: shardc_ir::ZeroStage::from_number(zero_stage).unwrap() }),
+    )
+    .unwrap();
     shardc_ir::verify::verify(&step.graph).unwrap();
     Setup { reference, step, weights: local.weights.unwrap(), data }
 }
@@ -63,7 +68,7 @@ fn check(name: &str, zero_stage: u8, precision: Precision, tol: f64) {
         let params: usize = step.graph.param_count();
         assert!(state <= 2 * (params / dp + n), "moments per rank {state} for {params} parameters");
     }
-    let mut parallel = Trainer::new_spmd(step.graph, step.params, vec![weights; dp], precision).unwrap();
+    let mut parallel = Trainer::new_spmd(step.graph, vec![weights; dp], precision).unwrap();
 
     for k in 0..3 {
         let (x, y) = data.batch(k, rows, seq).unwrap();
@@ -150,7 +155,7 @@ fn check_stage3(name: &str) {
         shardc_ir::Tensor::f64(shardc_ir::DType::F32, vec![per], flat[r * per..(r + 1) * per].to_vec())
     };
     let initial = (0..dp).map(|r| weights.iter().map(|(k, t)| (k.clone(), shard(t, r))).collect()).collect();
-    let mut parallel = Trainer::new_spmd(step.graph, step.params, initial, Precision::F64).unwrap();
+    let mut parallel = Trainer::new_spmd(step.graph, initial, Precision::F64).unwrap();
     for k in 0..3 {
         let (x, y) = data.batch(k, rows, seq).unwrap();
         let want = reference.step(x.clone(), y.clone(), 1e-3, k + 1).unwrap();
@@ -189,7 +194,7 @@ fn zero_communication_volumes_match_the_paper() {
         let step = build_data_parallel_step(
             &forward,
             &AdamW::default(),
-            Some(&DataParallel { axis: "dp".into(), zero_stage: stage }),
+            Some(&DataParallel { axis: "dp".into(), zero_stage: shardc_ir::ZeroStage::from_number(stage).unwrap() }),
         )
         .unwrap();
         let v = volume_per_axis(&step.graph)["dp"] / psi;

@@ -103,7 +103,7 @@ fn check(path: &Path, seen: &mut BTreeSet<&'static str>) {
     let g = parse(&src).unwrap_or_else(|d| panic!("{}:{d}", path.display()));
     verify(&g).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let wrt: Vec<_> = g.args.iter().map(|a| a.value).filter(|&v| g.ty(v).dtype.is_float()).collect();
-    let d = differentiate(&g, g.outputs[0], &wrt).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let d = differentiate(&g, g.outputs[0].value, &wrt).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     verify(&d.graph).unwrap_or_else(|e| panic!("{}: the differentiated graph does not verify: {e}", path.display()));
     for n in &g.nodes {
         if n.inputs.iter().any(|v| g.ty(*v).dtype.is_float()) {
@@ -160,6 +160,6 @@ fn autodiff_matches_finite_differences() {
 #[test]
 fn second_derivatives_are_refused_clearly() {
     let g = parse("graph g\ninput %x: f32[3]\ninput %dy: f32[3]\n%d: f32[3] = silu_grad(%x, %dy)\n%l: f32[] = reduce_sum(%d) {dims = [0]}\noutput %l\n").unwrap();
-    let e = differentiate(&g, g.outputs[0], &[g.args[0].value]).err().unwrap();
+    let e = differentiate(&g, g.outputs[0].value, &[g.args[0].value]).err().unwrap();
     assert!(e.to_string().contains("second derivatives are not supported"), "{e}");
 }

@@ -62,8 +62,12 @@ fn check_gradients(name: &str) -> f64 {
     let dir = fixture(name);
     let model = import_dir(&dir, BuildOptions::f32(2, 16, false)).expect("imports");
     let params: Vec<_> = model.graph.args_of(ArgKind::Param).collect();
-    let d =
-        shardc_passes::autodiff::differentiate(&model.graph, model.graph.outputs[0], &params).expect("differentiates");
+    let d = shardc_passes::autodiff::differentiate(
+        &model.graph,
+        shardc_passes::autodiff::loss_of(&model.graph).expect("a loss"),
+        &params,
+    )
+    .expect("differentiates");
     verify(&d.graph).expect("the training graph verifies");
     let (expected, _) = load_from_files(&[dir.join("expected_grads.safetensors")], &model.sources).expect("grads load");
     let tensors = read_tensors(&dir.join("expected.safetensors")).unwrap();

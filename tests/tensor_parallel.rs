@@ -6,7 +6,7 @@
 mod common;
 use shardc_ir::import::{import_dir, BuildOptions};
 use shardc_ir::interp::Precision;
-use shardc_ir::{Mesh, Op};
+use shardc_ir::{Mesh, Op, Phase};
 use shardc_passes::cost::DeviceModel;
 use shardc_passes::sharding::ShardOptions;
 use shardc_passes::train_step::{build_parallel_step, build_train_step, AdamW, DataParallel};
@@ -36,19 +36,20 @@ fn differential(name: &str, dp: usize, tp: usize, zero: u8, sp: bool) -> f64 {
     let full = import_dir(&dir, BuildOptions::f32(ROWS, SEQ, false)).unwrap();
     let weights = full.weights.clone().unwrap();
     let step = build_train_step(&full.graph, &opt).unwrap();
-    let mut reference = Trainer::new(step.graph, step.params, weights.clone(), Precision::F64).unwrap();
+    let mut reference = Trainer::new(step.graph, weights.clone(), Precision::F64).unwrap();
 
     let local = import_dir(&dir, BuildOptions::f32(ROWS / dp, SEQ, false)).unwrap();
     let mut forward = local.graph.clone();
     forward.mesh = mesh_of(dp, tp);
-    let dpc = (dp > 1).then(|| DataParallel { axis: "dp".into(), zero_stage: zero });
+    let dpc = (dp > 1)
+        .then(|| DataParallel { axis: "dp".into(), zero_stage: shardc_ir::ZeroStage::from_number(zero).unwrap() });
     let tpc = (tp > 1).then(|| ShardOptions::tp(tp, sp));
     let (step, _) = build_parallel_step(&forward, &opt, dpc.as_ref(), tpc.as_ref(), &DeviceModel::h100()).unwrap();
     shardc_ir::verify::verify(&step.graph).unwrap();
     let what = format!("{name} dp={dp} tp={tp} zero={zero} sp={sp}");
-    let initial = step.rank_params(&weights, dpc.as_ref());
+    let initial = step.rank_params(&weights);
     let mesh = step.graph.mesh.clone();
-    let mut parallel = Trainer::new_spmd(step.graph.clone(), step.params.clone(), initial, Precision::F64).unwrap();
+    let mut parallel = Trainer::new_spmd(step.graph.clone(), initial, Precision::F64).unwrap();
     let mut worst = 0.0f64;
     for k in 0..3 {
         let (x, y) = data.batch(k, ROWS, SEQ).unwrap();
@@ -70,7 +71,7 @@ fn differential(name: &str, dp: usize, tp: usize, zero: u8, sp: bool) -> f64 {
     }
     for p in reference.params() {
         let shape = &weights[p].shape;
-        let got = step.full_param(p, shape, dpc.as_ref(), |r| &parallel.rank_values(r)[p]);
+        let got = step.full_param(p, shape, |r| &parallel.rank_values(r)[p]);
         let e = common::check_param(&what, p, &got.to_f64(), &reference.values()[p].to_f64(), TOL, 3, 1e-3);
         worst = worst.max(e);
     }
@@ -126,22 +127,22 @@ fn megatron_collectives_per_layer() {
             )
             .unwrap();
             let g = &step.graph;
-            let count = |op: Op, range: std::ops::Range<usize>, layer: usize| {
-                g.nodes[range]
+            let count = |op: Op, phase: Phase, layer: u32| {
+                g.nodes
                     .iter()
-                    .filter(|n| n.op == op && shardc_passes::plan::layer_of(g.name_of(n.output)) == Some(layer))
+                    .filter(|n| n.op == op && n.phase == phase && g.layer(n.output) == Some(layer))
                     .filter(|n| g.ty(n.inputs[0]).rank() >= 3)
                     .count()
             };
             for layer in 0..2 {
-                let (f, b) = (0..step.forward_nodes, step.forward_nodes..step.backward_end);
+                let (f, b) = (Phase::Forward, Phase::Backward);
                 let got = [
-                    count(Op::AllReduce, f.clone(), layer),
-                    count(Op::AllGather, f.clone(), layer),
-                    count(Op::ReduceScatter, f.clone(), layer),
-                    count(Op::AllReduce, b.clone(), layer),
-                    count(Op::AllGather, b.clone(), layer),
-                    count(Op::ReduceScatter, b.clone(), layer),
+                    count(Op::AllReduce, f, layer),
+                    count(Op::AllGather, f, layer),
+                    count(Op::ReduceScatter, f, layer),
+                    count(Op::AllReduce, b, layer),
+                    count(Op::AllGather, b, layer),
+                    count(Op::ReduceScatter, b, layer),
                 ];
                 let want = if sp { [0, 2, 2, 0, 2, 2] } else { [2, 0, 0, 2, 0, 0] };
                 assert_eq!(got, want, "{name} sp={sp} layer {layer}: [AR AG RS] forward, backward");
@@ -179,15 +180,15 @@ fn bf16_mixed_tensor_parallel_matches_one_device() {
     let full = import_dir(&dir, bf16(ROWS)).unwrap();
     let weights = full.weights.clone().unwrap();
     let step = build_train_step(&full.graph, &opt).unwrap();
-    let mut reference = Trainer::new(step.graph, step.params, weights.clone(), Precision::F32).unwrap();
+    let mut reference = Trainer::new(step.graph, weights.clone(), Precision::F32).unwrap();
     let mut forward = import_dir(&dir, bf16(ROWS / 2)).unwrap().graph;
     forward.mesh = mesh_of(2, 2);
-    let dp = DataParallel { axis: "dp".into(), zero_stage: 1 };
+    let dp = DataParallel { axis: "dp".into(), zero_stage: shardc_ir::ZeroStage::OptimizerStates };
     let (step, _) =
         build_parallel_step(&forward, &opt, Some(&dp), Some(&ShardOptions::tp(2, true)), &DeviceModel::h100()).unwrap();
     let mesh = step.graph.mesh.clone();
-    let initial = step.rank_params(&weights, Some(&dp));
-    let mut parallel = Trainer::new_spmd(step.graph.clone(), step.params.clone(), initial, Precision::F32).unwrap();
+    let initial = step.rank_params(&weights);
+    let mut parallel = Trainer::new_spmd(step.graph.clone(), initial, Precision::F32).unwrap();
     for k in 0..3 {
         let (x, y) = data.batch(k, ROWS, SEQ).unwrap();
         let want = reference.step(x.clone(), y.clone(), 1e-3, k + 1).unwrap();

@@ -89,9 +89,8 @@ fn run_case(path: &Path, precision: Precision, tol: f64, ops_seen: &mut BTreeSet
         let name = name.trim_start_matches('%');
         let v = g.find(name).unwrap_or_else(|| panic!("{}: no value %{name}", path.display()));
         let k = g
-            .outputs
-            .iter()
-            .position(|&o| o == v)
+            .output_values()
+            .position(|o| o == v)
             .unwrap_or_else(|| panic!("{}: %{name} is not an output", path.display()));
         let got = outs[rank][k].to_f64();
         let want = numbers(values);

@@ -29,7 +29,7 @@ fn check(name: &str) {
     };
     let step = build_train_step(&model.graph, &opt).unwrap();
     shardc_ir::verify::verify(&step.graph).unwrap();
-    let mut trainer = Trainer::new(step.graph, step.params, model.weights.unwrap(), Precision::F32).unwrap();
+    let mut trainer = Trainer::new(step.graph, model.weights.unwrap(), Precision::F32).unwrap();
     let data = TokenFile::open(&dir.join("train_tokens.bin")).unwrap();
     let losses: Vec<f64> = ex["losses"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     let norms: Vec<f64> = ex["grad_norms"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
@@ -82,7 +82,7 @@ fn bf16_mixed_precision_tracks_the_f32_run() {
     );
     let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };
     let step = build_train_step(&model.graph, &opt).unwrap();
-    let mut trainer = Trainer::new(step.graph, step.params, model.weights.unwrap(), Precision::F32).unwrap();
+    let mut trainer = Trainer::new(step.graph, model.weights.unwrap(), Precision::F32).unwrap();
     let data = TokenFile::open(&dir.join("train_tokens.bin")).unwrap();
     for (k, want) in ex["losses"].as_array().unwrap().iter().enumerate() {
         let want = want.as_f64().unwrap();

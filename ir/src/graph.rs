@@ -2,11 +2,17 @@
 //!
 //! Values are numbered densely in definition order: the arguments first, then one value per node
 //! in node order. [`Graph::finish`] restores that numbering after a builder interleaved the two, so
-//! that two graphs that print the same compare equal (`parse(print(g)) == g`).
+//! that two graphs that print the same compare equal (`parse(print(g)) == g`), and returns the
+//! [`Renumbering`] so that a pass holding ids keeps holding the right values: passes hand values
+//! to each other by id, never by name.
+//!
+//! What the program says about itself (argument and result roles, node phases and origins,
+//! layers) is data on its arguments, outputs, nodes and values; see [`crate::program`].
 
 use crate::attrs::{Attr, Attrs};
 use crate::mesh::Mesh;
 use crate::ops::{InferCtx, Op};
+use crate::program::{ArgRole, Origin, Output, OutputRole, Phase, Signature};
 use crate::sharding::Sharding;
 use crate::types::{DType, TensorType};
 use serde::{Deserialize, Serialize};
@@ -31,6 +37,10 @@ pub struct Value {
     /// How the value is laid out over the mesh; `None` is replicated (see [`crate::sharding`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sharding: Option<Sharding>,
+    /// The transformer layer the value belongs to (set by the importer on a layer's parameters
+    /// and nodes, and carried by every pass to what it derives from them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<u32>,
 }
 
 /// What a graph argument is.
@@ -60,6 +70,18 @@ impl ArgKind {
 pub struct Arg {
     pub kind: ArgKind,
     pub value: ValueId,
+    #[serde(default)]
+    pub role: ArgRole,
+}
+
+impl ArgKind {
+    /// The role an argument of this kind has when nothing more is said.
+    pub fn default_role(self) -> ArgRole {
+        match self {
+            ArgKind::Param => ArgRole::Param(Default::default()),
+            ArgKind::Input | ArgKind::State => ArgRole::Other,
+        }
+    }
 }
 
 /// One operation producing one value.
@@ -70,6 +92,21 @@ pub struct Node {
     #[serde(default, skip_serializing_if = "Attrs::is_empty")]
     pub attrs: Attrs,
     pub output: ValueId,
+    #[serde(default)]
+    pub phase: Phase,
+    #[serde(default)]
+    pub origin: Origin,
+}
+
+/// Old value id -> new value id, as [`Graph::finish`] renumbered them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Renumbering(Vec<u32>);
+
+impl Renumbering {
+    /// The new id of the value that had id `old`.
+    pub fn get(&self, old: ValueId) -> ValueId {
+        ValueId(self.0[old.index()])
+    }
 }
 
 /// A whole program: one SPMD function over a mesh.
@@ -81,7 +118,7 @@ pub struct Graph {
     pub values: Vec<Value>,
     pub args: Vec<Arg>,
     pub nodes: Vec<Node>,
-    pub outputs: Vec<ValueId>,
+    pub outputs: Vec<Output>,
 }
 
 fn mesh_is_empty(m: &Mesh) -> bool {
@@ -115,16 +152,38 @@ impl Graph {
         self.args.iter().filter(move |a| a.kind == kind).map(|a| a.value)
     }
 
-    fn fresh_value(&mut self, name: String, ty: TensorType) -> ValueId {
+    /// The argument defining `v`, if `v` is one.
+    pub fn arg_of(&self, v: ValueId) -> Option<&Arg> {
+        self.args.iter().find(|a| a.value == v)
+    }
+
+    /// The output values, in order.
+    pub fn output_values(&self) -> impl Iterator<Item = ValueId> + '_ {
+        self.outputs.iter().map(|o| o.value)
+    }
+
+    /// The arguments and results by role.
+    pub fn signature(&self) -> Signature<'_> {
+        Signature::new(self)
+    }
+
+    /// The transformer layer of value `v`.
+    pub fn layer(&self, v: ValueId) -> Option<u32> {
+        self.values[v.index()].layer
+    }
+
+    /// Adds a value that no argument or node defines yet; the caller defines it (pushes the
+    /// node or argument whose result it is) before the graph is used.
+    pub fn fresh_value(&mut self, name: String, ty: TensorType) -> ValueId {
         let id = ValueId(self.values.len() as u32);
-        self.values.push(Value { name, ty, sharding: None });
+        self.values.push(Value { name, ty, sharding: None, layer: None });
         id
     }
 
-    /// Declares an argument.
+    /// Declares an argument with its kind's default role.
     pub fn add_arg(&mut self, kind: ArgKind, name: impl Into<String>, ty: TensorType) -> ValueId {
         let id = self.fresh_value(name.into(), ty);
-        self.args.push(Arg { kind, value: id });
+        self.args.push(Arg { kind, value: id, role: kind.default_role() });
         id
     }
 
@@ -141,7 +200,14 @@ impl Graph {
     ) -> Result<ValueId, String> {
         let ty = self.infer(op, inputs, &attrs)?;
         let output = self.fresh_value(name.into(), ty);
-        self.nodes.push(Node { op, inputs: inputs.to_vec(), attrs, output });
+        self.nodes.push(Node {
+            op,
+            inputs: inputs.to_vec(),
+            attrs,
+            output,
+            phase: Phase::default(),
+            origin: Origin::default(),
+        });
         Ok(output)
     }
 
@@ -156,9 +222,11 @@ impl Graph {
         (info.infer)(&InferCtx { inputs: &tys, attrs, mesh: &self.mesh })
     }
 
-    /// Renumbers values densely in definition order (arguments, then nodes). Builders call this
-    /// once at the end; the parser produces this numbering directly.
-    pub fn finish(&mut self) {
+    /// Renumbers values densely in definition order (arguments, then nodes), the references
+    /// inside roles and origins included, and returns the map from old to new ids. Builders call
+    /// this once at the end; the parser produces this numbering directly. Values that neither an
+    /// argument nor a node defines are dropped (their old ids map to nothing valid).
+    pub fn finish(&mut self) -> Renumbering {
         let mut map = vec![u32::MAX; self.values.len()];
         let mut values = Vec::with_capacity(self.values.len());
         let order = self.args.iter().map(|a| a.value).chain(self.nodes.iter().map(|n| n.output));
@@ -167,13 +235,27 @@ impl Graph {
             values.push(self.values[old.index()].clone());
         }
         let remap = |v: &mut ValueId| *v = ValueId(map[v.index()]);
-        self.args.iter_mut().for_each(|a| remap(&mut a.value));
+        for a in &mut self.args {
+            remap(&mut a.value);
+            if let ArgRole::Moment { param, .. } = &mut a.role {
+                remap(param);
+            }
+        }
         for n in &mut self.nodes {
             n.inputs.iter_mut().for_each(remap);
             remap(&mut n.output);
+            if let Origin::Adjoint(v) | Origin::Step { param: Some(v), .. } = &mut n.origin {
+                remap(v);
+            }
         }
-        self.outputs.iter_mut().for_each(remap);
+        for o in &mut self.outputs {
+            remap(&mut o.value);
+            if let OutputRole::Gradient(v) | OutputRole::Update(v) = &mut o.role {
+                remap(v);
+            }
+        }
         self.values = values;
+        Renumbering(map)
     }
 
     /// Number of scalar elements over all parameters.
@@ -184,10 +266,16 @@ impl Graph {
 
 /// A convenience layer over [`Graph`] for importers and tests: fresh names, common attribute
 /// shapes, and errors that say which value could not be built.
+///
+/// Nodes it adds take the builder's current phase, origin and layer ([`Builder::at`]), so a pass
+/// says once what the nodes it is about to emit are.
 pub struct Builder {
     pub graph: Graph,
     names: std::collections::HashSet<String>,
     counter: usize,
+    phase: Phase,
+    origin: Origin,
+    layer: Option<u32>,
 }
 
 impl Builder {
@@ -198,7 +286,38 @@ impl Builder {
     /// Continues building on an existing graph (its nodes stay first).
     pub fn from_graph(graph: Graph) -> Self {
         let names = graph.values.iter().map(|v| v.name.clone()).collect();
-        Builder { graph, names, counter: 0 }
+        Builder { graph, names, counter: 0, phase: Phase::default(), origin: Origin::default(), layer: None }
+    }
+
+    /// The phase, origin and layer of the nodes added from now on.
+    pub fn at(&mut self, phase: Phase, origin: Origin, layer: Option<u32>) -> &mut Self {
+        self.phase = phase;
+        self.origin = origin;
+        self.layer = layer;
+        self
+    }
+
+    /// The layer of the nodes (and arguments) added from now on.
+    pub fn in_layer(&mut self, layer: Option<u32>) -> &mut Self {
+        self.layer = layer;
+        self
+    }
+
+    /// The origin of the nodes added from now on.
+    pub fn with_origin(&mut self, origin: Origin) -> &mut Self {
+        self.origin = origin;
+        self
+    }
+
+    /// The phase of the nodes added from now on.
+    pub fn in_phase(&mut self, phase: Phase) -> &mut Self {
+        self.phase = phase;
+        self
+    }
+
+    /// The current (phase, origin, layer).
+    pub fn context(&self) -> (Phase, Origin, Option<u32>) {
+        (self.phase, self.origin.clone(), self.layer)
     }
 
     /// `hint` if no value has that name yet, else `hint` with the next free numeric suffix.
@@ -227,18 +346,33 @@ impl Builder {
         self.arg(ArgKind::Input, name, dtype, shape)
     }
 
-    /// Declares an argument named `name` (made unique when taken).
+    /// Declares an argument named `name` (made unique when taken), in the current layer.
     pub fn arg(&mut self, kind: ArgKind, name: &str, dtype: DType, shape: &[usize]) -> ValueId {
         let name = self.fresh_name(name);
-        self.graph.add_arg(kind, name, TensorType::new(dtype, shape.to_vec()))
+        let v = self.graph.add_arg(kind, name, TensorType::new(dtype, shape.to_vec()));
+        self.graph.values[v.index()].layer = self.layer;
+        v
+    }
+
+    /// [`Builder::arg`] with a role.
+    pub fn arg_with_role(&mut self, kind: ArgKind, role: ArgRole, name: &str, ty: &TensorType) -> ValueId {
+        let v = self.arg(kind, name, ty.dtype, &ty.shape);
+        self.graph.args.last_mut().expect("just added").role = role;
+        v
     }
 
     /// Adds a node named `hint` (made unique with a numeric suffix when taken).
     pub fn op(&mut self, op: Op, inputs: &[ValueId], attrs: Attrs, hint: &str) -> Result<ValueId, String> {
         let name = self.fresh_name(hint);
-        self.graph
+        let v = self
+            .graph
             .add_node(op, inputs, attrs, name.clone())
-            .map_err(|e| format!("building `%{name}` ({}): {e}", op.name()))
+            .map_err(|e| format!("building `%{name}` ({}): {e}", op.name()))?;
+        let n = self.graph.nodes.last_mut().expect("just added");
+        n.phase = self.phase;
+        n.origin = self.origin.clone();
+        self.graph.values[v.index()].layer = self.layer;
+        Ok(v)
     }
 
     /// Gives the value `v` the name `name` when no other value has it (returns whether it did).
@@ -250,6 +384,29 @@ impl Builder {
         self.names.insert(name.to_string());
         self.graph.values[v.index()].name = name.to_string();
         true
+    }
+
+    /// Adds a copy of `node` of graph `src` reading `inputs` (values of this builder's graph):
+    /// the same op, attributes, name (made unique when taken), phase, origin and layer. `map`
+    /// translates the value an origin names into this graph.
+    pub fn copy_node(
+        &mut self,
+        src: &Graph,
+        node: &Node,
+        inputs: &[ValueId],
+        map: impl Fn(ValueId) -> Option<ValueId>,
+    ) -> Result<ValueId, String> {
+        let mut origin = node.origin.clone();
+        if let Origin::Adjoint(v) | Origin::Step { param: Some(v), .. } = &mut origin {
+            *v = map(*v).ok_or_else(|| {
+                format!("copying `%{}`: the value its origin names was not copied", src.name_of(node.output))
+            })?;
+        }
+        let saved = self.context();
+        self.at(node.phase, origin, src.layer(node.output));
+        let v = self.op(node.op, inputs, node.attrs.clone(), src.name_of(node.output));
+        self.at(saved.0, saved.1, saved.2);
+        v
     }
 
     pub fn unary(&mut self, op: Op, x: ValueId, hint: &str) -> Result<ValueId, String> {
@@ -291,10 +448,16 @@ impl Builder {
         self.graph.ty(v)
     }
 
-    /// Sets the outputs and renumbers the graph canonically.
-    pub fn finish(mut self, outputs: &[ValueId]) -> Graph {
-        self.graph.outputs = outputs.to_vec();
-        self.graph.finish();
-        self.graph
+    /// Sets the outputs (without roles) and renumbers the graph canonically.
+    pub fn finish(self, outputs: &[ValueId]) -> Graph {
+        let outputs = outputs.iter().map(|&v| Output::plain(v)).collect();
+        self.finish_with(outputs).0
+    }
+
+    /// Sets the outputs and renumbers the graph canonically; returns the renumbering too.
+    pub fn finish_with(mut self, outputs: Vec<Output>) -> (Graph, Renumbering) {
+        self.graph.outputs = outputs;
+        let map = self.graph.finish();
+        (self.graph, map)
     }
 }

@@ -15,6 +15,7 @@ pub mod import;
 pub mod interp;
 pub mod mesh;
 pub mod ops;
+pub mod program;
 pub mod sharding;
 pub mod tensor;
 pub mod text;
@@ -22,9 +23,12 @@ pub mod types;
 pub mod verify;
 
 pub use attrs::{Attr, Attrs};
-pub use graph::{Arg, ArgKind, Builder, Graph, Node, Value, ValueId};
+pub use graph::{Arg, ArgKind, Builder, Graph, Node, Renumbering, Value, ValueId};
 pub use mesh::Mesh;
 pub use ops::Op;
+pub use program::{
+    ArgRole, FlatShard, Moment, Origin, Output, OutputRole, ParamLayout, Phase, Signature, Split, StepRule, ZeroStage,
+};
 pub use sharding::Sharding;
 pub use tensor::{Data, Tensor};
 pub use types::{DType, Shape, TensorType};

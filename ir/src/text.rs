@@ -6,10 +6,11 @@
 //! comment   := '#' any-text-to-end-of-line
 //! item      := 'graph' NAME                 first item, exactly once
 //!            | 'mesh' AXIS '=' INT (',' AXIS '=' INT)*      at most once, before arguments
-//!            | ('param' | 'input' | 'state') VALUE ':' TYPE  arguments, before nodes
-//!            | VALUE ':' TYPE '=' OP '(' VALUES? ')' ATTRS?  one node
-//!            | 'output' VALUES                              last item, exactly once
+//!            | ('param' | 'input' | 'state') VALUE ':' TYPE ANNOT?   arguments, before nodes
+//!            | VALUE ':' TYPE '=' OP '(' VALUES? ')' ATTRS? ANNOT?   one node
+//!            | 'output' VALUE ANNOT? (',' VALUE ANNOT?)*              last item, exactly once
 //! VALUES    := VALUE (',' VALUE)*
+//! ANNOT     := '[' NOTE (',' NOTE)* ']'         what the program says about the item (below)
 //! VALUE     := '%' NAME
 //! NAME      := [A-Za-z0-9_.]+
 //! AXIS      := [A-Za-z_][A-Za-z0-9_]*
@@ -22,6 +23,23 @@
 //! ATTRVALUE := 'true' | 'false' | INT | FLOAT | STRING | '[' (INT (',' INT)*)? ']' | DTYPE
 //! FLOAT     := a decimal with '.' or an exponent (1.0, 1e-5, -0.5), or inf, -inf, NaN
 //! STRING    := '"' (char | '\"' | '\\')* '"'
+//! ```
+//!
+//! Annotations ([`crate::program`]); absent ones are the defaults (a parameter whole, an input
+//! or state of no particular role, a node of the forward phase made by the model, no layer):
+//! ```text
+//! argument NOTE := 'layer' INT
+//!                | 'split' AXIS INT                  tensor-parallel chunk along a dim
+//!                | 'flat-shard' AXIS '[' INTS ']'    ZeRO-3 flat shard of a tensor of that shape
+//!                | ('adam-m' | 'adam-v') VALUE       an AdamW moment of that parameter
+//!                | 'tokens' | 'targets' | 'learning-rate' | 'step-number'
+//! node NOTE     := 'layer' INT | 'backward' | 'optimizer'          phase ('forward' is the default)
+//!                | 'rule' STRING                     made by this sharding rule
+//!                | 'adjoint' VALUE                   part of the adjoint of that value's node
+//!                | 'step' STEP_RULE                  made by the training-step pass...
+//!                | 'zero' INT                        ... for a step of this ZeRO stage
+//!                | 'of' VALUE                        ... working on this parameter
+//! output NOTE   := 'loss' | 'logits' | 'grad-norm' | 'gradient' VALUE | 'update' VALUE
 //! ```
 //!
 //! Every value is defined before it is used, and its declared type is the one the op table
@@ -46,6 +64,9 @@ use crate::attrs::{Attr, Attrs};
 use crate::graph::{Arg, ArgKind, Graph, Node, Value, ValueId};
 use crate::mesh::{is_identifier, Mesh, MeshAxis};
 use crate::ops::Op;
+use crate::program::{
+    ArgRole, FlatShard, Moment, Origin, Output, OutputRole, ParamLayout, Phase, Split, StepRule, ZeroStage,
+};
 use crate::sharding::Sharding;
 use crate::types::{DType, TensorType};
 use std::collections::HashMap;
@@ -73,15 +94,82 @@ pub fn print(g: &Graph) -> String {
     }
     for a in &g.args {
         let v = g.value(a.value);
-        let _ = writeln!(out, "{} %{}: {}{}", a.kind.keyword(), v.name, v.ty, sharding_suffix(v));
+        let mut notes = arg_notes(g, &a.role);
+        notes.extend(v.layer.map(|l| format!("layer {l}")));
+        let _ = writeln!(out, "{} %{}: {}{}{}", a.kind.keyword(), v.name, v.ty, sharding_suffix(v), annot(&notes));
     }
     for n in &g.nodes {
         out.push_str(&print_node(g, n));
         out.push('\n');
     }
-    let outs: Vec<String> = g.outputs.iter().map(|&v| format!("%{}", g.name_of(v))).collect();
+    let outs: Vec<String> =
+        g.outputs.iter().map(|o| format!("%{}{}", g.name_of(o.value), annot(&output_notes(g, &o.role)))).collect();
     let _ = writeln!(out, "output {}", outs.join(", "));
     out
+}
+
+fn annot(notes: &[String]) -> String {
+    if notes.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", notes.join(", "))
+    }
+}
+
+fn arg_notes(g: &Graph, role: &ArgRole) -> Vec<String> {
+    match role {
+        ArgRole::Other => vec![],
+        ArgRole::Param(layout) => {
+            let mut v = Vec::new();
+            if let Some(s) = &layout.split {
+                v.push(format!("split {} {}", s.axis, s.dim));
+            }
+            if let Some(f) = &layout.flat_shard {
+                let dims: Vec<String> = f.shape.iter().map(|d| d.to_string()).collect();
+                v.push(format!("flat-shard {} [{}]", f.axis, dims.join(", ")));
+            }
+            v
+        }
+        ArgRole::Moment { param, moment } => vec![format!("{} %{}", moment.keyword(), g.name_of(*param))],
+        ArgRole::Tokens => vec!["tokens".into()],
+        ArgRole::Targets => vec!["targets".into()],
+        ArgRole::LearningRate => vec!["learning-rate".into()],
+        ArgRole::StepNumber => vec!["step-number".into()],
+    }
+}
+
+fn output_notes(g: &Graph, role: &OutputRole) -> Vec<String> {
+    match role {
+        OutputRole::Other => vec![],
+        OutputRole::Loss => vec!["loss".into()],
+        OutputRole::Logits => vec!["logits".into()],
+        OutputRole::GradNorm => vec!["grad-norm".into()],
+        OutputRole::Gradient(p) => vec![format!("gradient %{}", g.name_of(*p))],
+        OutputRole::Update(a) => vec![format!("update %{}", g.name_of(*a))],
+    }
+}
+
+fn node_notes(g: &Graph, n: &Node) -> Vec<String> {
+    let mut v = Vec::new();
+    if n.phase != Phase::Forward {
+        v.push(n.phase.name().to_string());
+    }
+    match &n.origin {
+        Origin::Model => {}
+        Origin::Rule(r) => v.push(format!("rule {}", Attr::Str(r.clone()))),
+        Origin::Adjoint(x) => v.push(format!("adjoint %{}", g.name_of(*x))),
+        Origin::Step { rule, zero, param } => {
+            v.push(format!("step {}", rule.name()));
+            if *zero != ZeroStage::Replicated {
+                v.push(format!("zero {zero}"));
+            }
+            if let Some(p) = param {
+                v.push(format!("of %{}", g.name_of(*p)));
+            }
+        }
+    }
+    v.extend(g.value(n.output).layer.map(|l| format!("layer {l}")));
+    v
 }
 
 /// One node as its line of `.tir` (used in verifier messages too).
@@ -93,6 +181,7 @@ pub fn print_node(g: &Graph, n: &Node) -> String {
         let attrs: Vec<String> = n.attrs.iter().map(|(k, a)| format!("{k} = {a}")).collect();
         let _ = write!(s, " {{{}}}", attrs.join(", "));
     }
+    s.push_str(&annot(&node_notes(g, n)));
     s
 }
 
@@ -269,6 +358,16 @@ impl Cursor {
                 self.err_at(start, w.chars().count(), format!("`{w}` is not an integer ({what})"))
             }
         })
+    }
+
+    /// An annotation keyword (letters, digits, `_`, `-`).
+    fn keyword(&mut self, what: &str) -> PResult<(usize, String)> {
+        let (start, w) = self.word(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if w.is_empty() {
+            let found = self.describe_next();
+            return Err(self.err(format!("expected {what}, found {found}")));
+        }
+        Ok((start, w))
     }
 
     fn usize(&mut self, what: &str) -> PResult<usize> {
@@ -462,7 +561,7 @@ impl Parser {
             ));
         }
         let id = ValueId(g.values.len() as u32);
-        g.values.push(Value { name: name.clone(), ty, sharding });
+        g.values.push(Value { name: name.clone(), ty, sharding, layer: None });
         self.names.insert(name, id);
         self.lines.push(c.line_no);
         Ok(id)
@@ -538,20 +637,25 @@ impl Parser {
                 c.expect(':', "between the argument's name and its type")?;
                 let ty = c.ty()?;
                 let sharding = c.sharding()?;
-                let value = self.define(c, s, name, ty, sharding)?;
                 let kind = match kw.as_str() {
                     "param" => ArgKind::Param,
                     "state" => ArgKind::State,
                     _ => ArgKind::Input,
                 };
-                self.graph.as_mut().expect("checked above").args.push(Arg { kind, value });
+                let (role, layer) = self.arg_notes(c, kind)?;
+                let value = self.define(c, s, name, ty, sharding)?;
+                let g = self.graph.as_mut().expect("checked above");
+                g.values[value.index()].layer = layer;
+                g.args.push(Arg { kind, value, role });
                 Ok(())
             }
             "output" => {
                 let mut outs = Vec::new();
                 loop {
                     let (s, name) = c.value_ref("an output value")?;
-                    outs.push(self.lookup(c, s, &name)?);
+                    let value = self.lookup(c, s, &name)?;
+                    let role = self.output_notes(c)?;
+                    outs.push(Output { value, role });
                     if c.at_end() {
                         break;
                     }
@@ -608,9 +712,212 @@ impl Parser {
                 c.expect(',', "or `}` in the attribute list")?;
             }
         }
+        let (phase, origin, layer) = self.node_notes(c)?;
         let output = self.define(c, s, name, ty, sharding)?;
-        self.graph.as_mut().expect("checked above").nodes.push(Node { op, inputs, attrs, output });
+        let g = self.graph.as_mut().expect("checked above");
+        g.values[output.index()].layer = layer;
+        g.nodes.push(Node { op, inputs, attrs, output, phase, origin });
         Ok(())
+    }
+
+    /// Runs `note` on each annotation of an optional `[note, ...]` list.
+    fn notes(
+        &mut self,
+        c: &mut Cursor,
+        what: &str,
+        mut note: impl FnMut(&mut Self, &mut Cursor, usize, &str) -> PResult<()>,
+    ) -> PResult<()> {
+        if !c.eat('[') {
+            return Ok(());
+        }
+        loop {
+            let (start, kw) = c.keyword(what)?;
+            note(self, c, start, &kw)?;
+            if c.eat(']') {
+                return Ok(());
+            }
+            c.expect(',', "or `]` in the annotations")?;
+        }
+    }
+
+    fn layer(c: &mut Cursor) -> PResult<u32> {
+        let start = c.pos;
+        let l = c.usize("the layer number")?;
+        u32::try_from(l).map_err(|_| c.err_at(start, c.pos - start, format!("layer {l} is out of range")))
+    }
+
+    fn arg_notes(&mut self, c: &mut Cursor, kind: ArgKind) -> PResult<(ArgRole, Option<u32>)> {
+        let mut role = kind.default_role();
+        let mut layer = None;
+        let mut layout = ParamLayout::default();
+        let mut named_role = false;
+        let what = "an argument annotation (`layer`, `split`, `flat-shard`, `adam-m`, `adam-v`, `tokens`, `targets`, `learning-rate`, `step-number`)";
+        self.notes(c, what, |p, c, start, kw| {
+            let mut set = |c: &Cursor, r: ArgRole| {
+                if named_role {
+                    return Err(c.err_at(start, kw.len(), format!("`{kw}`: the argument already has a role")));
+                }
+                named_role = true;
+                role = r;
+                Ok(())
+            };
+            let param_only = |c: &Cursor| {
+                if kind == ArgKind::Param {
+                    Ok(())
+                } else {
+                    Err(c.err_at(start, kw.len(), format!("`{kw}` describes a parameter, not a `{}`", kind.keyword())))
+                }
+            };
+            match kw {
+                "layer" => layer = Some(Self::layer(c)?),
+                "split" => {
+                    param_only(c)?;
+                    let axis = c.ident("the mesh axis of the split")?.1;
+                    let dim = c.usize("the split dimension")?;
+                    layout.split = Some(Split { axis, dim });
+                }
+                "flat-shard" => {
+                    param_only(c)?;
+                    let axis = c.ident("the mesh axis of the shard")?.1;
+                    c.expect('[', "to open the shape of the sharded tensor")?;
+                    let mut shape = Vec::new();
+                    if !c.eat(']') {
+                        loop {
+                            shape.push(c.usize("a dimension extent")?);
+                            if c.eat(']') {
+                                break;
+                            }
+                            c.expect(',', "or `]` in the shape")?;
+                        }
+                    }
+                    layout.flat_shard = Some(FlatShard { axis, shape });
+                }
+                "adam-m" | "adam-v" => {
+                    if kind != ArgKind::State {
+                        return Err(c.err_at(start, kw.len(), format!("`{kw}` describes a `state` argument")));
+                    }
+                    let (vs, name) = c.value_ref("the parameter the moment belongs to")?;
+                    let param = p.lookup(c, vs, &name)?;
+                    let moment = if kw == "adam-m" { Moment::AdamM } else { Moment::AdamV };
+                    set(c, ArgRole::Moment { param, moment })?;
+                }
+                "tokens" | "targets" | "learning-rate" | "step-number" => {
+                    if kind != ArgKind::Input {
+                        return Err(c.err_at(start, kw.len(), format!("`{kw}` describes an `input` argument")));
+                    }
+                    set(
+                        c,
+                        match kw {
+                            "tokens" => ArgRole::Tokens,
+                            "targets" => ArgRole::Targets,
+                            "learning-rate" => ArgRole::LearningRate,
+                            _ => ArgRole::StepNumber,
+                        },
+                    )?;
+                }
+                other => return Err(c.err_at(start, other.len(), format!("unknown argument annotation `{other}`"))),
+            }
+            Ok(())
+        })?;
+        if kind == ArgKind::Param {
+            role = ArgRole::Param(layout);
+        }
+        Ok((role, layer))
+    }
+
+    fn node_notes(&mut self, c: &mut Cursor) -> PResult<(Phase, Origin, Option<u32>)> {
+        let (mut phase, mut origin, mut layer) = (Phase::Forward, Origin::Model, None);
+        let mut zero: Option<ZeroStage> = None;
+        let what = "a node annotation (`backward`, `optimizer`, `layer`, `rule`, `adjoint`, `step`, `zero`, `of`)";
+        let mut zero_at = None;
+        let mut of = None;
+        self.notes(c, what, |p, c, start, kw| {
+            let mut set = |c: &Cursor, o: Origin| {
+                if origin != Origin::Model {
+                    return Err(c.err_at(start, kw.len(), format!("`{kw}`: the node already has an origin")));
+                }
+                origin = o;
+                Ok(())
+            };
+            match kw {
+                "forward" | "backward" | "optimizer" => phase = kw.parse().expect("a phase name"),
+                "layer" => layer = Some(Self::layer(c)?),
+                "rule" => {
+                    let Attr::Str(r) = c.attr_value()? else {
+                        return Err(c.err("`rule` takes the rule's name as a string"));
+                    };
+                    set(c, Origin::Rule(r))?;
+                }
+                "adjoint" => {
+                    let (vs, name) = c.value_ref("the forward value")?;
+                    let v = p.lookup(c, vs, &name)?;
+                    set(c, Origin::Adjoint(v))?;
+                }
+                "step" => {
+                    let (rs, r) = c.keyword("a training-step rule")?;
+                    let rule = StepRule::from_name(&r).ok_or_else(|| {
+                        let all: Vec<&str> = StepRule::ALL.iter().map(|r| r.name()).collect();
+                        c.err_at(rs, r.len(), format!("unknown training-step rule `{r}`; one of {}", all.join(", ")))
+                    })?;
+                    set(c, Origin::Step { rule, zero: ZeroStage::Replicated, param: None })?;
+                }
+                "of" => {
+                    let (vs, name) = c.value_ref("the parameter the step's work is for")?;
+                    of = Some((start, p.lookup(c, vs, &name)?));
+                }
+                "zero" => {
+                    let s = c.pos;
+                    let n = c.usize("the ZeRO stage")?;
+                    let stage = u8::try_from(n).ok().and_then(ZeroStage::from_number);
+                    zero = Some(
+                        stage.ok_or_else(|| c.err_at(s, c.pos - s, format!("ZeRO stage {n} does not exist (0-3)")))?,
+                    );
+                    zero_at = Some(start);
+                }
+                other => return Err(c.err_at(start, other.len(), format!("unknown node annotation `{other}`"))),
+            }
+            Ok(())
+        })?;
+        if let Some(z) = zero {
+            match &mut origin {
+                Origin::Step { zero, .. } => *zero = z,
+                _ => return Err(c.err_at(zero_at.unwrap_or(0), 4, "`zero` qualifies a `step` origin")),
+            }
+        }
+        if let Some((at, v)) = of {
+            match &mut origin {
+                Origin::Step { param, .. } => *param = Some(v),
+                _ => return Err(c.err_at(at, 2, "`of %param` qualifies a `step` origin")),
+            }
+        }
+        Ok((phase, origin, layer))
+    }
+
+    fn output_notes(&mut self, c: &mut Cursor) -> PResult<OutputRole> {
+        let mut role = OutputRole::Other;
+        let what = "an output annotation (`loss`, `logits`, `grad-norm`, `gradient`, `update`)";
+        self.notes(c, what, |p, c, start, kw| {
+            if role != OutputRole::Other {
+                return Err(c.err_at(start, kw.len(), format!("`{kw}`: the output already has a role")));
+            }
+            role = match kw {
+                "loss" => OutputRole::Loss,
+                "logits" => OutputRole::Logits,
+                "grad-norm" => OutputRole::GradNorm,
+                "gradient" | "update" => {
+                    let (vs, name) = c.value_ref("the argument")?;
+                    let v = p.lookup(c, vs, &name)?;
+                    if kw == "gradient" {
+                        OutputRole::Gradient(v)
+                    } else {
+                        OutputRole::Update(v)
+                    }
+                }
+                other => return Err(c.err_at(start, other.len(), format!("unknown output annotation `{other}`"))),
+            };
+            Ok(())
+        })?;
+        Ok(role)
     }
 }
 

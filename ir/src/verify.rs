@@ -21,6 +21,18 @@
 //! 10. **Shardings.** A value's sharding, when present, has one entry per dimension, names
 //!     only axes of the mesh, uses no axis twice, and splits only dimensions its axes divide.
 //! 11. **Outputs.** There is at least one output; each is a defined value, named once.
+//! 12. **Signature.** Each argument's role fits its kind (a parameter layout only on `param`, a
+//!     moment only on `state`, tokens, targets, learning rate and step number only on `input`);
+//!     a moment names a parameter argument, each (parameter, moment) once; the learning rate and
+//!     the step number are f32 scalars, tokens and targets integer tensors of one shape; each of
+//!     these roles and each of loss, logits and gradient norm appears at most once; a loss and a
+//!     gradient norm are floating scalars; a `gradient` output names an argument and has its type; an `update` output names a parameter or state argument, has its type (so it can
+//!     be written in place of it), and each argument is updated at most once. A tensor-parallel
+//!     split names a mesh axis and a dim of the full parameter; a ZeRO flat shard names a mesh
+//!     axis and holds `padded / n` elements of the tensor of its recorded shape.
+//! 13. **Provenance.** An `adjoint` origin names a value defined before the node; a training-step
+//!     origin's `of` names a parameter argument; phases never go back (forward, then backward,
+//!     then optimizer, in node order).
 //!
 //! Each [`VerifyError`] names the node and carries its printed `.tir` line.
 
@@ -162,12 +174,25 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
         err(None, String::new(), "the graph has no outputs".into());
     }
     let mut seen_out = HashSet::new();
-    for &o in &g.outputs {
+    for o in g.output_values() {
         if o.index() >= n_values {
             err(None, "output".into(), format!("output {} does not exist", defined_name(o)));
         } else if !seen_out.insert(o) {
             err(None, "output".into(), format!("output {} is listed twice", defined_name(o)));
         }
+    }
+    // The annotations refer to values: only checked once every value exists.
+    if errs.is_empty() {
+        let mut later = Vec::new();
+        let mut note = |node: Option<usize>, context: String, message: String| {
+            let value = node.and_then(|i| g.nodes.get(i)).map(|n| n.output);
+            later.push(VerifyError { node, value, context, message })
+        };
+        if references_exist(g, &mut note) {
+            signature(g, &mut note);
+            provenance(g, &mut note);
+        }
+        errs.extend(later);
     }
     errs.extend(errs_on_values.into_iter().map(|(v, message)| VerifyError {
         node: None,
@@ -179,6 +204,184 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
         Ok(())
     } else {
         Err(VerifyErrors(errs))
+    }
+}
+
+fn arg_line(g: &Graph, a: &crate::graph::Arg) -> String {
+    format!("{} %{}: {}", a.kind.keyword(), g.name_of(a.value), g.ty(a.value))
+}
+
+/// Every value an annotation names exists.
+fn references_exist(g: &Graph, err: &mut impl FnMut(Option<usize>, String, String)) -> bool {
+    use crate::program::{ArgRole, Origin, OutputRole};
+    let n = g.values.len();
+    let refs = g
+        .args
+        .iter()
+        .filter_map(|a| match a.role {
+            ArgRole::Moment { param, .. } => Some(param),
+            _ => None,
+        })
+        .chain(g.nodes.iter().filter_map(|nd| match nd.origin {
+            Origin::Adjoint(v) | Origin::Step { param: Some(v), .. } => Some(v),
+            _ => None,
+        }))
+        .chain(g.outputs.iter().filter_map(|o| match o.role {
+            OutputRole::Gradient(v) | OutputRole::Update(v) => Some(v),
+            _ => None,
+        }));
+    let bad: Vec<ValueId> = refs.filter(|v| v.index() >= n).collect();
+    for v in &bad {
+        err(None, String::new(), format!("an annotation refers to value #{}, which does not exist", v.0));
+    }
+    bad.is_empty()
+}
+
+/// Invariant 12.
+fn signature(g: &Graph, err: &mut impl FnMut(Option<usize>, String, String)) {
+    use crate::graph::ArgKind;
+    use crate::program::{ArgRole, OutputRole};
+    let is_arg = |v: ValueId, kinds: &[ArgKind]| g.arg_of(v).is_some_and(|a| kinds.contains(&a.kind));
+    let mut seen_roles: Vec<&ArgRole> = Vec::new();
+    let mut moments = HashSet::new();
+    let mut data_shape: Option<&TensorType> = None;
+    for a in &g.args {
+        let line = arg_line(g, a);
+        let ty = g.ty(a.value);
+        let fits = match &a.role {
+            ArgRole::Other => a.kind != ArgKind::Param,
+            ArgRole::Param(_) => a.kind == ArgKind::Param,
+            ArgRole::Moment { .. } => a.kind == ArgKind::State,
+            _ => a.kind == ArgKind::Input,
+        };
+        if !fits {
+            err(None, line.clone(), format!("role {:?} does not fit a `{}` argument", a.role, a.kind.keyword()));
+            continue;
+        }
+        match &a.role {
+            ArgRole::Other => {}
+            ArgRole::Param(layout) => {
+                if let Some(s) = &layout.split {
+                    if g.mesh.axis_size(&s.axis).is_none() {
+                        err(None, line.clone(), format!("split over mesh axis `{}`, which is not declared", s.axis));
+                    }
+                    if layout.flat_shard.is_none() && s.dim >= ty.rank() {
+                        err(None, line.clone(), format!("split along dim {} of a rank-{} parameter", s.dim, ty.rank()));
+                    }
+                }
+                if let Some(f) = &layout.flat_shard {
+                    match g.mesh.axis_size(&f.axis) {
+                        None => err(
+                            None,
+                            line.clone(),
+                            format!("flat shard over mesh axis `{}`, which is not declared", f.axis),
+                        ),
+                        Some(n) if ty.shape != [f.padded(n) / n] => err(
+                            None,
+                            line.clone(),
+                            format!(
+                                "a flat shard over `{}` (size {n}) of a tensor of shape {:?} holds [{}] elements",
+                                f.axis,
+                                f.shape,
+                                f.padded(n) / n
+                            ),
+                        ),
+                        Some(_) => {}
+                    }
+                }
+            }
+            ArgRole::Moment { param, moment } => {
+                if !is_arg(*param, &[ArgKind::Param]) {
+                    err(None, line.clone(), format!("a moment of {}, which is not a parameter", g.name_of(*param)));
+                } else if !moments.insert((*param, *moment)) {
+                    err(None, line.clone(), format!("a second {:?} of `%{}`", moment, g.name_of(*param)));
+                }
+            }
+            role => {
+                if seen_roles.contains(&role) {
+                    err(None, line.clone(), format!("a second argument with role {role:?}"));
+                }
+                seen_roles.push(role);
+                let scalar = matches!(role, ArgRole::LearningRate | ArgRole::StepNumber);
+                if scalar && (ty.rank() != 0 || ty.dtype != crate::types::DType::F32) {
+                    err(None, line.clone(), format!("{role:?} must be an f32 scalar, found {ty}"));
+                }
+                if !scalar {
+                    if ty.dtype.is_float() {
+                        err(None, line.clone(), format!("{role:?} must be integer token ids, found {ty}"));
+                    }
+                    match data_shape {
+                        Some(s) if s.shape != ty.shape => {
+                            err(None, line.clone(), format!("tokens and targets differ in shape ({s} and {ty})"))
+                        }
+                        _ => data_shape = Some(ty),
+                    }
+                }
+            }
+        }
+    }
+    let mut seen_outputs: Vec<&OutputRole> = Vec::new();
+    for o in &g.outputs {
+        let name = g.name_of(o.value);
+        let ty = g.ty(o.value);
+        let line = format!("output %{name}");
+        if o.role != OutputRole::Other && seen_outputs.contains(&&o.role) {
+            err(None, line.clone(), format!("a second output with role {:?}", o.role));
+        }
+        seen_outputs.push(&o.role);
+        match &o.role {
+            OutputRole::Other | OutputRole::Logits => {}
+            OutputRole::Loss | OutputRole::GradNorm => {
+                if ty.rank() != 0 || !ty.dtype.is_float() {
+                    err(None, line, format!("{:?} must be a floating scalar, found {ty}", o.role));
+                }
+            }
+            OutputRole::Gradient(a) | OutputRole::Update(a) => {
+                let (kinds, what): (&[ArgKind], _) = match o.role {
+                    OutputRole::Gradient(_) => (&[ArgKind::Param, ArgKind::Input, ArgKind::State], "an argument"),
+                    _ => (&[ArgKind::Param, ArgKind::State], "a parameter or state argument"),
+                };
+                if !is_arg(*a, kinds) {
+                    err(None, line, format!("{:?} names `%{}`, which is not {what}", o.role, g.name_of(*a)));
+                } else if g.ty(*a) != ty {
+                    err(
+                        None,
+                        line,
+                        format!("is {ty} but the argument `%{}` it belongs to is {}", g.name_of(*a), g.ty(*a)),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Invariant 13.
+fn provenance(g: &Graph, err: &mut impl FnMut(Option<usize>, String, String)) {
+    use crate::program::{Origin, Phase};
+    let mut phase = Phase::Forward;
+    for (i, n) in g.nodes.iter().enumerate() {
+        if let Origin::Adjoint(v) = n.origin {
+            if v >= n.output {
+                err(
+                    Some(i),
+                    print_node(g, n),
+                    format!("an adjoint of `%{}`, which is not defined before it", g.name_of(v)),
+                );
+            }
+        }
+        if let Origin::Step { param: Some(p), .. } = n.origin {
+            if !g.arg_of(p).is_some_and(|a| a.kind == crate::graph::ArgKind::Param) {
+                err(
+                    Some(i),
+                    print_node(g, n),
+                    format!("training-step work of `%{}`, which is not a parameter", g.name_of(p)),
+                );
+            }
+        }
+        if n.phase < phase {
+            err(Some(i), print_node(g, n), format!("a {} node after a {phase} node", n.phase));
+        }
+        phase = phase.max(n.phase);
     }
 }
 

@@ -7,7 +7,9 @@
 //!
 //! After this pass: the graph verifies; its outputs are the original outputs followed by one
 //! gradient per requested parameter (`%<param>.grad`, same type as the parameter; zeros when the
-//! loss does not depend on it).
+//! loss does not depend on it), each marked `[gradient %<param>]`. Every node it adds is in the
+//! backward phase, says whose adjoint it is part of (`[backward, adjoint %y]`: the forward node
+//! defining `%y`), and belongs to that node's layer.
 //!
 //! Collectives differentiate as DESIGN.md's table says: `all_reduce(sum)` -> identity,
 //! `identity {axis}` -> `all_reduce` over the axis (Megatron's f and g), `all_gather` <->
@@ -30,7 +32,7 @@
 
 use shardc_ir::attrs::{Attr, Attrs};
 use shardc_ir::ops::{normalize_dim, reduce_dims, Op};
-use shardc_ir::{Builder, Graph, ValueId};
+use shardc_ir::{Builder, Graph, Origin, Output, OutputRole, Phase, ValueId};
 use std::collections::HashMap;
 
 /// Why a graph could not be differentiated.
@@ -42,9 +44,17 @@ pub struct AutodiffError(pub String);
 pub struct Differentiated {
     pub graph: Graph,
     pub grads: Vec<ValueId>,
-    /// Each backward value's name -> the name of the forward value whose adjoint produced it
-    /// (what `shardc plan` and `explain` say a backward collective comes from).
-    pub adjoint_of: HashMap<String, String>,
+}
+
+/// The output marked as the loss (`output %loss [loss]`).
+pub fn loss_of(g: &Graph) -> Result<ValueId, AutodiffError> {
+    let i = g.signature().output(&OutputRole::Loss).ok_or_else(|| {
+        AutodiffError(format!(
+            "graph `{}` has no output marked as the loss; mark it in the output line, e.g. `output %loss [loss]`",
+            g.name
+        ))
+    })?;
+    Ok(g.outputs[i].value)
 }
 
 /// Appends the gradients of the scalar `loss` with respect to `wrt` (see the module doc).
@@ -67,7 +77,7 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
         needs[n.output.index()] = depends && g.ty(n.output).dtype.is_float() && !is_constant(n.op) && !max;
     }
     let mut ad = Ad { b: Builder::from_graph(g.clone()), adj: HashMap::new() };
-    let mut adjoint_of = HashMap::new();
+    ad.b.at(Phase::Backward, Origin::Adjoint(loss), g.layer(loss));
     let seed = ad.b.scalar(1.0, lt.dtype, &format!("{}.grad", g.name_of(loss))).map_err(fail)?;
     ad.adj.insert(loss, seed);
     for (i, n) in g.nodes.iter().enumerate().rev() {
@@ -76,7 +86,7 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
             continue;
         }
         let wanted: Vec<bool> = n.inputs.iter().map(|v| needs[v.index()]).collect();
-        let first = ad.b.graph.nodes.len();
+        ad.b.at(Phase::Backward, Origin::Adjoint(n.output), g.layer(n.output));
         let grads = ad
             .adjoint(g, i, dy, &wanted)
             .map_err(|m| fail(format!("node {i} `%{}` ({}): {m}", g.name_of(n.output), n.op.name())))?;
@@ -85,9 +95,6 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
                 ad.accumulate(g, v, grad).map_err(fail)?;
             }
         }
-        for m in &ad.b.graph.nodes[first..] {
-            adjoint_of.insert(m.output, n.output);
-        }
     }
     let mut grads = Vec::new();
     for &p in wrt {
@@ -95,6 +102,7 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
         let grad = match ad.adj.get(&p) {
             Some(&a) => a,
             None => {
+                ad.b.at(Phase::Backward, Origin::Adjoint(p), g.layer(p));
                 let ty = g.ty(p).clone();
                 let attrs = Attrs::new()
                     .with("value", Attr::Float(0.0))
@@ -125,11 +133,9 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
             graph.values[gv.index()].name = want;
         }
     }
-    graph.outputs.extend(grads.iter().copied());
-    let adjoint_of =
-        adjoint_of.into_iter().map(|(b, f)| (graph.name_of(b).to_string(), g.name_of(f).to_string())).collect();
+    graph.outputs.extend(wrt.iter().zip(&grads).map(|(&p, &gv)| Output::new(gv, OutputRole::Gradient(p))));
     // Only nodes were appended, so the numbering is still canonical and `grads` stay valid.
-    Ok(Differentiated { graph, grads, adjoint_of })
+    Ok(Differentiated { graph, grads })
 }
 
 /// True for the ops autodiff can propagate gradients through (everything but constants, masks

@@ -90,7 +90,7 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
         "autodiff" => {
             check_options(spec, &[])?;
             let params: Vec<_> = g.args_of(ArgKind::Param).collect();
-            let loss = *g.outputs.first().ok_or("the graph has no outputs")?;
+            let loss = crate::autodiff::loss_of(g).map_err(|e| e.to_string())?;
             Ok(differentiate(g, loss, &params).map_err(|e| e.to_string())?.graph)
         }
         "train-step" => {
@@ -115,8 +115,12 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
                 grad_clip: number(spec, "grad-clip", d.grad_clip)?,
             };
             let zero = number(spec, "zero", 0.0)?;
+            let stage = (zero.fract() == 0.0 && (0.0..=3.0).contains(&zero))
+                .then(|| shardc_ir::ZeroStage::from_number(zero as u8))
+                .flatten()
+                .ok_or_else(|| format!("pass `train-step`: `zero={zero}` is not a ZeRO stage (0, 1, 2 or 3)"))?;
             let dp = match spec.options.get("dp") {
-                Some(axis) => Some(DataParallel { axis: axis.clone(), zero_stage: zero as u8 }),
+                Some(axis) => Some(DataParallel { axis: axis.clone(), zero_stage: stage }),
                 None if zero != 0.0 => return Err("pass `train-step`: `zero` needs `dp=AXIS`".into()),
                 None => None,
             };

@@ -3,7 +3,8 @@
 //!
 //! - `collectives`: every collective with its kind, mesh axis, full-tensor bytes, phase
 //!   (forward, backward, optimizer), transformer layer when it belongs to one, and the rule that
-//!   introduced it ([`crate::train_step::collective_rule`], or the adjoint autodiff derived).
+//!   introduced it, all read off the node's annotations ([`shardc_ir::program`]): its origin's
+//!   rule, or for an adjoint the rule of the forward node it is the adjoint of.
 //! - `memory_per_device`: model states in the layout the GPU runtime keeps them, ZeRO's
 //!   accounting (Rajbhandari et al. 2020, section 3.1): with bf16 mixed precision, bf16
 //!   parameters (2 bytes per element), bf16 gradients (2) and f32 master weights plus two Adam
@@ -22,10 +23,10 @@
 
 use crate::analysis::collectives;
 use crate::cost::{collective_seconds, compute_seconds, CollectiveKind, DeviceModel};
-use crate::train_step::{collective_rule, TrainStep};
+use crate::train_step::TrainStep;
 use serde::Serialize;
-use shardc_ir::{ArgKind, DType, Graph, Op};
-use std::collections::{BTreeMap, HashSet};
+use shardc_ir::{ArgKind, DType, Graph, Node, Op, Origin, Phase, StepRule, ValueId, ZeroStage};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// One collective of the plan.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -33,9 +34,9 @@ pub struct PlannedCollective {
     pub kind: &'static str,
     pub axis: String,
     pub bytes: usize,
-    pub phase: &'static str,
+    pub phase: Phase,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub layer: Option<usize>,
+    pub layer: Option<u32>,
     pub rule: String,
     pub value: String,
 }
@@ -71,31 +72,6 @@ fn kind_name(k: CollectiveKind) -> &'static str {
     }
 }
 
-/// The transformer layer a value belongs to, from the importer's names (`h3.…`, `l3.…`,
-/// `h.3.…`, `layers.3.…`).
-pub fn layer_of(name: &str) -> Option<usize> {
-    layer_parts(name).and_then(|(_, digits, _)| digits.parse().ok())
-}
-
-/// The same name in layer 0 (`h3.mlp_up` -> `h0.mlp_up`): what the sharding search saw, since
-/// identical layers are searched once.
-pub fn layer_zero_name(name: &str) -> Option<String> {
-    layer_parts(name).map(|(prefix, _, rest)| format!("{prefix}0{rest}"))
-}
-
-/// (prefix, layer digits, the rest from the `.` on) of an importer's layer name.
-fn layer_parts(name: &str) -> Option<(&str, &str, &str)> {
-    for prefix in ["h.", "layers.", "h", "l"] {
-        if let Some(rest) = name.strip_prefix(prefix) {
-            let n = rest.chars().take_while(|c| c.is_ascii_digit()).count();
-            if n > 0 && rest[n..].starts_with('.') {
-                return Some((prefix, &rest[..n], &rest[n..]));
-            }
-        }
-    }
-    None
-}
-
 fn matmul_flops(g: &Graph, n: &shardc_ir::Node) -> f64 {
     let a = g.ty(n.inputs[0]);
     let k = if n.attrs.bool_or("transpose_a", false) { a.shape[a.rank() - 2] } else { a.shape[a.rank() - 1] };
@@ -110,14 +86,14 @@ pub struct PlanInput {
     /// Elements of each parameter this rank holds before ZeRO (after tensor parallelism).
     pub params_per_rank: Vec<usize>,
     pub dp: usize,
-    pub zero: u8,
+    pub zero: ZeroStage,
     /// bf16 mixed precision (else f32 throughout).
     pub mixed: bool,
 }
 
 impl PlanInput {
     /// For a step of `forward` (per-rank parameters) without ZeRO details.
-    pub fn of(forward: &Graph, params_total: usize, dp: usize, zero: u8, mixed: bool) -> PlanInput {
+    pub fn of(forward: &Graph, params_total: usize, dp: usize, zero: ZeroStage, mixed: bool) -> PlanInput {
         let params_per_rank = forward.args_of(ArgKind::Param).map(|v| forward.ty(v).numel()).collect();
         PlanInput { params_total, params_per_rank, dp, zero, mixed }
     }
@@ -128,35 +104,34 @@ impl PlanInput {
         let whole: usize = self.params_per_rank.iter().sum();
         let shard: usize = self.params_per_rank.iter().map(|p| p.div_ceil(n)).sum();
         let (pb, gb, ob) = if self.mixed { (2, 2, 12) } else { (4, 4, 8) };
-        let z = if n > 1 { self.zero } else { 0 };
-        let params = pb * if z >= 3 { shard } else { whole };
-        let grads = gb * if z >= 2 { shard } else { whole };
-        let optimizer = ob * if z >= 1 { shard } else { whole };
+        let z = if n > 1 { self.zero } else { ZeroStage::Replicated };
+        let params = pb * if z.shards_parameters() { shard } else { whole };
+        let grads = gb * if z.shards_gradients() { shard } else { whole };
+        let optimizer = ob * if z.shards_optimizer() { shard } else { whole };
         (params, grads, optimizer)
     }
 }
 
-/// The rule behind collective `value` of `step` and its phase.
-fn rule_of(step: &TrainStep, value: &str, node: usize) -> (String, &'static str) {
-    if node >= step.forward_nodes {
-        if let Some((rule, phase)) = collective_rule(value) {
-            return (rule.to_string(), phase);
+/// The rule behind node `n` of `g`, from its origin: the sharding or training-step rule that
+/// made it, or for part of an adjoint the rule of the forward node it differentiates (the
+/// adjoint of ZeRO-3's parameter gather is its gradient reduce-scatter).
+pub fn rule_of(g: &Graph, producer: &HashMap<ValueId, usize>, n: &Node) -> String {
+    match &n.origin {
+        Origin::Adjoint(v) => {
+            let forward = producer.get(v).map(|&i| &g.nodes[i].origin);
+            match forward {
+                Some(Origin::Step { rule: StepRule::GatherParameters, zero, .. }) => {
+                    format!("zero-{zero}/reduce-scatter-gradients")
+                }
+                Some(o) => match o.rule_name() {
+                    Some(r) => format!("{r} (adjoint)"),
+                    None => "model (adjoint)".to_string(),
+                },
+                None => "model (adjoint)".to_string(),
+            }
         }
+        o => o.rule_name().unwrap_or_else(|| "model".to_string()),
     }
-    let phase = if node < step.forward_nodes {
-        "forward"
-    } else if node < step.backward_end {
-        "backward"
-    } else {
-        "optimizer"
-    };
-    if let Some(rule) = step.rules.get(value) {
-        return (rule.clone(), phase);
-    }
-    if let Some(rule) = step.adjoint_of.get(value).and_then(|f| step.rules.get(f)) {
-        return (format!("{rule} (adjoint)"), phase);
-    }
-    (String::from(if phase == "forward" { "forward graph" } else { "autodiff" }), phase)
 }
 
 /// Reads the plan off a training step (see the module doc).
@@ -172,8 +147,10 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
     let mut planned = Vec::new();
     let mut comm = BTreeMap::new();
     let mut seconds = 0.0;
+    let producer: HashMap<ValueId, usize> = g.nodes.iter().enumerate().map(|(i, n)| (n.output, i)).collect();
     for c in collectives(g) {
-        let (rule, phase) = rule_of(step, &c.value, c.node);
+        let node = &g.nodes[c.node];
+        let rule = rule_of(g, &producer, node);
         *comm.entry(c.axis.clone()).or_insert(0.0) += c.kind.volume(c.bytes as f64);
         let size = g.mesh.axis_size(&c.axis).unwrap_or(1);
         seconds += collective_seconds(device, c.kind, c.bytes as f64, size, stride(&c.axis));
@@ -181,8 +158,8 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
             kind: kind_name(c.kind),
             axis: c.axis,
             bytes: c.bytes,
-            phase,
-            layer: layer_of(&c.value),
+            phase: node.phase,
+            layer: g.layer(node.output),
             rule,
             value: c.value,
         });
@@ -202,9 +179,11 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
         }
     }
     // Activations: forward results that a backward node reads.
-    let forward_values: HashSet<_> = g.nodes[..step.forward_nodes].iter().map(|n| n.output).collect();
-    let saved: HashSet<_> = g.nodes[step.forward_nodes..step.backward_end]
+    let forward_values: HashSet<_> = g.nodes.iter().filter(|n| n.phase == Phase::Forward).map(|n| n.output).collect();
+    let saved: HashSet<_> = g
+        .nodes
         .iter()
+        .filter(|n| n.phase == Phase::Backward)
         .flat_map(|n| n.inputs.iter().copied())
         .filter(|v| forward_values.contains(v))
         .collect();
@@ -220,23 +199,5 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
         comm_bytes_per_step: comm,
         flops_per_step: flops,
         predicted_step_seconds: seconds,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn layers_come_from_the_importers_names() {
-        assert_eq!(layer_of("h3.q"), Some(3));
-        assert_eq!(layer_of("h.12.attn.q.weight.grad_sum"), Some(12));
-        assert_eq!(layer_of("layers.0.mlp.up_proj.weight.gathered"), Some(0));
-        assert_eq!(layer_of("l7.mlp_down"), Some(7));
-        assert_eq!(layer_of("loss_sum"), None);
-        assert_eq!(layer_of("logits"), None);
-        assert_eq!(layer_zero_name("h.12.attn.q.weight").as_deref(), Some("h.0.attn.q.weight"));
-        assert_eq!(layer_zero_name("l3.mlp_up").as_deref(), Some("l0.mlp_up"));
-        assert_eq!(layer_zero_name("logits"), None);
     }
 }

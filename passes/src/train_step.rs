@@ -2,11 +2,16 @@
 //! optional gradient clipping by global norm, and the AdamW update.
 //!
 //! After this pass the graph's arguments are the forward graph's (parameters as fp32 master
-//! weights, data inputs), plus `state %<p>.adam_m` and `state %<p>.adam_v` per parameter and the
-//! scalar inputs `%lr` (this step's learning rate, so that any schedule is the caller's) and
-//! `%step` (1-based, for bias correction). Its outputs are `%loss`, `%grad_norm` (global L2 norm
-//! of the gradients before clipping), then per parameter `%<p>.new`, `%<p>.adam_m.new`,
-//! `%<p>.adam_v.new`, in parameter order.
+//! weights, data inputs), plus `state %<p>.adam_m [adam-m %<p>]` and `state %<p>.adam_v
+//! [adam-v %<p>]` per parameter and the scalar inputs `%lr [learning-rate]` (this step's learning
+//! rate, so that any schedule is the caller's) and `%step [step-number]` (1-based, for bias
+//! correction). Its outputs are `%loss [loss]`, `%grad_norm [grad-norm]` (global L2 norm of the
+//! gradients before clipping), then per parameter `%<p>.new [update %<p>]`, `%<p>.adam_m.new
+//! [update %<p>.adam_m]`, `%<p>.adam_v.new [update %<p>.adam_v]`. Callers match arguments and
+//! results by these roles ([`shardc_ir::Signature`]), never by name or position. Every node
+//! says its phase (forward, backward: gradients and their synchronisation, optimizer) and its
+//! origin (`[step all-reduce-gradients]`, `[step gather-parameters, zero 3]`, ...), and
+//! per-parameter nodes belong to the parameter's layer.
 //!
 //! AdamW as PyTorch's `torch.optim.AdamW` computes it (Loshchilov & Hutter 2019), step t:
 //! ```text
@@ -17,9 +22,12 @@
 //! ```
 //! Clipping as `torch.nn.utils.clip_grad_norm_`: g <- g * min(1, clip / (norm + 1e-6)).
 
-use crate::autodiff::{differentiate, AutodiffError};
+use crate::autodiff::{differentiate, loss_of, AutodiffError};
 use shardc_ir::ops::Op;
-use shardc_ir::{ArgKind, Builder, DType, Graph, ValueId};
+use shardc_ir::{
+    ArgKind, ArgRole, Attr, Attrs, Builder, DType, FlatShard, Graph, Moment, Origin, Output, OutputRole, ParamLayout,
+    Phase, Renumbering, StepRule, TensorType, ValueId, ZeroStage,
+};
 use std::collections::HashMap;
 
 /// AdamW hyper-parameters that are fixed for a run (the learning rate is a step input).
@@ -40,49 +48,14 @@ impl Default for AdamW {
     }
 }
 
-/// The training-step graph and the names that connect one step to the next.
+/// The training-step graph.
 pub struct TrainStep {
     pub graph: Graph,
-    /// Parameter names, in the order of the per-parameter outputs.
+    /// Parameter names (the checkpoint keys), in argument order.
     pub params: Vec<String>,
-    /// Nodes `0..forward_nodes` are the forward pass (loss included), the nodes up to
-    /// `backward_end` the backward pass; the rest synchronise gradients and update.
-    pub forward_nodes: usize,
-    pub backward_end: usize,
-    /// The names of the gradients as the optimizer consumes them (averaged; sharded under ZeRO).
-    pub optimizer_grads: Vec<String>,
-    /// The rule behind each collective the sharding pass put in the forward (by value name);
-    /// backward collectives map to the forward value they are the adjoint of (`adjoint_of`).
-    pub rules: HashMap<String, String>,
-    pub adjoint_of: HashMap<String, String>,
-    /// Tensor parallelism: the axis, and the parameters stored split (name -> dim).
-    pub tensor_parallel: Option<(String, HashMap<String, usize>)>,
 }
 
-/// The rule (a name for `shardc plan` and `shardc explain`) and phase of a collective this pass
-/// adds, from the name it gives the collective's result. Collectives of the forward and backward
-/// passes (autodiff's adjoints) are classified by position instead.
-pub fn collective_rule(value: &str) -> Option<(&'static str, &'static str)> {
-    let table: [(&str, &str, &str); 7] = [
-        ("grad_sumsq_tp", "tensor-parallel/global-gradient-norm", "optimizer"),
-        (".grad_sum", "zero-0/all-reduce-gradients", "backward"),
-        (".grad_shard_sum", "zero-1/reduce-scatter-gradients", "backward"),
-        (".regathered", "zero-3/gather-parameters-for-backward", "backward"),
-        ("grad_sumsq_all", "zero-1/global-gradient-norm", "optimizer"),
-        ("loss_sum", "data-parallel/average-loss", "optimizer"),
-        (".gathered", "zero-1/gather-updated-parameters", "optimizer"),
-    ];
-    table.iter().find(|(suffix, _, _)| value.ends_with(suffix)).map(|&(_, rule, phase)| (rule, phase))
-}
-
-impl TrainStep {
-    /// Output index of the new value of parameter `k`; its m and v follow.
-    pub fn new_param_output(k: usize) -> usize {
-        2 + 3 * k
-    }
-}
-
-/// Builds the training step of a forward graph whose first output is the scalar loss.
+/// Builds the training step of a forward graph with an output marked `[loss]`.
 pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, AutodiffError> {
     build_data_parallel_step(forward, opt, None)
 }
@@ -95,38 +68,45 @@ pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, Autod
 pub struct DataParallel {
     /// The mesh axis the batch is split over.
     pub axis: String,
-    /// 0: replicated optimizer, gradients all-reduced. 1, 2: optimizer state partitioned over
-    /// the axis, gradients reduce-scattered, updated parameters all-gathered.
-    pub zero_stage: u8,
+    /// Replicated: optimizer replicated, gradients all-reduced. Stages 1, 2: optimizer state
+    /// partitioned over the axis, gradients reduce-scattered, updated parameters all-gathered.
+    pub zero_stage: ZeroStage,
+}
+
+fn step_origin(rule: StepRule, zero: ZeroStage) -> Origin {
+    Origin::Step { rule, zero, param: None }
+}
+
+/// The origin of the training-step pass's work on parameter argument `param`.
+fn param_origin(rule: StepRule, zero: ZeroStage, param: ValueId) -> Origin {
+    Origin::Step { rule, zero, param: Some(param) }
 }
 
 /// ZeRO-3's forward: every parameter becomes a flat, zero-padded shard argument of `1/n` of its
-/// elements (same name), all-gathered over `axis`, unpadded and reshaped where the original
-/// parameter was. Returns the graph and each parameter's original rank.
-pub fn shard_parameters(
-    g: &Graph,
-    axis: &str,
-    n: usize,
-) -> Result<(Graph, std::collections::HashMap<String, usize>), String> {
-    use shardc_ir::{Attr, Attrs};
+/// elements (same name; its layout records the `flat-shard` and the shape it was cut from),
+/// all-gathered over `axis`, unpadded and reshaped where the original parameter was (nodes
+/// `[step gather-parameters, zero 3]` in the parameter's layer).
+pub fn shard_parameters(g: &Graph, axis: &str, n: usize) -> Result<Graph, String> {
     let mut b = Builder::new(g.name.clone());
     b.graph.mesh = g.mesh.clone();
-    let mut map = std::collections::HashMap::new();
-    let mut ranks = std::collections::HashMap::new();
+    let mut map = HashMap::new();
     let mut pending = Vec::new();
     for a in &g.args {
         let v = g.value(a.value);
-        if a.kind == ArgKind::Param {
+        b.in_layer(v.layer);
+        let mut role = a.role.clone();
+        if let ArgRole::Param(layout) = &mut role {
             let padded = v.ty.numel().div_ceil(n) * n;
-            let shard = b.arg(ArgKind::Param, &v.name, v.ty.dtype, &[padded / n]);
-            ranks.insert(v.name.clone(), v.ty.rank());
+            layout.flat_shard = Some(FlatShard { axis: axis.to_string(), shape: v.ty.shape.clone() });
+            let shard = b.arg_with_role(a.kind, role, &v.name, &TensorType::new(v.ty.dtype, vec![padded / n]));
             pending.push((a.value, shard, padded));
         } else {
-            map.insert(a.value, b.arg(a.kind, &v.name, v.ty.dtype, &v.ty.shape));
+            map.insert(a.value, b.arg_with_role(a.kind, role, &v.name, &v.ty));
         }
     }
     for (orig, shard, padded) in pending {
         let v = g.value(orig);
+        b.at(Phase::Forward, param_origin(StepRule::GatherParameters, ZeroStage::Parameters, shard), v.layer);
         let gather = Attrs::new().with("axis", Attr::Str(axis.to_string())).with("dim", Attr::Int(0));
         let mut full = b.op(Op::AllGather, &[shard], gather, &format!("{}.gathered", v.name))?;
         if padded != v.ty.numel() {
@@ -140,24 +120,39 @@ pub fn shard_parameters(
     }
     for node in &g.nodes {
         let inputs: Vec<ValueId> = node.inputs.iter().map(|v| map[v]).collect();
-        let out = b.op(node.op, &inputs, node.attrs.clone(), g.name_of(node.output))?;
+        let out = b.copy_node(g, node, &inputs, |v| map.get(&v).copied())?;
         map.insert(node.output, out);
     }
-    let outputs: Vec<ValueId> = g.outputs.iter().map(|v| map[v]).collect();
-    Ok((b.finish(&outputs), ranks))
+    let outputs = g
+        .outputs
+        .iter()
+        .map(|o| {
+            let role = match o.role {
+                OutputRole::Gradient(p) => OutputRole::Gradient(map[&p]),
+                OutputRole::Update(p) => OutputRole::Update(map[&p]),
+                ref r => r.clone(),
+            };
+            Output::new(map[&o.value], role)
+        })
+        .collect();
+    Ok(b.finish_with(outputs).0)
 }
 
 /// ZeRO-3's backward gathers the parameters again instead of keeping the forward's copies alive
 /// (Rajbhandari et al. 2020, section 5.3: 3 Psi of traffic per step, not 2 Psi): every chain
-/// `all_gather -> [slice] -> reshape [-> cast]` that rebuilds a parameter in the forward (the first
-/// `forward_nodes` nodes) and whose result the backward uses (a weight in an input's gradient;
-/// not a bias) is repeated at the start of the backward, and backward nodes use the copy.
-fn regather_for_backward(g: Graph, forward_nodes: usize) -> Result<Graph, String> {
+/// `all_gather -> [slice] -> reshape [-> cast]` of the forward that starts at a
+/// `[step gather-parameters]` node and whose result the backward uses (a weight in an input's
+/// gradient; not a bias) is repeated at the start of the backward
+/// (`[backward, step gather-parameters-for-backward, zero 3]`), and backward nodes use the copy.
+fn regather_for_backward(g: Graph) -> Result<(Graph, Renumbering), String> {
     let mut g = g;
+    let forward_nodes = g.nodes.iter().take_while(|n| n.phase == Phase::Forward).count();
+    let gathers_parameters =
+        |n: &shardc_ir::Node| matches!(n.origin, Origin::Step { rule: StepRule::GatherParameters, .. });
     // Forward values that are parameter rebuilds: results of the gather chains.
     let mut chains: Vec<Vec<usize>> = Vec::new();
     for (i, n) in g.nodes[..forward_nodes].iter().enumerate() {
-        if n.op == Op::AllGather && g.args.iter().any(|a| a.kind == ArgKind::Param && a.value == n.inputs[0]) {
+        if n.op == Op::AllGather && gathers_parameters(n) {
             let mut chain = vec![i];
             let mut last = n.output;
             // Follow the slice/reshape (and, under mixed precision, the cast to the compute
@@ -173,21 +168,33 @@ fn regather_for_backward(g: Graph, forward_nodes: usize) -> Result<Graph, String
         }
     }
     let mut copies = Vec::new();
-    let mut replace = std::collections::HashMap::new();
-    let used_in_backward = |v: shardc_ir::ValueId| g.nodes[forward_nodes..].iter().any(|n| n.inputs.contains(&v));
+    let mut replace = HashMap::new();
+    let used_in_backward = |v: ValueId| g.nodes[forward_nodes..].iter().any(|n| n.inputs.contains(&v));
     chains.retain(|chain| used_in_backward(g.nodes[*chain.last().expect("chains are non-empty")].output));
     for chain in &chains {
-        let mut prev: Option<shardc_ir::ValueId> = None;
+        let param = match g.nodes[chain[0]].origin {
+            Origin::Step { param, .. } => param,
+            _ => None,
+        };
+        let origin = Origin::Step { rule: StepRule::RegatherParameters, zero: ZeroStage::Parameters, param };
+        let mut prev: Option<ValueId> = None;
         for &i in chain {
             let n = g.nodes[i].clone();
             let name = format!("{}.regathered", g.name_of(n.output));
-            let id = shardc_ir::ValueId(g.values.len() as u32);
-            g.values.push(shardc_ir::Value { name, ty: g.ty(n.output).clone(), sharding: None });
+            let id = g.fresh_value(name, g.ty(n.output).clone());
+            g.values[id.index()].layer = g.layer(n.output);
             let inputs = match prev {
                 Some(p) => vec![p],
                 None => n.inputs.clone(),
             };
-            copies.push(shardc_ir::Node { op: n.op, inputs, attrs: n.attrs.clone(), output: id });
+            copies.push(shardc_ir::Node {
+                op: n.op,
+                inputs,
+                attrs: n.attrs.clone(),
+                output: id,
+                phase: Phase::Backward,
+                origin: origin.clone(),
+            });
             prev = Some(id);
         }
         let last = g.nodes[*chain.last().expect("chains are non-empty")].output;
@@ -206,18 +213,23 @@ fn regather_for_backward(g: Graph, forward_nodes: usize) -> Result<Graph, String
     if g.values.iter().map(|v| &v.name).collect::<std::collections::HashSet<_>>().len() != g.values.len() {
         return Err("re-gathered parameter names collide with existing values".into());
     }
-    g.finish();
-    Ok(g)
+    let map = g.finish();
+    Ok((g, map))
 }
 
 /// One parameter as the optimizer sees it: whole, or this rank's flat shard.
 struct UpdateView {
     name: String,
+    /// The parameter argument.
+    arg: ValueId,
+    layer: Option<u32>,
     /// The parameter (or its shard) and its gradient (or the shard's), both f32.
     param: ValueId,
     grad: ValueId,
     /// Rank of the parameter itself (weight decay applies to rank >= 2).
     param_rank: usize,
+    /// The tensor-parallel axis the parameter is split over, if it is.
+    split_axis: Option<String>,
     /// Shape of the AdamW moments.
     state_shape: Vec<usize>,
     /// For a shard: (elements, padded elements, parameter shape) to gather it back.
@@ -226,7 +238,7 @@ struct UpdateView {
 
 /// [`build_train_step`] with data parallelism over `dp.axis`: each rank's `forward` sees its
 /// own slice of the global batch; the reported loss and the gradients are averaged over the axis
-/// (so the update equals the update of the global batch on one device). With `zero_stage` 0
+/// (so the update equals the update of the global batch on one device). With ZeRO stage 0
 /// every rank applies the same AdamW step to its full replica (gradients: `all_reduce`); with 1
 /// or 2 each rank keeps the moments of its 1/n of every (flattened, zero-padded) parameter, gets
 /// that shard's averaged gradient by `reduce_scatter`, updates it, and the new parameters are
@@ -236,14 +248,14 @@ pub fn build_data_parallel_step(
     opt: &AdamW,
     dp: Option<&DataParallel>,
 ) -> Result<TrainStep, AutodiffError> {
-    build_step(forward, opt, dp, None)
+    build_step(forward, opt, dp)
 }
 
 /// The training step of a forward graph on a mesh with tensor parallelism (`tp`: the sharding
 /// pass runs on the forward first, see [`crate::sharding`]) and data parallelism (`dp`). The
-/// global gradient norm sums the squares of split parameters' chunks over the tensor-parallel
-/// axis and counts replicated parameters once, as Megatron does. Returns the step and the
-/// sharded forward (for `shardc plan` and `explain`).
+/// global gradient norm sums the squares of split parameters' chunks (their layouts say
+/// `split`) over the tensor-parallel axis and counts replicated parameters once, as Megatron
+/// does. Returns the step and the sharded forward (for `shardc plan` and `explain`).
 pub fn build_parallel_step(
     forward: &Graph,
     opt: &AdamW,
@@ -251,23 +263,18 @@ pub fn build_parallel_step(
     tp: Option<&crate::sharding::ShardOptions>,
     device: &crate::cost::DeviceModel,
 ) -> Result<(TrainStep, Option<crate::sharding::Sharded>), AutodiffError> {
-    let Some(tp) = tp else { return Ok((build_step(forward, opt, dp, None)?, None)) };
+    let Some(tp) = tp else { return Ok((build_step(forward, opt, dp)?, None)) };
     let sharded = crate::sharding::shard_forward(forward, tp, device).map_err(|e| AutodiffError(e.to_string()))?;
-    let mut step = build_step(&sharded.graph, opt, dp, Some((&tp.axis, &sharded.param_splits)))?;
-    step.rules.extend(sharded.rules.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let step = build_step(&sharded.graph, opt, dp)?;
     Ok((step, Some(sharded)))
 }
 
-fn build_step(
-    forward: &Graph,
-    opt: &AdamW,
-    dp: Option<&DataParallel>,
-    tp_split: Option<(&str, &HashMap<String, usize>)>,
-) -> Result<TrainStep, AutodiffError> {
+fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result<TrainStep, AutodiffError> {
     let fail = |m: String| AutodiffError(m);
+    let zero = dp.map_or(ZeroStage::Replicated, |dp| dp.zero_stage);
     // ZeRO-3: the parameters themselves become flat shards, gathered where the forward uses them.
     let stage3 = match dp {
-        Some(dp) if dp.zero_stage == 3 => {
+        Some(dp) if zero.shards_parameters() => {
             let n = forward.mesh.axis_size(&dp.axis).ok_or_else(|| {
                 fail(format!("the forward graph's mesh `{}` has no axis `{}`", forward.mesh, dp.axis))
             })?;
@@ -275,29 +282,47 @@ fn build_step(
         }
         _ => None,
     };
-    let forward = stage3.as_ref().map_or(forward, |(g, _)| g);
+    let forward = stage3.as_ref().unwrap_or(forward);
     let params: Vec<ValueId> = forward.args_of(ArgKind::Param).collect();
-    let loss = *forward.outputs.first().ok_or_else(|| fail("the forward graph has no outputs".into()))?;
+    let mut loss = loss_of(forward)?;
     let mut d = differentiate(forward, loss, &params)?;
     if stage3.is_some() {
-        // Renumbering moves the gradients' ids; their names stay.
-        let names: Vec<String> = d.grads.iter().map(|&v| d.graph.name_of(v).to_string()).collect();
-        d.graph = regather_for_backward(d.graph, forward.nodes.len()).map_err(fail)?;
-        d.grads = names.iter().map(|n| d.graph.find(n).expect("gradients keep their names")).collect();
+        let (g, map) = regather_for_backward(d.graph).map_err(fail)?;
+        d.graph = g;
+        d.grads = d.grads.iter().map(|&v| map.get(v)).collect();
+        loss = map.get(loss);
     }
-    let (forward_nodes, backward_end) = (forward.nodes.len(), d.graph.nodes.len());
-    let adjoint_of = std::mem::take(&mut d.adjoint_of);
     let mut b = Builder::from_graph(d.graph);
     let f32s = |b: &mut Builder, x: f64, hint: &str| b.scalar(x, DType::F32, hint).map_err(fail);
-    let mut loss = loss;
     let mut views = Vec::new();
+    let mut tp_axis: Option<String> = None;
     for (&p, &g) in params.iter().zip(&d.grads) {
         let ty = forward.ty(p);
         let name = forward.name_of(p).to_string();
+        let layout = forward.arg_of(p).and_then(|a| a.role.param_layout()).cloned().unwrap_or_default();
         // Under ZeRO-3 the parameter is already this rank's flat shard; decay follows the
         // original parameter's rank.
-        let param_rank = stage3.as_ref().and_then(|(_, ranks)| ranks.get(&name).copied()).unwrap_or(ty.rank());
-        views.push(UpdateView { name, param: p, grad: g, param_rank, state_shape: ty.shape.clone(), shard: None });
+        let param_rank = layout.flat_shard.as_ref().map_or(ty.rank(), |f| f.shape.len());
+        let split_axis = layout.split.as_ref().map(|s| s.axis.clone());
+        if let Some(axis) = &split_axis {
+            if tp_axis.get_or_insert_with(|| axis.clone()) != axis {
+                return Err(fail(format!(
+                    "parameters are split over two mesh axes (`{}` and `{axis}`)",
+                    tp_axis.unwrap_or_default()
+                )));
+            }
+        }
+        views.push(UpdateView {
+            name,
+            arg: p,
+            layer: forward.layer(p),
+            param: p,
+            grad: g,
+            param_rank,
+            split_axis,
+            state_shape: ty.shape.clone(),
+            shard: None,
+        });
     }
     let mut sharded_norm_axis = None;
     if let Some(dp) = dp {
@@ -306,63 +331,77 @@ fn build_step(
             .mesh
             .axis_size(axis)
             .ok_or_else(|| fail(format!("the forward graph's mesh `{}` has no axis `{axis}`", forward.mesh)))?;
-        if dp.zero_stage > 3 {
-            return Err(fail(format!("ZeRO has stages 0 to 3, not {}", dp.zero_stage)));
-        }
+        let grad_rule =
+            if zero == ZeroStage::Replicated { StepRule::AllReduceGradients } else { StepRule::ReduceScatterGradients };
+        b.at(Phase::Backward, step_origin(grad_rule, zero), None);
         let inv = f32s(&mut b, 1.0 / n as f64, "dp_inv_ranks")?;
-        let on_axis = shardc_ir::Attrs::new().with("axis", shardc_ir::Attr::Str(axis.to_string()));
-        let dim0 = on_axis.clone().with("dim", shardc_ir::Attr::Int(0));
-        let sum = b.op(Op::AllReduce, &[loss], on_axis.clone(), "loss_sum").map_err(fail)?;
-        loss = b.binary(Op::Mul, sum, inv, "loss_mean").map_err(fail)?;
+        let on_axis = Attrs::new().with("axis", Attr::Str(axis.to_string()));
+        let dim0 = on_axis.clone().with("dim", Attr::Int(0));
+        // Flatten, pad to a multiple of n: the layout of ZeRO's flat shards.
+        let flat = |b: &mut Builder, x: ValueId, numel: usize, padded: usize, hint: &str| {
+            let f = b.reshape(x, &[numel], &format!("{hint}_flat")).map_err(fail)?;
+            if padded == numel {
+                return Ok(f);
+            }
+            let pad = Attrs::new()
+                .with("dim", Attr::Int(0))
+                .with("before", Attr::Int(0))
+                .with("after", Attr::Int((padded - numel) as i64));
+            b.op(Op::Pad, &[f], pad, &format!("{hint}_padded")).map_err(fail)
+        };
+        // Gradient synchronisation (the backward phase).
         for v in &mut views {
             let name = v.name.clone();
-            if dp.zero_stage == 3 {
+            b.at(Phase::Backward, param_origin(grad_rule, zero, v.arg), v.layer);
+            if zero.shards_parameters() {
                 // The adjoint of the forward all_gather already reduce-scattered (summed) the
                 // gradient into this rank's shard.
                 v.grad = b.binary(Op::Mul, v.grad, inv, &format!("{name}.grad_shard")).map_err(fail)?;
-                continue;
-            }
-            if dp.zero_stage == 0 {
+            } else if zero == ZeroStage::Replicated {
                 let sum = b.op(Op::AllReduce, &[v.grad], on_axis.clone(), &format!("{name}.grad_sum")).map_err(fail)?;
                 v.grad = b.binary(Op::Mul, sum, inv, &format!("{name}.grad_mean")).map_err(fail)?;
-                continue;
+            } else {
+                let numel: usize = v.state_shape.iter().product();
+                let padded = numel.div_ceil(n) * n;
+                let gf = flat(&mut b, v.grad, numel, padded, &format!("{name}.grad"))?;
+                let gs =
+                    b.op(Op::ReduceScatter, &[gf], dim0.clone(), &format!("{name}.grad_shard_sum")).map_err(fail)?;
+                v.grad = b.binary(Op::Mul, gs, inv, &format!("{name}.grad_shard")).map_err(fail)?;
             }
-            // Flatten, pad to a multiple of n, and keep this rank's 1/n.
-            let shape = v.state_shape.clone();
-            let numel: usize = shape.iter().product();
-            let padded = numel.div_ceil(n) * n;
-            let flat = |b: &mut Builder, x: ValueId, hint: &str| -> Result<ValueId, AutodiffError> {
-                let f = b.reshape(x, &[numel], &format!("{hint}_flat")).map_err(fail)?;
-                if padded == numel {
-                    return Ok(f);
-                }
-                let pad = shardc_ir::Attrs::new()
-                    .with("dim", shardc_ir::Attr::Int(0))
-                    .with("before", shardc_ir::Attr::Int(0))
-                    .with("after", shardc_ir::Attr::Int((padded - numel) as i64));
-                b.op(Op::Pad, &[f], pad, &format!("{hint}_padded")).map_err(fail)
-            };
-            let gf = flat(&mut b, v.grad, &format!("{name}.grad"))?;
-            let gs = b.op(Op::ReduceScatter, &[gf], dim0.clone(), &format!("{name}.grad_shard_sum")).map_err(fail)?;
-            v.grad = b.binary(Op::Mul, gs, inv, &format!("{name}.grad_shard")).map_err(fail)?;
-            let pf = flat(&mut b, v.param, &name)?;
-            v.param = b.op(Op::TakeShard, &[pf], dim0.clone(), &format!("{name}.shard")).map_err(fail)?;
-            v.state_shape = vec![padded / n];
-            v.shard = Some((numel, padded, shape));
         }
-        if dp.zero_stage > 0 {
+        b.at(Phase::Optimizer, step_origin(StepRule::AverageLoss, zero), None);
+        let sum = b.op(Op::AllReduce, &[loss], on_axis.clone(), "loss_sum").map_err(fail)?;
+        loss = b.binary(Op::Mul, sum, inv, "loss_mean").map_err(fail)?;
+        // ZeRO-1/2: the optimizer updates this rank's flat shard of each parameter.
+        if zero.shards_optimizer() && !zero.shards_parameters() {
+            for v in &mut views {
+                let name = v.name.clone();
+                b.at(Phase::Optimizer, param_origin(StepRule::Update, zero, v.arg), v.layer);
+                let shape = v.state_shape.clone();
+                let numel: usize = shape.iter().product();
+                let padded = numel.div_ceil(n) * n;
+                let pf = flat(&mut b, v.param, numel, padded, &name)?;
+                v.param = b.op(Op::TakeShard, &[pf], dim0.clone(), &format!("{name}.shard")).map_err(fail)?;
+                v.state_shape = vec![padded / n];
+                v.shard = Some((numel, padded, shape));
+            }
+        }
+        if zero.shards_optimizer() {
             sharded_norm_axis = Some(on_axis);
         }
     }
-    let lr = b.input("lr", DType::F32, &[]);
-    let step = b.input("step", DType::F32, &[]);
+    b.at(Phase::Optimizer, step_origin(StepRule::Update, zero), None);
+    let scalar = TensorType::new(DType::F32, vec![]);
+    let lr = b.arg_with_role(ArgKind::Input, ArgRole::LearningRate, "lr", &scalar);
+    let step = b.arg_with_role(ArgKind::Input, ArgRole::StepNumber, "step", &scalar);
 
     // Global gradient norm (each rank sums its shards; the shards' sums are then added up).
     // Tensor-parallel chunks are summed over their axis; replicated parameters count once.
     let mut sumsq: Option<ValueId> = None;
     let mut split_sumsq: Option<ValueId> = None;
     for v in &views {
-        let split = tp_split.is_some_and(|(_, p)| p.contains_key(&v.name));
+        b.at(Phase::Optimizer, param_origin(StepRule::Update, zero, v.arg), v.layer);
+        let split = v.split_axis.is_some();
         let sq = b.binary(Op::Mul, v.grad, v.grad, &format!("{}.grad_sq", v.name)).map_err(fail)?;
         let rank = b.ty(v.grad).rank() as i64;
         let s = if rank == 0 {
@@ -371,6 +410,7 @@ fn build_step(
             b.reduce(Op::ReduceSum, sq, &(0..rank).collect::<Vec<_>>(), &format!("{}.grad_sumsq", v.name))
                 .map_err(fail)?
         };
+        b.at(Phase::Optimizer, step_origin(StepRule::Update, zero), None);
         let acc = if split { &mut split_sumsq } else { &mut sumsq };
         let hint = if split { "grad_sumsq_split" } else { "grad_sumsq" };
         *acc = Some(match *acc {
@@ -382,14 +422,17 @@ fn build_step(
         Some(s) => s,
         None => f32s(&mut b, 0.0, "grad_sumsq")?,
     };
-    if let (Some(split), Some((axis, _))) = (split_sumsq, tp_split) {
-        let attrs = shardc_ir::Attrs::new().with("axis", shardc_ir::Attr::Str(axis.to_string()));
+    if let (Some(split), Some(axis)) = (split_sumsq, &tp_axis) {
+        b.with_origin(step_origin(StepRule::TensorParallelGradientNorm, zero));
+        let attrs = Attrs::new().with("axis", Attr::Str(axis.to_string()));
         let all = b.op(Op::AllReduce, &[split], attrs, "grad_sumsq_tp").map_err(fail)?;
         sumsq = b.binary(Op::Add, sumsq, all, "grad_sumsq_total").map_err(fail)?;
     }
     if let Some(attrs) = sharded_norm_axis {
+        b.with_origin(step_origin(StepRule::ShardedGradientNorm, zero));
         sumsq = b.op(Op::AllReduce, &[sumsq], attrs, "grad_sumsq_all").map_err(fail)?;
     }
+    b.with_origin(step_origin(StepRule::Update, zero));
     let grad_norm = b.unary(Op::Sqrt, sumsq, "grad_norm").map_err(fail)?;
     let clip_coef = if opt.grad_clip > 0.0 {
         // min(1, clip / (norm + 1e-6)) = -max(-clip / (norm + 1e-6), -1)
@@ -431,10 +474,11 @@ fn build_step(
         None
     };
 
-    let mut outputs = vec![loss, grad_norm];
+    let mut outputs = vec![Output::new(loss, OutputRole::Loss), Output::new(grad_norm, OutputRole::GradNorm)];
     let mut names = Vec::new();
     for view in &views {
         let name = view.name.clone();
+        b.at(Phase::Optimizer, param_origin(StepRule::Update, zero, view.arg), view.layer);
         let ty = b.ty(view.param).clone();
         if ty.dtype != DType::F32 {
             return Err(fail(format!(
@@ -442,8 +486,13 @@ fn build_step(
             )));
         }
         let (p, g0) = (view.param, view.grad);
-        let m = b.arg(ArgKind::State, &format!("{name}.adam_m"), DType::F32, &view.state_shape);
-        let v = b.arg(ArgKind::State, &format!("{name}.adam_v"), DType::F32, &view.state_shape);
+        let state = TensorType::new(DType::F32, view.state_shape.clone());
+        let moment = |b: &mut Builder, m: Moment| {
+            let role = ArgRole::Moment { param: view.arg, moment: m };
+            b.arg_with_role(ArgKind::State, role, &format!("{name}.{}", m.suffix()), &state)
+        };
+        let m = moment(&mut b, Moment::AdamM);
+        let v = moment(&mut b, Moment::AdamV);
         let g = match clip_coef {
             Some(c) => b.binary(Op::Mul, g0, c, &format!("{name}.grad_clipped")).map_err(fail)?,
             None => g0,
@@ -467,38 +516,29 @@ fn build_step(
         let p_new = match (&view.shard, dp) {
             (Some((numel, padded, shape)), Some(dp)) => {
                 let shard_new = b.binary(Op::Sub, p_decayed, delta, &format!("{name}.shard_new")).map_err(fail)?;
-                let attrs = shardc_ir::Attrs::new()
-                    .with("axis", shardc_ir::Attr::Str(dp.axis.clone()))
-                    .with("dim", shardc_ir::Attr::Int(0));
+                b.with_origin(param_origin(StepRule::GatherUpdatedParameters, zero, view.arg));
+                let attrs = Attrs::new().with("axis", Attr::Str(dp.axis.clone())).with("dim", Attr::Int(0));
                 let mut full = b.op(Op::AllGather, &[shard_new], attrs, &format!("{name}.gathered")).map_err(fail)?;
                 if padded != numel {
-                    let cut = shardc_ir::Attrs::new()
-                        .with("dim", shardc_ir::Attr::Int(0))
-                        .with("start", shardc_ir::Attr::Int(0))
-                        .with("end", shardc_ir::Attr::Int(*numel as i64));
+                    let cut = Attrs::new()
+                        .with("dim", Attr::Int(0))
+                        .with("start", Attr::Int(0))
+                        .with("end", Attr::Int(*numel as i64));
                     full = b.op(Op::Slice, &[full], cut, &format!("{name}.unpadded")).map_err(fail)?;
                 }
                 b.reshape(full, shape, &format!("{name}.new")).map_err(fail)?
             }
             _ => b.binary(Op::Sub, p_decayed, delta, &format!("{name}.new")).map_err(fail)?,
         };
-        outputs.extend([p_new, m_new, v_new]);
+        outputs.extend([
+            Output::new(p_new, OutputRole::Update(view.arg)),
+            Output::new(m_new, OutputRole::Update(m)),
+            Output::new(v_new, OutputRole::Update(v)),
+        ]);
         names.push(name);
     }
-    // Names survive the renumbering in finish(); ids do not.
-    let optimizer_grads = views.iter().map(|v| b.graph.name_of(v.grad).to_string()).collect();
-    let graph = b.finish(&outputs);
-    let tensor_parallel = tp_split.map(|(axis, p)| (axis.to_string(), p.clone()));
-    Ok(TrainStep {
-        graph,
-        params: names,
-        forward_nodes,
-        backward_end,
-        optimizer_grads,
-        rules: HashMap::new(),
-        adjoint_of,
-        tensor_parallel,
-    })
+    let (graph, _) = b.finish_with(outputs);
+    Ok(TrainStep { graph, params: names })
 }
 
 /// Rank `r`'s ZeRO-3 shard of `t`: elements `r*P/n .. (r+1)*P/n` of the flattened tensor,
@@ -525,30 +565,43 @@ pub fn unflatten_shards(shards: &[&shardc_ir::Tensor], shape: &[usize]) -> shard
 }
 
 impl TrainStep {
-    /// Every rank's parameters from the full ones: tensor-parallel parameters cut to the rank's
-    /// chunk, then (ZeRO-3) to its flat shard over `dp`.
-    pub fn rank_params(
-        &self,
-        full: &HashMap<String, shardc_ir::Tensor>,
-        dp: Option<&DataParallel>,
-    ) -> Vec<HashMap<String, shardc_ir::Tensor>> {
+    /// Whether `name` is an optimizer-moment argument of the step (by its role).
+    pub fn is_moment(&self, name: &str) -> bool {
+        self.graph
+            .find(name)
+            .and_then(|v| self.graph.arg_of(v))
+            .is_some_and(|a| matches!(a.role, ArgRole::Moment { .. }))
+    }
+
+    /// The layout of parameter `p` in the step (whole when `p` is not a parameter of it).
+    pub fn layout(&self, p: &str) -> ParamLayout {
+        self.graph
+            .find(p)
+            .and_then(|v| self.graph.arg_of(v))
+            .and_then(|a| a.role.param_layout())
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Every rank's parameters from the full ones, as each parameter's layout says: cut to the
+    /// rank's tensor-parallel chunk, then (ZeRO-3) to its flat shard.
+    pub fn rank_params(&self, full: &HashMap<String, shardc_ir::Tensor>) -> Vec<HashMap<String, shardc_ir::Tensor>> {
         let mesh = &self.graph.mesh;
+        let layouts: Vec<(&String, ParamLayout)> = self.params.iter().map(|p| (p, self.layout(p))).collect();
         (0..mesh.world_size())
             .map(|r| {
-                self.params
+                layouts
                     .iter()
-                    .filter_map(|p| full.get(p).map(|t| (p, t)))
-                    .map(|(p, t)| {
+                    .filter_map(|(p, l)| full.get(*p).map(|t| (*p, l, t)))
+                    .map(|(p, layout, t)| {
                         let mut t = t.clone();
-                        if let Some((axis, splits)) = &self.tensor_parallel {
-                            if let Some(&d) = splits.get(p) {
-                                let n = mesh.axis_size(axis).unwrap_or(1);
-                                t = t.chunk(d, n, mesh.coord(r, axis).unwrap_or(0));
-                            }
+                        if let Some(s) = &layout.split {
+                            let n = mesh.axis_size(&s.axis).unwrap_or(1);
+                            t = t.chunk(s.dim, n, mesh.coord(r, &s.axis).unwrap_or(0));
                         }
-                        if let Some(dp) = dp.filter(|dp| dp.zero_stage == 3) {
-                            let n = mesh.axis_size(&dp.axis).unwrap_or(1);
-                            t = flat_shard(&t, n, mesh.coord(r, &dp.axis).unwrap_or(0));
+                        if let Some(f) = &layout.flat_shard {
+                            let n = mesh.axis_size(&f.axis).unwrap_or(1);
+                            t = flat_shard(&t, n, mesh.coord(r, &f.axis).unwrap_or(0));
                         }
                         (p.clone(), t)
                     })
@@ -563,11 +616,11 @@ impl TrainStep {
         &self,
         p: &str,
         shape: &[usize],
-        dp: Option<&DataParallel>,
         rank: impl Fn(usize) -> &'a shardc_ir::Tensor,
     ) -> shardc_ir::Tensor {
         let mesh = &self.graph.mesh;
-        let split = self.tensor_parallel.as_ref().and_then(|(axis, s)| s.get(p).map(|&d| (axis.as_str(), d)));
+        let layout = self.layout(p);
+        let split = layout.split.as_ref().map(|s| (s.axis.as_str(), s.dim));
         let mut chunk_shape = shape.to_vec();
         let tp_n = split.map_or(1, |(axis, _)| mesh.axis_size(axis).unwrap_or(1));
         if let Some((_, d)) = split {
@@ -590,9 +643,9 @@ impl TrainStep {
                 .collect()
         };
         let chunk = |k: usize| -> shardc_ir::Tensor {
-            match dp.filter(|dp| dp.zero_stage == 3) {
-                Some(dp) => {
-                    let shards: Vec<&shardc_ir::Tensor> = ranks_along(&dp.axis, k).into_iter().map(&rank).collect();
+            match &layout.flat_shard {
+                Some(f) => {
+                    let shards: Vec<&shardc_ir::Tensor> = ranks_along(&f.axis, k).into_iter().map(&rank).collect();
                     unflatten_shards(&shards, &chunk_shape)
                 }
                 None => rank(ranks_along("", k)[0]).clone(),

@@ -1,13 +1,14 @@
 //! Running a training-step graph step after step on the host.
 //!
-//! The step graph is the one `shardc_passes::train_step` builds: arguments are the parameters,
-//! their AdamW moments (`<p>.adam_m`, `<p>.adam_v`), the token batch and the scalars `lr` and
-//! `step`; outputs are the loss, the gradient norm and, per parameter, the new value and moments.
-//! [`Trainer`] keeps parameters and moments between steps and feeds each step's outputs back as
-//! the next step's arguments.
+//! The step graph is the one `shardc_passes::train_step` builds. [`Trainer`] reads its
+//! signature, never names or positions: the parameter arguments and their AdamW moments (roles
+//! `param`, `adam-m %p`, `adam-v %p`), the inputs with roles `tokens`, `targets`,
+//! `learning-rate` and `step-number`, and the outputs `loss`, `grad-norm` and `update %a` (the
+//! next value of argument `%a`). It keeps parameters and moments between steps (by argument name,
+//! the checkpoint key) and feeds each `update` back as the next step's argument.
 
 use shardc_ir::interp::{run_spmd, InterpError, Precision};
-use shardc_ir::{DType, Graph, Mesh, Tensor, TensorType};
+use shardc_ir::{ArgRole, DType, Graph, Mesh, OutputRole, Tensor, TensorType};
 use std::collections::HashMap;
 
 /// What one step reports.
@@ -22,7 +23,7 @@ pub struct StepStats {
 pub enum TrainError {
     #[error("parameter `%{0}` has no initial value")]
     MissingParam(String),
-    #[error("the step graph has no argument `%{0}`; build it with shardc_passes::train_step")]
+    #[error("the step graph has no {0}; build it with shardc_passes::train_step")]
     NotAStepGraph(String),
     #[error("`%{name}` is {expected} in the step graph but the given tensor is {found}")]
     Mismatch { name: String, expected: TensorType, found: TensorType },
@@ -56,67 +57,75 @@ pub struct Trainer {
     /// Per rank: parameters and moments by argument name.
     values: Vec<HashMap<String, Tensor>>,
     precision: Precision,
+    /// Argument names of the step's inputs: tokens, targets, learning rate, step number.
+    inputs: [String; 4],
+    loss: usize,
+    grad_norm: usize,
+    /// (argument name, index of the output that updates it).
+    carried: Vec<(String, usize)>,
 }
-
-/// The names of a parameter's AdamW moments.
-pub fn moment_names(param: &str) -> [String; 2] {
-    [format!("{param}.adam_m"), format!("{param}.adam_v")]
-}
-
-const STEP_INPUTS: [&str; 4] = ["tokens", "targets", "lr", "step"];
 
 impl Trainer {
-    /// A single-device trainer over `graph` for `params` (in the graph's output order).
-    /// `initial` must hold every parameter; moments missing from it start at zero (a fresh run),
-    /// moments present continue (a resumed run).
-    pub fn new(
-        graph: Graph,
-        params: Vec<String>,
-        initial: HashMap<String, Tensor>,
-        precision: Precision,
-    ) -> Result<Self, TrainError> {
-        Self::new_spmd(graph, params, vec![initial], precision)
+    /// A single-device trainer over `graph`. `initial` must hold every parameter; moments missing
+    /// from it start at zero (a fresh run), moments present continue (a resumed run).
+    pub fn new(graph: Graph, initial: HashMap<String, Tensor>, precision: Precision) -> Result<Self, TrainError> {
+        Self::new_spmd(graph, vec![initial], precision)
     }
 
     /// A trainer for an SPMD step graph: `initial[r]` is rank r's state, one per rank of the
     /// graph's mesh.
     pub fn new_spmd(
         graph: Graph,
-        params: Vec<String>,
         initial: Vec<HashMap<String, Tensor>>,
         precision: Precision,
     ) -> Result<Self, TrainError> {
         if initial.len() != graph.mesh.world_size() {
             return Err(TrainError::Ranks { expected: graph.mesh.world_size(), found: initial.len() });
         }
+        let sig = graph.signature();
+        let params: Vec<String> = sig.params().map(|(v, _)| graph.name_of(v).to_string()).collect();
+        let mut carried = Vec::new();
+        for (arg, out) in sig.carried() {
+            carried.push((graph.name_of(arg).to_string(), out));
+        }
         let mut values = Vec::new();
-        for init in initial {
+        for init in &initial {
             let mut rank = HashMap::new();
-            for p in &params {
-                let v = graph.find(p).ok_or_else(|| TrainError::NotAStepGraph(p.clone()))?;
-                let ty = graph.ty(v).clone();
-                let t = init.get(p).ok_or_else(|| TrainError::MissingParam(p.clone()))?;
-                check(p, &ty, t)?;
-                rank.insert(p.clone(), t.clone());
-                for m in moment_names(p) {
-                    let mv = graph.find(&m).ok_or_else(|| TrainError::NotAStepGraph(m.clone()))?;
-                    let mty = graph.ty(mv).clone();
-                    let t = match init.get(&m) {
+            for (p, _) in sig.params() {
+                let name = graph.name_of(p);
+                let t = init.get(name).ok_or_else(|| TrainError::MissingParam(name.to_string()))?;
+                check(name, graph.ty(p), t)?;
+                rank.insert(name.to_string(), t.clone());
+                if sig.update_of(p).is_none() {
+                    return Err(TrainError::NotAStepGraph(format!("output updating parameter `%{name}`")));
+                }
+                for (_, m) in sig.moments_of(p) {
+                    let (mname, mty) = (graph.name_of(m), graph.ty(m));
+                    let t = match init.get(mname) {
                         Some(t) => {
-                            check(&m, &mty, t)?;
+                            check(mname, mty, t)?;
                             t.clone()
                         }
-                        None => Tensor::zeros(&mty),
+                        None => Tensor::zeros(mty),
                     };
-                    rank.insert(m, t);
+                    rank.insert(mname.to_string(), t);
                 }
             }
             values.push(rank);
         }
-        for name in STEP_INPUTS {
-            graph.find(name).ok_or_else(|| TrainError::NotAStepGraph(name.to_string()))?;
-        }
-        Ok(Trainer { graph, params, values, precision })
+        let input = |role: ArgRole, what: &str| {
+            sig.arg(&role).map(|v| graph.name_of(v).to_string()).ok_or_else(|| TrainError::NotAStepGraph(what.into()))
+        };
+        let inputs = [
+            input(ArgRole::Tokens, "`tokens` input")?,
+            input(ArgRole::Targets, "`targets` input")?,
+            input(ArgRole::LearningRate, "`learning-rate` input")?,
+            input(ArgRole::StepNumber, "`step-number` input")?,
+        ];
+        let loss = sig.output(&OutputRole::Loss).ok_or_else(|| TrainError::NotAStepGraph("`loss` output".into()))?;
+        let grad_norm =
+            sig.output(&OutputRole::GradNorm).ok_or_else(|| TrainError::NotAStepGraph("`grad-norm` output".into()))?;
+        Ok(Trainer { graph, params, values, precision, inputs, loss, grad_norm, carried })
     }
 
     /// One single-device step on `tokens`/`targets` (row-major `[B, T]`) at learning rate `lr`;
@@ -133,19 +142,20 @@ impl Trainer {
         lr: f64,
         step: usize,
     ) -> Result<StepStats, TrainError> {
-        let tok_ty = self.graph.ty(self.graph.find("tokens").expect("checked in new")).clone();
+        let [tok, tgt, lr_name, step_name] = &self.inputs;
+        let tok_ty = self.graph.ty(self.graph.find(tok).expect("checked in new")).clone();
         let mut inputs = std::mem::take(&mut self.values);
         for (rank, (tokens, targets)) in inputs.iter_mut().zip(batches) {
-            rank.insert("tokens".into(), Tensor::int(DType::I64, tok_ty.shape.clone(), tokens));
-            rank.insert("targets".into(), Tensor::int(DType::I64, tok_ty.shape.clone(), targets));
-            rank.insert("lr".into(), Tensor::f64(DType::F32, vec![], vec![lr]));
-            rank.insert("step".into(), Tensor::f64(DType::F32, vec![], vec![step as f64]));
+            rank.insert(tok.clone(), Tensor::int(DType::I64, tok_ty.shape.clone(), tokens));
+            rank.insert(tgt.clone(), Tensor::int(DType::I64, tok_ty.shape.clone(), targets));
+            rank.insert(lr_name.clone(), Tensor::f64(DType::F32, vec![], vec![lr]));
+            rank.insert(step_name.clone(), Tensor::f64(DType::F32, vec![], vec![step as f64]));
         }
         let result = run_spmd(&self.graph, &inputs, self.precision);
         let restore = |mut inputs: Vec<HashMap<String, Tensor>>| {
             for rank in &mut inputs {
-                STEP_INPUTS.iter().for_each(|k| {
-                    rank.remove(*k);
+                self.inputs.iter().for_each(|k| {
+                    rank.remove(k);
                 });
             }
             inputs
@@ -158,8 +168,8 @@ impl Trainer {
                 return Err(e.into());
             }
         };
-        let loss = outs[0][0].scalar().unwrap_or(f64::NAN);
-        let grad_norm = outs[0][1].scalar().unwrap_or(f64::NAN);
+        let loss = outs[0][self.loss].scalar().unwrap_or(f64::NAN);
+        let grad_norm = outs[0][self.grad_norm].scalar().unwrap_or(f64::NAN);
         if !loss.is_finite() {
             self.values = restore(inputs);
             return Err(TrainError::NonFinite { step, loss });
@@ -167,15 +177,12 @@ impl Trainer {
         self.values = outs
             .into_iter()
             .map(|out| {
-                let mut out = out.into_iter().skip(2);
-                let mut rank = HashMap::new();
-                for p in &self.params {
-                    let [m, v] = moment_names(p);
-                    for name in [p.clone(), m, v] {
-                        rank.insert(name, out.next().expect("three outputs per parameter"));
-                    }
-                }
-                rank
+                let mut out: Vec<Option<Tensor>> = out.into_iter().map(Some).collect();
+                // Each output has one role, so no index is taken twice.
+                self.carried
+                    .iter()
+                    .map(|(name, i)| (name.clone(), out[*i].take().expect("one role per output")))
+                    .collect()
             })
             .collect();
         Ok(StepStats { loss, grad_norm })
@@ -196,9 +203,22 @@ impl Trainer {
         self.values.len()
     }
 
-    /// The parameter names, in order.
+    /// The parameter names, in argument order.
     pub fn params(&self) -> &[String] {
         &self.params
+    }
+
+    /// Whether the carried value `name` is an optimizer moment (its argument's role says so).
+    pub fn is_moment(&self, name: &str) -> bool {
+        self.graph
+            .find(name)
+            .and_then(|v| self.graph.arg_of(v))
+            .is_some_and(|a| matches!(a.role, ArgRole::Moment { .. }))
+    }
+
+    /// The step graph.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
     }
 }
 

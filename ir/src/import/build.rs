@@ -12,9 +12,10 @@
 
 use super::config::{Family, ModelConfig};
 use crate::attrs::{Attr, Attrs};
-use crate::graph::{Builder, Graph, ValueId};
+use crate::graph::{ArgKind, Builder, Graph, ValueId};
 use crate::ops::Op;
-use crate::types::DType;
+use crate::program::{ArgRole, Output, OutputRole};
+use crate::types::{DType, TensorType};
 
 /// Shape choices that the config does not fix.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -272,8 +273,9 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
         Family::Gpt2 { .. } => ("wte.weight", "ln_f", "lm_head.weight"),
         Family::Llama { .. } => ("embed_tokens.weight", "norm", "lm_head.weight"),
     };
-    let tokens = cx.b.input("tokens", DType::I64, &[bsz, t]);
-    let targets = cx.b.input("targets", DType::I64, &[bsz, t]);
+    let data = TensorType::new(DType::I64, vec![bsz, t]);
+    let tokens = cx.b.arg_with_role(ArgKind::Input, ArgRole::Tokens, "tokens", &data);
+    let targets = cx.b.arg_with_role(ArgKind::Input, ArgRole::Targets, "targets", &data);
     let wte = cx.param(embed_name, &[v, d]);
     let iota = Attrs::new()
         .with("dtype", Attr::DType(DType::I64))
@@ -287,11 +289,14 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
         x = cx.b.binary(Op::Add, x, pos, "emb")?;
     }
     for i in 0..config.layers {
+        // Layer membership is data on the values (parameters and nodes), not parsed from names.
+        cx.b.in_layer(Some(u32::try_from(i).map_err(|_| format!("{} layers is too many", config.layers))?));
         x = match config.family {
             Family::Gpt2 { gelu_tanh } => cx.gpt2_layer(x, i, positions, gelu_tanh)?,
             Family::Llama { .. } => cx.llama_layer(x, i, positions)?,
         };
     }
+    cx.b.in_layer(None);
     let x = cx.norm(x, final_norm, "final_norm")?;
     let head = if config.tie_word_embeddings { wte } else { cx.param(head_name, &[v, d]) };
     let mut logits = cx.b.matmul(x, head, true, "logits")?;
@@ -300,7 +305,10 @@ pub fn build_graph(config: &ModelConfig, options: BuildOptions) -> Result<Built,
     }
     let ce = cx.b.op(Op::CrossEntropy, &[logits, targets], Attrs::new(), "token_loss")?;
     let loss = cx.b.reduce(Op::ReduceMean, ce, &[0, 1], "loss")?;
-    let outputs = if options.emit_logits { vec![loss, logits] } else { vec![loss] };
+    let mut outputs = vec![Output::new(loss, OutputRole::Loss)];
+    if options.emit_logits {
+        outputs.push(Output::new(logits, OutputRole::Logits));
+    }
     let sources = cx.sources;
-    Ok(Built { graph: cx.b.finish(&outputs), sources })
+    Ok(Built { graph: cx.b.finish_with(outputs).0, sources })
 }

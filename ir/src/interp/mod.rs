@@ -130,7 +130,7 @@ impl<'g, T: Real> Machine<'g, T> {
                 last_use[v.index()] = i;
             }
         }
-        for &o in &g.outputs {
+        for o in g.output_values() {
             last_use[o.index()] = usize::MAX;
         }
         for (i, n) in g.nodes.iter().enumerate() {
@@ -148,9 +148,8 @@ impl<'g, T: Real> Machine<'g, T> {
             .vals
             .iter()
             .map(|vals| {
-                g.outputs
-                    .iter()
-                    .map(|&o| to_tensor(g.ty(o), vals[o.index()].as_ref().expect("outputs are kept")))
+                g.output_values()
+                    .map(|o| to_tensor(g.ty(o), vals[o.index()].as_ref().expect("outputs are kept")))
                     .collect()
             })
             .collect())

@@ -1,9 +1,11 @@
 //! Localize: the extracted terms become the per-rank forward program.
 //!
 //! After this pass: the graph verifies; its shapes are what one rank holds; every collective
-//! is explicit (`all_gather`, `all_reduce`, `reduce_scatter` over the tensor-parallel axis);
-//! parameters that are only ever used split are per-rank shards (same name, the chunk's shape;
-//! [`Sharded::param_splits`] says along which dim); a replicated value entering split or partial
+//! is explicit (`all_gather`, `all_reduce`, `reduce_scatter` over the tensor-parallel axis) and
+//! says the rule that put it there (`[rule "tp/matmul-row"]`); every node keeps the layer of the
+//! forward value it computes; parameters that are only ever used split are per-rank shards (same
+//! name, the chunk's shape, their layout `[split tp D]` saying along which dim of the whole
+//! parameter); a replicated value entering split or partial
 //! compute goes through `identity {axis}` (Megatron's f), so that autodiff sums its gradient.
 //! Identical layers get identical programs: layer 0's chosen terms are emitted once per layer
 //! with that layer's parameters and its predecessor's output.
@@ -13,17 +15,13 @@ use super::lang::Sh;
 use super::{Layout, Search, SearchStats, ShardError};
 use shardc_ir::attrs::{Attr, Attrs};
 use shardc_ir::ops::Op;
-use shardc_ir::{ArgKind, Builder, DType, Graph, ValueId};
+use shardc_ir::{ArgKind, ArgRole, Builder, DType, Graph, Origin, Output, OutputRole, ParamLayout, Split, ValueId};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// The per-rank forward program and what `shardc plan` / `explain` report about it.
 #[derive(Clone, Debug)]
 pub struct Sharded {
     pub graph: Graph,
-    /// Collective and `identity` values (by name) to the rule that put them there.
-    pub rules: HashMap<String, String>,
-    /// Parameters stored split: name -> dim of the full parameter.
-    pub param_splits: HashMap<String, usize>,
     /// Every emitted value: its name, the forward value it holds, the layout, the rule that
     /// produced its term (none for the forward graph's own ops on replicated values).
     pub values: Vec<ValueLayout>,
@@ -37,6 +35,15 @@ pub struct Sharded {
 }
 
 impl Sharded {
+    /// Parameters stored split (their layouts' `split`): name -> dim of the full parameter.
+    pub fn param_splits(&self) -> HashMap<String, usize> {
+        self.graph
+            .signature()
+            .params()
+            .filter_map(|(v, l)| l.split.as_ref().map(|s| (self.graph.name_of(v).to_string(), s.dim)))
+            .collect()
+    }
+
     /// The forward graph on its own (global over `tp`) shapes with every value's sharding as the
     /// per-rank program holds it (`@[_, _, tp]`, `partial(tp)`; a value held in several layouts
     /// shows the one its own op computes), for people and the verifier: DESIGN.md's "sharding"
@@ -49,7 +56,7 @@ impl Sharded {
                 layouts.entry(v.forward_value.as_str()).or_insert(v.layout.as_str());
             }
         }
-        for (name, split) in &self.param_splits {
+        for (name, split) in &self.param_splits() {
             if let Some(v) = g.find(name) {
                 let rank = g.ty(v).rank();
                 let mut dims = vec![Vec::new(); rank];
@@ -96,6 +103,11 @@ pub struct ValueLayout {
     pub forward_value: String,
     pub layout: String,
     pub rule: Option<String>,
+    /// The transformer layer of the value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer: Option<u32>,
+    /// A compute copy (cast) of a parameter, which shares the parameter's layout.
+    pub weight_copy: bool,
 }
 
 struct Lower<'a> {
@@ -119,6 +131,8 @@ struct Lower<'a> {
     /// All-gathered values whose every consumer is split compute: their adjoints are partial
     /// and the all_gather's reduce-scatter sums them, so they need no `identity`.
     partial_grad: HashSet<ValueId>,
+    /// The layer of the forward value being emitted: the layer of the nodes made for it.
+    layer: Option<u32>,
     out: Sharded,
 }
 
@@ -146,10 +160,9 @@ impl<'a> Lower<'a> {
             whole_use,
             by_layout: super::classes_by_layout(s),
             partial_grad: HashSet::new(),
+            layer: None,
             out: Sharded {
                 graph: Graph::new(""),
-                rules: HashMap::new(),
-                param_splits: HashMap::new(),
                 values: Vec::new(),
                 stats: s.stats.clone(),
                 alternatives: Vec::new(),
@@ -171,6 +184,8 @@ impl<'a> Lower<'a> {
     }
 
     fn op(&mut self, op: Op, ins: &[ValueId], attrs: Attrs, name: &str) -> Result<ValueId, ShardError> {
+        let layer = self.layer;
+        self.b.with_origin(Origin::Model).in_layer(layer);
         let v = self.b.op(op, ins, attrs, name).map_err(ShardError)?;
         if ins.iter().any(|i| self.varies.contains(i)) {
             self.varies.insert(v);
@@ -180,7 +195,7 @@ impl<'a> Lower<'a> {
 
     fn collective(&mut self, op: Op, x: ValueId, attrs: Attrs, name: &str, rule: &str) -> Result<ValueId, ShardError> {
         let v = self.op(op, &[x], attrs, name)?;
-        self.out.rules.insert(self.b.graph.name_of(v).to_string(), rule.to_string());
+        self.b.graph.nodes.last_mut().expect("just added").origin = Origin::Rule(rule.to_string());
         Ok(v)
     }
 
@@ -282,13 +297,16 @@ impl<'a> Lower<'a> {
             return Ok(v);
         }
         let g = self.g();
-        let kind = g.args.iter().find(|a| a.value == orig).map(|a| a.kind).unwrap_or(ArgKind::Input);
+        let (kind, mut role) =
+            g.arg_of(orig).map(|a| (a.kind, a.role.clone())).unwrap_or((ArgKind::Input, ArgRole::Other));
         let ty = g.ty(orig);
         let shape = self.local_shape(orig, layout);
-        let v = self.b.arg(kind, g.name_of(orig), ty.dtype, &shape);
-        if let Layout::Split(d) = layout {
-            self.out.param_splits.insert(g.name_of(orig).to_string(), d as usize);
+        if let (Layout::Split(d), ArgRole::Param(l)) = (layout, &mut role) {
+            let axis = self.s.ctx().opts.axis.clone();
+            *l = ParamLayout { split: Some(Split { axis, dim: d as usize }), ..l.clone() };
         }
+        self.b.in_layer(g.layer(orig));
+        let v = self.b.arg_with_role(kind, role, g.name_of(orig), &shardc_ir::TensorType::new(ty.dtype, shape));
         if kind == ArgKind::Param {
             self.varies.insert(v);
             self.weights.insert(v);
@@ -333,7 +351,36 @@ impl<'a> Lower<'a> {
         let rule = self.s.provenance.get(&node).copied();
         let actual = self.actual_value(data.value, ctx);
         let vname = self.g().name_of(actual).to_string();
-        let v = match &node {
+        let layer = self.g().layer(actual);
+        let outer_layer = std::mem::replace(&mut self.layer, layer);
+        let v = self.emit_node(&node, class, &data, ctx, actual, &vname, rule)?;
+        self.layer = outer_layer;
+        let weight_copy = self.weights.contains(&v) && self.b.graph.arg_of(v).is_none();
+        self.out.values.push(ValueLayout {
+            name: self.b.graph.name_of(v).to_string(),
+            forward_value: vname,
+            layout: data.layout.to_string(),
+            rule: rule.map(str::to_string),
+            layer: self.b.graph.layer(v),
+            weight_copy,
+        });
+        self.memo.insert((class, ctx), v);
+        Ok(v)
+    }
+
+    /// The nodes of the chosen e-node `node` of `class` (forward value `actual` in layer `ctx`).
+    #[allow(clippy::too_many_arguments)]
+    fn emit_node(
+        &mut self,
+        node: &Sh,
+        class: egg::Id,
+        data: &super::Data,
+        ctx: usize,
+        actual: ValueId,
+        vname: &str,
+        rule: Option<&'static str>,
+    ) -> Result<ValueId, ShardError> {
+        let v = match node {
             Sh::Arg(_) => {
                 if self.s.ctx().params.contains(&data.value) {
                     self.param(actual, Layout::Replicated)?
@@ -372,7 +419,7 @@ impl<'a> Lower<'a> {
                     let shape = self.local_shape(data.value, data.layout).iter().map(|&d| d as i64).collect();
                     attrs = attrs.with("shape", Attr::Ints(shape));
                 }
-                let v = self.op(n.op, &ins, attrs, &vname)?;
+                let v = self.op(n.op, &ins, attrs, vname)?;
                 if n.op == Op::Cast && self.weights.contains(&ins[0]) {
                     self.weights.insert(v);
                 }
@@ -406,12 +453,12 @@ impl<'a> Lower<'a> {
             Sh::VocabEmbedding(_, [w, ids]) => {
                 let wv = self.emit_child(*w, data.value, ctx, false)?;
                 let iv = self.emit_child(*ids, data.value, ctx, false)?;
-                self.vocab_embedding(wv, iv, &vname)?
+                self.vocab_embedding(wv, iv, vname)?
             }
             Sh::VocabCrossEntropy(_, [l, t]) => {
                 let lv = self.emit_child(*l, data.value, ctx, false)?;
                 let tv = self.emit_child(*t, data.value, ctx, false)?;
-                self.vocab_cross_entropy(lv, tv, &vname, rule.unwrap_or("forward"))?
+                self.vocab_cross_entropy(lv, tv, vname, rule.unwrap_or("forward"))?
             }
         };
         let expected = self.local_shape(data.value, data.layout);
@@ -423,13 +470,6 @@ impl<'a> Lower<'a> {
                 data.layout
             )));
         }
-        self.out.values.push(ValueLayout {
-            name: self.b.graph.name_of(v).to_string(),
-            forward_value: vname,
-            layout: data.layout.to_string(),
-            rule: rule.map(str::to_string),
-        });
-        self.memo.insert((class, ctx), v);
         Ok(v)
     }
 
@@ -545,8 +585,18 @@ impl<'a> Lower<'a> {
         args.sort_by_key(|a| order.get(self.b.graph.name_of(a.value)).copied().unwrap_or(usize::MAX));
         self.b.graph.args = args;
         self.out.cost = self.ext.cost[&self.s.eg.find(roots[0])];
+        let mut outputs = Vec::new();
+        for (o, v) in self.g().outputs.iter().zip(outs) {
+            if matches!(o.role, OutputRole::Gradient(_) | OutputRole::Update(_)) {
+                return Err(ShardError(format!(
+                    "output `%{}` is a gradient or an update: shard the forward graph, before autodiff",
+                    self.g().name_of(o.value)
+                )));
+            }
+            outputs.push(Output::new(v, o.role.clone()));
+        }
         let mut out = self.out;
-        out.graph = self.b.finish(&outs);
+        out.graph = self.b.finish_with(outputs).0;
         Ok(out)
     }
 }

@@ -399,13 +399,13 @@ pub(crate) fn search(forward: &Graph, opts: &ShardOptions) -> Result<Search, Sha
         s.class_of.insert(n.output, id);
         s.stats.searched_nodes += 1;
     }
-    for &v in &forward.outputs {
+    for v in forward.output_values() {
         if !s.class_of.contains_key(&redirect(v)) {
             let id = s.eg.add(Sh::Arg(v.0));
             s.class_of.insert(v, id);
         }
     }
-    s.roots = forward.outputs.iter().map(|&v| s.class_of[&redirect(v)]).collect();
+    s.roots = forward.output_values().map(|v| s.class_of[&redirect(v)]).collect();
     s.eg.rebuild();
     let rules = rules(opts);
     for it in 0..MAX_ITERATIONS {

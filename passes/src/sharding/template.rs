@@ -1,13 +1,12 @@
 //! Identical transformer layers: found once, searched once, stamped on every layer.
 //!
-//! Layers are the node ranges the importer names `h3.…`/`l3.…` (parameters `h.3.…`,
-//! `layers.3.…`; see [`crate::plan::layer_of`]). Layer `i` must repeat layer 0 node for node:
+//! Layers are the node ranges whose values the importer put in layer `i` (their `[layer i]`
+//! annotation, [`shardc_ir::Value::layer`]). Layer `i` must repeat layer 0 node for node:
 //! same op, attributes and types, inputs inside the layer at the same offsets, its own
 //! parameters in place of layer 0's, the previous layer's output where layer 0 reads the layer
 //! input, and otherwise the same shared values (positions). Anything else means no template,
 //! and the whole graph is searched.
 
-use crate::plan::layer_of;
 use shardc_ir::{ArgKind, Graph, ValueId};
 use std::collections::{HashMap, HashSet};
 
@@ -41,11 +40,27 @@ impl Template {
     pub fn after_layers(&self, node: usize) -> bool {
         node >= self.start + self.layers * self.len
     }
+
+    /// The layer-0 value at the place of `v` in its layer (a node's result at the same offset,
+    /// or the parameter layer 0 uses where `v`'s layer uses `v`); `v` itself outside the layers.
+    pub fn layer_zero_twin(&self, g: &Graph, v: ValueId) -> ValueId {
+        if let Some(i) = g.nodes.iter().position(|n| n.output == v) {
+            if i >= self.start && !self.after_layers(i) {
+                return g.nodes[self.start + (i - self.start) % self.len].output;
+            }
+        }
+        for layer in &self.params {
+            if let Some((&p0, _)) = layer.iter().find(|(_, &p)| p == v) {
+                return p0;
+            }
+        }
+        v
+    }
 }
 
 /// Finds the layer template of `g`, if its layers are identical.
 pub fn find(g: &Graph) -> Option<Template> {
-    let layer_of_node: Vec<Option<usize>> = g.nodes.iter().map(|n| layer_of(g.name_of(n.output))).collect();
+    let layer_of_node: Vec<Option<usize>> = g.nodes.iter().map(|n| g.layer(n.output).map(|l| l as usize)).collect();
     let start = layer_of_node.iter().position(|l| *l == Some(0))?;
     let len = layer_of_node[start..].iter().take_while(|l| **l == Some(0)).count();
     let mut layers = 0;
@@ -111,7 +126,7 @@ pub fn find(g: &Graph) -> Option<Template> {
             if users.get(&v).is_some_and(|u| u.iter().any(|&p| !(base..base + len).contains(&p))) {
                 return None;
             }
-            if g.outputs.contains(&v) {
+            if g.output_values().any(|o| o == v) {
                 return None;
             }
         }
