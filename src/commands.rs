@@ -35,6 +35,28 @@ fn write_output(path: Option<&std::path::Path>, text: &str) -> Result<()> {
     }
 }
 
+/// `80GiB`, `40GB`, `512MiB`, `1.5TiB` or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<f64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 =
+        num.parse().map_err(|_| anyhow!("`{text}` is not a size; write e.g. 80GiB, 40GB or 1000000000"))?;
+    let scale = match unit.trim() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        "KiB" => 1024.0,
+        "MiB" => 1024f64.powi(2),
+        "GiB" => 1024f64.powi(3),
+        "TiB" => 1024f64.powi(4),
+        other => bail!("`{text}`: unknown unit `{other}`; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"),
+    };
+    Ok(value * scale)
+}
+
 /// Rows of the embedding table that the `[tokens]` input indexes, when the graph has one.
 pub fn vocab_size(g: &shardc_ir::Graph) -> Option<usize> {
     let tokens = g.signature().arg(&ArgRole::Tokens)?;

@@ -194,6 +194,25 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
     } else if is_param {
         println!("  parameter stored whole (replicated over tp): some use of it reads it whole");
     }
+    if let Some(f) = c.step.layout(&forward_value).flat_shard {
+        let n = g.mesh.axis_size(&f.axis).unwrap_or(1);
+        let pad = f.padded(n) - f.numel();
+        println!(
+            "  ZeRO-{}: each rank stores a flat 1/{n} shard over {} ({} of {} elements{}), gathered before the forward and again before the backward; its gradient is reduce-scattered into the shards",
+            c.setup.zero,
+            f.axis,
+            f.padded(n) / n,
+            f.numel(),
+            if pad > 0 { format!(", {pad} of padding") } else { String::new() }
+        );
+    } else if is_param && c.setup.zero.shards_optimizer() && c.setup.dp > 1 {
+        println!(
+            "  ZeRO-{}: stored whole; its AdamW moments{} are flat 1/{} shards over dp, updated shard by shard and gathered back",
+            c.setup.zero,
+            if c.setup.zero.shards_gradients() { " and gradient" } else { "" },
+            c.setup.dp
+        );
+    }
     for h in &holders {
         let ty = g.find(&h.name).map(|v| g.ty(v).to_string()).unwrap_or_default();
         match &h.rule {

@@ -62,7 +62,7 @@ pub fn device_model(par: &ParallelArgs) -> Result<DeviceModel> {
 /// The memory budget per device, in bytes.
 pub fn budget(par: &ParallelArgs, device: &DeviceModel) -> Result<f64> {
     match &par.memory_budget {
-        Some(b) => crate::plan::parse_bytes(b).map_err(|e| anyhow!("--memory-budget: {e}")),
+        Some(b) => crate::commands::parse_bytes(b).map_err(|e| anyhow!("--memory-budget: {e}")),
         None => Ok(device.memory_bytes),
     }
 }

@@ -10,23 +10,13 @@
 //! layers) is data on its arguments, outputs, nodes and values; see [`crate::program`].
 
 use crate::attrs::{Attr, Attrs};
+pub use crate::id::ValueId;
 use crate::mesh::Mesh;
 use crate::ops::{InferCtx, Op};
-use crate::program::{ArgRole, Origin, Output, OutputRole, Phase, Signature};
+use crate::program::{ArgRole, Moment, Origin, Output, OutputRole, ParamLayout, Phase};
 use crate::sharding::Sharding;
 use crate::types::{DType, TensorType};
 use serde::{Deserialize, Serialize};
-
-/// Index of a value in [`Graph::values`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct ValueId(pub u32);
-
-impl ValueId {
-    pub fn index(self) -> usize {
-        self.0 as usize
-    }
-}
 
 /// A named, typed SSA value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -459,5 +449,59 @@ impl Builder {
         self.graph.outputs = outputs;
         let map = self.graph.finish();
         (self.graph, map)
+    }
+}
+
+/// A view of a graph's signature: its arguments and results looked up by role.
+#[derive(Clone, Copy)]
+pub struct Signature<'a> {
+    g: &'a Graph,
+}
+
+impl<'a> Signature<'a> {
+    pub fn new(g: &'a Graph) -> Self {
+        Signature { g }
+    }
+
+    /// The first argument with `role`.
+    pub fn arg(&self, role: &ArgRole) -> Option<ValueId> {
+        self.g.args.iter().find(|a| a.role == *role).map(|a| a.value)
+    }
+
+    /// The parameter arguments and their layouts, in argument order.
+    pub fn params(&self) -> impl Iterator<Item = (ValueId, &'a ParamLayout)> + 'a {
+        self.g.args.iter().filter_map(|a| a.role.param_layout().map(|l| (a.value, l)))
+    }
+
+    /// The moment arguments of parameter argument `param`.
+    pub fn moments_of(&self, param: ValueId) -> impl Iterator<Item = (Moment, ValueId)> + 'a {
+        self.g.args.iter().filter_map(move |a| match a.role {
+            ArgRole::Moment { param: p, moment } if p == param => Some((moment, a.value)),
+            _ => None,
+        })
+    }
+
+    /// The moment argument `moment` of parameter `param`.
+    pub fn moment(&self, param: ValueId, moment: Moment) -> Option<ValueId> {
+        self.moments_of(param).find(|(m, _)| *m == moment).map(|(_, v)| v)
+    }
+
+    /// The index of the first output with `role`.
+    pub fn output(&self, role: &OutputRole) -> Option<usize> {
+        self.g.outputs.iter().position(|o| o.role == *role)
+    }
+
+    /// The index of the output that updates argument `arg`.
+    pub fn update_of(&self, arg: ValueId) -> Option<usize> {
+        self.output(&OutputRole::Update(arg))
+    }
+
+    /// The arguments the program updates (each with its output index): the state a caller
+    /// carries from one step to the next.
+    pub fn carried(&self) -> impl Iterator<Item = (ValueId, usize)> + 'a {
+        self.g.outputs.iter().enumerate().filter_map(|(i, o)| match o.role {
+            OutputRole::Update(a) => Some((a, i)),
+            _ => None,
+        })
     }
 }

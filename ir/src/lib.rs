@@ -11,6 +11,7 @@
 
 pub mod attrs;
 pub mod graph;
+mod id;
 pub mod import;
 pub mod interp;
 pub mod mesh;
@@ -23,11 +24,11 @@ pub mod types;
 pub mod verify;
 
 pub use attrs::{Attr, Attrs};
-pub use graph::{Arg, ArgKind, Builder, Graph, Node, Renumbering, Value, ValueId};
+pub use graph::{Arg, ArgKind, Builder, Graph, Node, Renumbering, Signature, Value, ValueId};
 pub use mesh::Mesh;
 pub use ops::Op;
 pub use program::{
-    ArgRole, FlatShard, Moment, Origin, Output, OutputRole, ParamLayout, Phase, Signature, Split, StepRule, ZeroStage,
+    ArgRole, FlatShard, Moment, Origin, Output, OutputRole, ParamLayout, Phase, Split, StepRule, ZeroStage,
 };
 pub use sharding::Sharding;
 pub use tensor::{Data, Tensor};

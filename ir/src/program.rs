@@ -2,9 +2,9 @@
 //! and result), and for every node its phase, its origin (which pass or rule made it, and why),
 //! and, on values, the transformer layer they belong to.
 //!
-//! A [`Graph`] is the program; these tables live on its arguments, outputs, nodes and values, so
+//! A [`crate::Graph`] is the program; these tables live on its arguments, outputs, nodes and values, so
 //! a pass that copies a node copies what is known about it, and renumbering
-//! ([`Graph::finish`]) keeps the value references inside them valid. Nothing downstream (the
+//! ([`crate::Graph::finish`]) keeps the value references inside them valid. Nothing downstream (the
 //! plan, `explain`, checkpoints, the runtime) reads a layer, a rule, a phase or a role from a
 //! value's name or a node's position: only the importer (which names values) and the passes
 //! (which create nodes) write these tables, and everything else reads them.
@@ -19,7 +19,7 @@
 //! ```
 //! Defaults print as nothing: a node in the forward phase, made by the model, outside any layer.
 
-use crate::graph::{Graph, ValueId};
+use crate::id::ValueId;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -350,60 +350,6 @@ impl Output {
 
     pub fn plain(value: ValueId) -> Output {
         Output { value, role: OutputRole::Other }
-    }
-}
-
-/// A view of a graph's signature: its arguments and results looked up by role.
-#[derive(Clone, Copy)]
-pub struct Signature<'a> {
-    g: &'a Graph,
-}
-
-impl<'a> Signature<'a> {
-    pub fn new(g: &'a Graph) -> Self {
-        Signature { g }
-    }
-
-    /// The first argument with `role`.
-    pub fn arg(&self, role: &ArgRole) -> Option<ValueId> {
-        self.g.args.iter().find(|a| a.role == *role).map(|a| a.value)
-    }
-
-    /// The parameter arguments and their layouts, in argument order.
-    pub fn params(&self) -> impl Iterator<Item = (ValueId, &'a ParamLayout)> + 'a {
-        self.g.args.iter().filter_map(|a| a.role.param_layout().map(|l| (a.value, l)))
-    }
-
-    /// The moment arguments of parameter argument `param`.
-    pub fn moments_of(&self, param: ValueId) -> impl Iterator<Item = (Moment, ValueId)> + 'a {
-        self.g.args.iter().filter_map(move |a| match a.role {
-            ArgRole::Moment { param: p, moment } if p == param => Some((moment, a.value)),
-            _ => None,
-        })
-    }
-
-    /// The moment argument `moment` of parameter `param`.
-    pub fn moment(&self, param: ValueId, moment: Moment) -> Option<ValueId> {
-        self.moments_of(param).find(|(m, _)| *m == moment).map(|(_, v)| v)
-    }
-
-    /// The index of the first output with `role`.
-    pub fn output(&self, role: &OutputRole) -> Option<usize> {
-        self.g.outputs.iter().position(|o| o.role == *role)
-    }
-
-    /// The index of the output that updates argument `arg`.
-    pub fn update_of(&self, arg: ValueId) -> Option<usize> {
-        self.output(&OutputRole::Update(arg))
-    }
-
-    /// The arguments the program updates (each with its output index): the state a caller
-    /// carries from one step to the next.
-    pub fn carried(&self) -> impl Iterator<Item = (ValueId, usize)> + 'a {
-        self.g.outputs.iter().enumerate().filter_map(|(i, o)| match o.role {
-            OutputRole::Update(a) => Some((a, i)),
-            _ => None,
-        })
     }
 }
 

@@ -944,6 +944,67 @@ mod tests {
         assert!(e.message.contains("undefined value `%x`"));
     }
 
+    /// Every annotation the program tables have, printed canonically and read back.
+    const ANNOTATED: &str = "graph step\nmesh dp=2, tp=2\n\
+param %w: f32[2, 4] [split tp 1, layer 3]\n\
+param %z: f32[2] [split tp 0, flat-shard dp [2, 2]]\n\
+input %tokens: i64[2, 4] [tokens]\n\
+input %targets: i64[2, 4] [targets]\n\
+input %lr: f32[] [learning-rate]\n\
+input %step: f32[] [step-number]\n\
+state %w.adam_m: f32[2, 4] [adam-m %w, layer 3]\n\
+state %w.adam_v: f32[2, 4] [adam-v %w]\n\
+%a: f32[2, 4] = all_reduce(%w) {axis = \"tp\"} [rule \"tp/matmul-row\", layer 3]\n\
+%b: f32[2, 4] = all_reduce(%a) {axis = \"tp\"} [backward, adjoint %a, layer 3]\n\
+%c: f32[2, 4] = mul(%b, %lr) [backward, step all-reduce-gradients, of %w]\n\
+%d: f32[2, 4] = sub(%w, %c) [optimizer, step adamw, zero 3, of %w]\n\
+%n: f32[] = reduce_sum(%c) {dims = [0, 1]} [optimizer, step global-gradient-norm, zero 1]\n\
+output %n [grad-norm], %d [update %w], %c [gradient %w], %b\n";
+
+    #[test]
+    fn annotations_round_trip() {
+        let g = parse(ANNOTATED).unwrap();
+        assert_eq!(print(&g), ANNOTATED);
+        assert_eq!(parse(&print(&g)).unwrap(), g);
+        let w = g.find("w").unwrap();
+        assert_eq!(g.layer(w), Some(3));
+        let sig = g.signature();
+        assert_eq!(sig.moment(w, Moment::AdamV), g.find("w.adam_v"));
+        assert_eq!(sig.update_of(w), Some(1));
+        assert_eq!(sig.arg(&ArgRole::LearningRate), g.find("lr"));
+        let z = g.arg_of(g.find("z").unwrap()).unwrap().role.param_layout().unwrap().clone();
+        assert_eq!(z.flat_shard, Some(FlatShard { axis: "dp".into(), shape: vec![2, 2] }));
+        assert_eq!(
+            g.nodes[3].origin,
+            Origin::Step { rule: StepRule::Update, zero: ZeroStage::Parameters, param: Some(w) }
+        );
+        assert_eq!(g.nodes[1].origin, Origin::Adjoint(g.find("a").unwrap()));
+        crate::verify::verify(&g).unwrap();
+    }
+
+    #[test]
+    fn annotation_errors_say_what_is_wrong() {
+        let cases = [
+            ("input %x: f32[2] [split tp 0]", "describes a parameter"),
+            ("param %x: f32[2] [tokens]", "describes an `input`"),
+            ("input %x: f32[2] [frob]", "unknown argument annotation `frob`"),
+            ("input %x: i64[2] [tokens, targets]", "already has a role"),
+            ("input %x: f32[2] [layer -1]", "must not be negative"),
+        ];
+        for (line, want) in cases {
+            let src = format!("graph g\n{line}\noutput %x\n");
+            let e = parse(&src).unwrap_err();
+            assert!(e.message.contains(want), "{line}: {e}");
+            assert_eq!(e.line, 2);
+        }
+        let e = parse("graph g\ninput %x: f32[2]\n%y: f32[2] = neg(%x) [zero 1]\noutput %y\n").unwrap_err();
+        assert!(e.message.contains("qualifies a `step` origin"), "{e}");
+        let e = parse("graph g\ninput %x: f32[2]\n%y: f32[2] = neg(%x) [step frob]\noutput %y\n").unwrap_err();
+        assert!(e.message.contains("unknown training-step rule `frob`"), "{e}");
+        let e = parse("graph g\ninput %x: f32[2]\noutput %x [update %q]\n").unwrap_err();
+        assert!(e.message.contains("undefined value `%q`"), "{e}");
+    }
+
     #[test]
     fn floats_and_special_values_round_trip() {
         for x in [1e-5, 0.1, -2.5, 1e300, f64::INFINITY, f64::NEG_INFINITY, 3.0] {

@@ -404,6 +404,41 @@ mod tests {
     }
 
     #[test]
+    fn signature_roles_are_checked() {
+        let cases = [
+            // A moment of a non-parameter.
+            ("input %x: f32[2]\nstate %m: f32[2] [adam-m %x]\n%y: f32[2] = neg(%x)\noutput %y", "not a parameter"),
+            // An update of another type than its argument (it could not be written in place).
+            (
+                "param %w: f32[2]\n%y: f32[] = reduce_sum(%w) {dims = [0]}\noutput %y [update %w]",
+                "is f32[] but the argument",
+            ),
+            // Two updates of one argument.
+            (
+                "param %w: f32[2]\n%y: f32[2] = neg(%w)\n%z: f32[2] = neg(%y)\noutput %y [update %w], %z [update %w]",
+                "a second output",
+            ),
+            ("input %lr: f32[2] [learning-rate]\noutput %lr", "must be an f32 scalar"),
+            ("input %t: f32[2] [tokens]\noutput %t", "integer token ids"),
+            ("param %w: f32[2] [split tp 0]\noutput %w", "not declared"),
+            ("param %w: f32[2]\noutput %w [loss]", "floating scalar"),
+        ];
+        for (body, want) in cases {
+            let e = errors(&format!("graph g\n{body}\n"));
+            assert!(e.iter().any(|e| e.message.contains(want)), "{body}: {e:?}");
+        }
+        let e = errors("graph g\nmesh dp=2\nparam %w: f32[3] [flat-shard dp [7]]\noutput %w\n");
+        assert!(e[0].message.contains("holds [4] elements"), "{:?}", e);
+    }
+
+    #[test]
+    fn phases_do_not_go_back() {
+        let e = errors("graph g\ninput %x: f32[2]\n%y: f32[2] = neg(%x) [backward]\n%z: f32[2] = neg(%y)\noutput %z\n");
+        assert!(e[0].message.contains("a forward node after a backward node"), "{:?}", e);
+        assert_eq!(e[0].node, Some(1));
+    }
+
+    #[test]
     fn collective_needs_a_declared_axis() {
         let e =
             errors("graph g\nmesh dp=2\ninput %x: f32[4]\n%y: f32[4] = all_reduce(%x) {axis = \"tp\"}\noutput %y\n");

@@ -39,7 +39,7 @@ fn row_stats<T: Real>(xs: &[T], eps: f64, centered: bool) -> (f64, f64) {
 /// mean(g xhat)); rms_norm's dx = r (g - xhat mean(g xhat)).
 pub(crate) fn norm_grad<T: Real>(x: &[T], gamma: &[T], dy: &[T], eps: f64, centered: bool, dt: DType) -> Vec<T> {
     let d = gamma.len().max(1);
-    super::kernels::par_fill(x.len(), d, |start, part| {
+    super::threads::par_fill(x.len(), d, |start, part| {
         for (k, out) in part.chunks_mut(d).enumerate() {
             let row = start + k * d;
             let (xs, dys) = (&x[row..row + d], &dy[row..row + d]);

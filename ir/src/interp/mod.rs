@@ -13,6 +13,7 @@
 pub mod grad_kernels;
 pub mod kernels;
 mod real;
+mod threads;
 
 pub use real::{Precision, Real};
 
