@@ -50,20 +50,9 @@ pub fn is_residual_projection(name: &str) -> bool {
     ["attn.c_proj.weight", "mlp.c_proj.weight", "o_proj.weight", "down_proj.weight"].iter().any(|s| name.ends_with(s))
 }
 
-/// Number of transformer layers, read from parameter names `h.<i>.` or `layers.<i>.`.
+/// Number of transformer layers: the distinct layers the importer put parameters in.
 pub fn count_layers(g: &Graph) -> usize {
-    let mut layers = std::collections::BTreeSet::new();
-    for p in g.args_of(ArgKind::Param) {
-        let name = g.name_of(p);
-        for prefix in ["h.", "layers."] {
-            if let Some(rest) = name.strip_prefix(prefix) {
-                if let Some(i) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
-                    layers.insert(i);
-                }
-            }
-        }
-    }
-    layers.len()
+    g.args_of(ArgKind::Param).filter_map(|p| g.layer(p)).collect::<std::collections::BTreeSet<_>>().len()
 }
 
 /// Initial values for every parameter of `g`, GPT-2 style (see the module doc), with the

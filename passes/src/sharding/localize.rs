@@ -50,11 +50,9 @@ impl Sharded {
     /// stage, before localize.
     pub fn annotated_forward(&self, forward: &Graph, axis: &str) -> Graph {
         let mut g = forward.clone();
-        let mut layouts: HashMap<&str, &str> = HashMap::new();
-        for v in &self.values {
-            if v.name == v.forward_value {
-                layouts.entry(v.forward_value.as_str()).or_insert(v.layout.as_str());
-            }
+        let mut layouts: HashMap<ValueId, Layout> = HashMap::new();
+        for v in self.values.iter().filter(|v| v.own) {
+            layouts.entry(v.forward).or_insert(v.layout);
         }
         for (name, split) in &self.param_splits() {
             if let Some(v) = g.find(name) {
@@ -65,15 +63,13 @@ impl Sharded {
             }
         }
         for i in 0..g.values.len() {
-            let Some(layout) = layouts.get(g.values[i].name.as_str()) else { continue };
+            let Some(layout) = layouts.get(&ValueId(i as u32)) else { continue };
             let rank = g.values[i].ty.rank();
             let mut sh = shardc_ir::Sharding::replicated(rank);
-            if *layout == Layout::Partial.to_string() {
-                sh.partial.push(axis.to_string());
-            } else if let Some(d) = (0..rank).find(|&d| *layout == Layout::Split(d as u8).to_string()) {
-                sh.dims[d].push(axis.to_string());
-            } else {
-                continue;
+            match *layout {
+                Layout::Partial => sh.partial.push(axis.to_string()),
+                Layout::Split(d) if (d as usize) < rank => sh.dims[d as usize].push(axis.to_string()),
+                _ => continue,
             }
             g.values[i].sharding = Some(sh);
         }
@@ -85,7 +81,7 @@ impl Sharded {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Alternative {
     pub forward_value: String,
-    pub layout: String,
+    pub layout: Layout,
     /// The chosen e-node, e.g. `matmul(replicated, split on dim 1)` or `all_gather[2]`.
     pub best: String,
     pub rule: Option<String>,
@@ -101,7 +97,13 @@ pub struct Alternative {
 pub struct ValueLayout {
     pub name: String,
     pub forward_value: String,
-    pub layout: String,
+    /// The forward value's id (in the graph the pass sharded).
+    #[serde(skip)]
+    pub forward: ValueId,
+    /// Whether this is the forward value computed by its own op (or the parameter itself),
+    /// rather than a collective or conversion of it.
+    pub own: bool,
+    pub layout: Layout,
     pub rule: Option<String>,
     /// The transformer layer of the value.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -356,10 +358,17 @@ impl<'a> Lower<'a> {
         let v = self.emit_node(&node, class, &data, ctx, actual, &vname, rule)?;
         self.layer = outer_layer;
         let weight_copy = self.weights.contains(&v) && self.b.graph.arg_of(v).is_none();
+        let own = match &node {
+            Sh::Op(..) | Sh::Arg(_) | Sh::VocabCrossEntropy(..) => true,
+            Sh::Shard(..) => self.s.ctx().params.contains(&data.value),
+            _ => false,
+        };
         self.out.values.push(ValueLayout {
             name: self.b.graph.name_of(v).to_string(),
             forward_value: vname,
-            layout: data.layout.to_string(),
+            forward: actual,
+            own,
+            layout: data.layout,
             rule: rule.map(str::to_string),
             layer: self.b.graph.layer(v),
             weight_copy,
@@ -578,11 +587,10 @@ impl<'a> Lower<'a> {
             };
             outs.push(self.emit(r, ctx, false)?);
         }
-        // Arguments in the forward graph's order.
-        let order: HashMap<&str, usize> =
-            self.g().args.iter().enumerate().map(|(i, a)| (self.g().name_of(a.value), i)).collect();
+        // Arguments in the forward graph's order (argument ids are the order of definition).
+        let forward_of: HashMap<ValueId, ValueId> = self.args.iter().map(|(&(orig, _), &v)| (v, orig)).collect();
         let mut args = self.b.graph.args.clone();
-        args.sort_by_key(|a| order.get(self.b.graph.name_of(a.value)).copied().unwrap_or(usize::MAX));
+        args.sort_by_key(|a| forward_of.get(&a.value).copied().unwrap_or(ValueId(u32::MAX)));
         self.b.graph.args = args;
         self.out.cost = self.ext.cost[&self.s.eg.find(roots[0])];
         let mut outputs = Vec::new();
@@ -623,8 +631,7 @@ pub fn localize(s: &Search, ext: &Extraction) -> Result<Sharded, ShardError> {
         })
         .collect();
     let mut sharded = Lower::new(s, ext, Some(stored), whole_use).run()?;
-    let used: HashSet<(String, String)> =
-        sharded.values.iter().map(|v| (v.forward_value.clone(), v.layout.clone())).collect();
+    let used: HashSet<(String, Layout)> = sharded.values.iter().map(|v| (v.forward_value.clone(), v.layout)).collect();
     let g = &s.ctx().graph;
     for c in s.eg.classes() {
         let node = &ext.best[&c.id];
@@ -641,8 +648,8 @@ pub fn localize(s: &Search, ext: &Extraction) -> Result<Sharded, ShardError> {
             }
             other => other.to_string(),
         };
-        let (forward_value, layout) = (g.name_of(c.data.value).to_string(), c.data.layout.to_string());
-        let chosen = used.contains(&(forward_value.clone(), layout.clone()));
+        let (forward_value, layout) = (g.name_of(c.data.value).to_string(), c.data.layout);
+        let chosen = used.contains(&(forward_value.clone(), layout));
         sharded.alternatives.push(Alternative {
             forward_value,
             layout,

@@ -80,12 +80,19 @@ pub enum Layout {
     Partial,
 }
 
+impl serde::Serialize for Layout {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 impl fmt::Display for Layout {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `pad`, so that width and alignment (`{:<18}`) apply.
         match self {
-            Layout::Replicated => f.write_str("replicated"),
-            Layout::Split(d) => write!(f, "split on dim {d}"),
-            Layout::Partial => f.write_str("partial sum"),
+            Layout::Replicated => f.pad("replicated"),
+            Layout::Split(d) => f.pad(&format!("split on dim {d}")),
+            Layout::Partial => f.pad("partial sum"),
         }
     }
 }
