@@ -79,6 +79,72 @@ impl fmt::Display for Attr {
     }
 }
 
+/// An attribute whose string value is one of a fixed set: typed in Rust, the same text in
+/// `.tir` (`reduce = "max"`). Absent means [`Default`] (the `#[default]` variant).
+pub trait Choice: Copy + Default + PartialEq + fmt::Debug + 'static {
+    /// Every value, in declaration order.
+    const ALL: &'static [Self];
+    /// The value's text.
+    fn name(self) -> &'static str;
+    /// The attribute holding this value.
+    fn attr(self) -> Attr {
+        Attr::Str(self.name().to_string())
+    }
+}
+
+macro_rules! choice {
+    ($(#[$m:meta])* $ty:ident { $($(#[$vm:meta])* $v:ident => $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+        pub enum $ty {
+            $($(#[$vm])* $v,)*
+        }
+        impl Choice for $ty {
+            const ALL: &'static [Self] = &[$($ty::$v),*];
+            fn name(self) -> &'static str {
+                match self {
+                    $($ty::$v => $s,)*
+                }
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+    };
+}
+
+choice! {
+    /// How `all_reduce` combines the ranks' operands.
+    ReduceKind {
+        #[default]
+        Sum => "sum",
+        /// Carries no gradient (the vocab-parallel cross-entropy's global max only shifts).
+        Max => "max",
+    }
+}
+
+choice! {
+    /// GELU's formula: GPT-2's tanh approximation (`gelu_new`) or the exact erf form.
+    GeluApproximation {
+        #[default]
+        Tanh => "tanh",
+        Erf => "none",
+    }
+}
+
+choice! {
+    /// The adjoint of an `all_gather` (attribute `grad`): sum the consumers' partial adjoints
+    /// into this rank's chunk (reduce-scatter), or, when replicated compute reads the gathered
+    /// value whole and every rank's adjoint is already complete, keep this rank's chunk.
+    GatherAdjoint {
+        #[default]
+        ReduceScatter => "sum",
+        Slice => "slice",
+    }
+}
+
 /// Attributes of one node, ordered by name so that printing is canonical.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -142,6 +208,23 @@ impl Attrs {
             Some(Attr::Ints(v)) => Some(v),
             _ => None,
         }
+    }
+
+    /// The [`Choice`] attribute `name` (its default when absent), or what is wrong with it.
+    pub fn choice<T: Choice>(&self, name: &str) -> Result<T, String> {
+        match self.get(name) {
+            None => Ok(T::default()),
+            Some(Attr::Str(s)) => T::ALL.iter().copied().find(|c| c.name() == s).ok_or_else(|| {
+                let all: Vec<String> = T::ALL.iter().map(|c| format!("\"{}\"", c.name())).collect();
+                format!("{name} = \"{s}\" is not known; use {}", all.join(" or "))
+            }),
+            Some(a) => Err(format!("attribute `{name}` must be a string, found a {}", a.kind().name())),
+        }
+    }
+
+    /// [`Attrs::choice`] of a verified node (the verifier has checked the value).
+    pub fn choice_or_default<T: Choice>(&self, name: &str) -> T {
+        self.choice(name).unwrap_or_default()
     }
 
     pub fn dtype(&self, name: &str) -> Option<DType> {

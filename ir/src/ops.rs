@@ -12,7 +12,7 @@
 //!   `all_gather` multiplies dimension `dim` by the axis size, `reduce_scatter` divides it,
 //!   `all_to_all` divides `split_dim` and multiplies `concat_dim`.
 
-use crate::attrs::{Attr, AttrKind, Attrs};
+use crate::attrs::{Attr, AttrKind, Attrs, GatherAdjoint, GeluApproximation, ReduceKind};
 use crate::mesh::Mesh;
 use crate::types::{broadcast_shapes, numel, DType, Shape, TensorType};
 use serde::{Deserialize, Serialize};
@@ -277,10 +277,8 @@ fn infer_float_unary(ctx: &InferCtx) -> Result<TensorType, String> {
 }
 
 fn infer_gelu(ctx: &InferCtx) -> Result<TensorType, String> {
-    match ctx.attrs.str("approximate") {
-        None | Some("tanh") | Some("none") => infer_float_unary(ctx),
-        Some(other) => Err(format!("approximate = \"{other}\" is not known; use \"tanh\" or \"none\"")),
-    }
+    ctx.attrs.choice::<GeluApproximation>("approximate")?;
+    infer_float_unary(ctx)
 }
 
 fn infer_cast(ctx: &InferCtx) -> Result<TensorType, String> {
@@ -473,21 +471,15 @@ fn infer_cross_entropy(ctx: &InferCtx) -> Result<TensorType, String> {
 
 fn infer_all_reduce(ctx: &InferCtx) -> Result<TensorType, String> {
     axis_size(ctx)?;
-    match ctx.attrs.str("reduce") {
-        None | Some("sum") | Some("max") => Ok(ctx.inputs[0].clone()),
-        Some(other) => Err(format!("reduce = \"{other}\" is not known; use \"sum\" or \"max\"")),
-    }
+    ctx.attrs.choice::<ReduceKind>("reduce")?;
+    Ok(ctx.inputs[0].clone())
 }
 
 fn infer_all_gather(ctx: &InferCtx) -> Result<TensorType, String> {
     let n = axis_size(ctx)?;
     let x = ctx.inputs[0];
     let dim = normalize_dim(int_attr(ctx.attrs, "dim")?, x.rank())?;
-    if let Some(g) = ctx.attrs.str("grad") {
-        if g != "sum" && g != "slice" {
-            return Err(format!("grad = \"{g}\" is not known; use \"sum\" (the default) or \"slice\""));
-        }
-    }
+    ctx.attrs.choice::<GatherAdjoint>("grad")?;
     let mut shape = x.shape.clone();
     shape[dim] = shape[dim].saturating_mul(n);
     Ok(TensorType::new(x.dtype, shape))
@@ -543,9 +535,7 @@ fn infer_elementwise_grad(ctx: &InferCtx) -> Result<TensorType, String> {
     if ctx.inputs[1] != x {
         return Err(format!("dy must have x's type {x}, found {}", ctx.inputs[1]));
     }
-    if let Some(a) = ctx.attrs.str("approximate").filter(|a| *a != "tanh" && *a != "none") {
-        return Err(format!("approximate = \"{a}\" is not known; use \"tanh\" or \"none\""));
-    }
+    ctx.attrs.choice::<GeluApproximation>("approximate")?;
     Ok(x.clone())
 }
 

@@ -30,7 +30,7 @@
 //!                                           output %loss, %w.grad
 //! ```
 
-use shardc_ir::attrs::{Attr, Attrs};
+use shardc_ir::attrs::{Attr, Attrs, GatherAdjoint, ReduceKind};
 use shardc_ir::ops::{normalize_dim, reduce_dims, Op};
 use shardc_ir::{Builder, Graph, Origin, Output, OutputRole, Phase, ValueId};
 use std::collections::HashMap;
@@ -73,7 +73,7 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
         let depends = n.inputs.iter().any(|v| needs[v.index()]);
         // The global max of a vocab-parallel cross-entropy only shifts the logits (the shift
         // cancels), so `all_reduce {reduce = "max"}` carries no gradient, as in Megatron.
-        let max = n.op == Op::AllReduce && n.attrs.str("reduce") == Some("max");
+        let max = n.op == Op::AllReduce && n.attrs.choice_or_default::<ReduceKind>("reduce") == ReduceKind::Max;
         needs[n.output.index()] = depends && g.ty(n.output).dtype.is_float() && !is_constant(n.op) && !max;
     }
     let mut ad = Ad { b: Builder::from_graph(g.clone()), adj: HashMap::new() };
@@ -454,7 +454,7 @@ impl Ad {
                 vec![Some(self.b.op(Op::CrossEntropyGrad, &[ins[0], ins[1], dy], Attrs::new(), &h0)?), None]
             }
             Op::AllReduce => {
-                if n.attrs.str("reduce").is_some_and(|r| r != "sum") {
+                if n.attrs.choice_or_default::<ReduceKind>("reduce") != ReduceKind::Sum {
                     return Err("only all_reduce(sum) is differentiable".into());
                 }
                 // Megatron's g: the sum is replicated; each rank's share gets the whole adjoint.
@@ -470,7 +470,7 @@ impl Ad {
                 let attrs = Attrs::new()
                     .with("axis", axis.unwrap_or(Attr::Str(String::new())))
                     .with("dim", dim.unwrap_or(Attr::Int(0)));
-                if n.attrs.str("grad") == Some("slice") {
+                if n.attrs.choice_or_default::<GatherAdjoint>("grad") == GatherAdjoint::Slice {
                     // Replicated consumers: every rank's adjoint is already the whole gradient
                     // (Megatron's gather_from_tensor_model_parallel_region): keep this rank's chunk.
                     vec![Some(self.b.op(Op::TakeShard, &[dy], attrs, &h0)?)]

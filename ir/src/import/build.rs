@@ -11,7 +11,7 @@
 //! column-parallel split of the fused matrix would hand each rank the wrong heads.
 
 use super::config::{Family, ModelConfig};
-use crate::attrs::{Attr, Attrs};
+use crate::attrs::{Attr, Attrs, Choice, GeluApproximation};
 use crate::graph::{ArgKind, Builder, Graph, ValueId};
 use crate::ops::Op;
 use crate::program::{ArgRole, Output, OutputRole};
@@ -196,11 +196,11 @@ impl Ctx<'_> {
         let w1 = self.param(&format!("{p}.mlp.c_fc.weight"), &[d, f]);
         let b1 = self.param(&format!("{p}.mlp.c_fc.bias"), &[f]);
         let up = self.linear(m, w1, Some(b1), false, &format!("{l}.mlp_up"))?;
-        let approximate = if gelu_tanh { "tanh" } else { "none" };
+        let approximate = if gelu_tanh { GeluApproximation::Tanh } else { GeluApproximation::Erf };
         let act = self.b.op(
             Op::Gelu,
             &[up],
-            Attrs::new().with("approximate", Attr::Str(approximate.into())),
+            Attrs::new().with("approximate", approximate.attr()),
             &format!("{l}.mlp_act"),
         )?;
         let w2 = self.param(&format!("{p}.mlp.c_proj.weight"), &[f, d]);

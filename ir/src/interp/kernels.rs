@@ -9,7 +9,7 @@ use super::real::Real;
 use super::threads::par_fill;
 pub use super::threads::worker_threads;
 use super::Val;
-use crate::attrs::Attrs;
+use crate::attrs::{Attrs, GeluApproximation};
 use crate::ops::{normalize_dim, reduce_dims, Op};
 use crate::types::{numel, strides, DType, TensorType};
 
@@ -208,7 +208,7 @@ pub(crate) fn eval<T: Real>(
         Op::Tanh => Val::F(map(f(0)?, dt, f64::tanh)),
         Op::Silu => Val::F(map(f(0)?, dt, silu)),
         Op::Gelu => {
-            let tanh = attrs.str("approximate").unwrap_or("tanh") == "tanh";
+            let tanh = attrs.choice_or_default::<GeluApproximation>("approximate") == GeluApproximation::Tanh;
             Val::F(map(f(0)?, dt, |x| gelu(x, tanh)))
         }
         Op::Cast => match ins[0] {
@@ -431,7 +431,7 @@ pub(crate) fn eval<T: Real>(
             }
         }
         Op::GeluGrad => {
-            let tanh = attrs.str("approximate").unwrap_or("tanh") == "tanh";
+            let tanh = attrs.choice_or_default::<GeluApproximation>("approximate") == GeluApproximation::Tanh;
             Val::F(map2(f(0)?, f(1)?, dt, |x, g| grad::gelu_derivative(x, tanh) * g))
         }
         Op::SiluGrad => Val::F(map2(f(0)?, f(1)?, dt, |x, g| grad::silu_derivative(x) * g)),

@@ -17,6 +17,7 @@ mod threads;
 
 pub use real::{Precision, Real};
 
+use crate::attrs::ReduceKind;
 use crate::graph::{Graph, ValueId};
 use crate::ops::{normalize_dim, Op};
 use crate::tensor::{Data, Tensor};
@@ -193,7 +194,9 @@ impl<'g, T: Real> Machine<'g, T> {
                 let parts: Vec<&Val<T>> = group.iter().map(|&r| self.operand(r, x)).collect();
                 let size = group.len();
                 let result = match n.op {
-                    Op::AllReduce => reduce(&parts, n.attrs.str("reduce") == Some("max"), out),
+                    Op::AllReduce => {
+                        reduce(&parts, n.attrs.choice_or_default::<ReduceKind>("reduce") == ReduceKind::Max, out)
+                    }
                     Op::AllGather => {
                         let d = dim("dim").map_err(|m| self.fail(rank, i, m))?;
                         let tys = vec![in_ty; size];

@@ -13,7 +13,7 @@
 use super::extract::{Cost, Extraction};
 use super::lang::Sh;
 use super::{Layout, Search, SearchStats, ShardError};
-use shardc_ir::attrs::{Attr, Attrs};
+use shardc_ir::attrs::{Attr, Attrs, Choice, GatherAdjoint, ReduceKind};
 use shardc_ir::ops::Op;
 use shardc_ir::{ArgKind, ArgRole, Builder, DType, Graph, Origin, Output, OutputRole, ParamLayout, Split, ValueId};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -439,7 +439,7 @@ impl<'a> Lower<'a> {
                 let mut attrs = self.axis().with("dim", Attr::Int(*d as i64));
                 let whole = self.whole_use.contains(&(class, ctx));
                 if whole {
-                    attrs = attrs.with("grad", Attr::Str("slice".into()));
+                    attrs = attrs.with("grad", GatherAdjoint::Slice.attr());
                 }
                 let rule = rule.unwrap_or("forward");
                 let v = self.collective(Op::AllGather, xv, attrs, &format!("{vname}.tp_gather"), rule)?;
@@ -530,7 +530,7 @@ impl<'a> Lower<'a> {
         let rows = lt.shape[lt.rank() - 1];
         let keep = Attrs::new().with("dims", Attr::Ints(vec![last])).with("keepdim", Attr::Bool(true));
         let m = self.op(Op::ReduceMax, &[l], keep.clone(), &format!("{name}.vocab_max_local"))?;
-        let max = self.axis().with("reduce", Attr::Str("max".into()));
+        let max = self.axis().with("reduce", ReduceKind::Max.attr());
         let m = self.collective(Op::AllReduce, m, max, &format!("{name}.vocab_max"), rule)?;
         let z = self.op(Op::Sub, &[l, m], Attrs::new(), &format!("{name}.vocab_shifted"))?;
         let e = self.op(Op::Exp, &[z], Attrs::new(), &format!("{name}.vocab_exp"))?;
