@@ -5,7 +5,9 @@ use crate::commands::thousands;
 use crate::parallel::{self, Candidate, Setup};
 use anyhow::Result;
 use shardc_passes::cost::DeviceModel;
-use shardc_passes::plan::{plan as plan_step, Plan};
+use shardc_passes::plan::{
+    plan as plan_step, Plan, PlanCandidate, PlanPrecision, PlanReport, PlanSetup, PLAN_SCHEMA_VERSION,
+};
 use shardc_passes::sharding::Sharded;
 use std::collections::BTreeMap;
 
@@ -28,19 +30,20 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     let fits = p.memory_per_device.total as f64 <= budget;
     match args.format {
         PlanFormat::Json => {
-            let mut v = serde_json::to_value(&p)?;
-            v["memory_budget"] = serde_json::json!(budget);
-            v["fits_memory_budget"] = serde_json::json!(fits);
-            v["setup"] = serde_json::json!({
-                "dp": setup.dp, "tp": setup.tp, "zero": setup.zero, "sequence_parallel": setup.sp,
-            });
-            if let Some(s) = &sharded {
-                v["search"] = serde_json::to_value(&s.stats)?;
-            }
-            if let Some(r) = &ranked {
-                v["auto"] = serde_json::Value::Array(r.iter().take(AUTO_SHOWN).map(candidate_json).collect());
-            }
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            let report = PlanReport {
+                schema_version: PLAN_SCHEMA_VERSION,
+                model: forward.name.clone(),
+                batch: a.batch,
+                seq,
+                precision: if compute == shardc_ir::DType::F32 { PlanPrecision::F32 } else { PlanPrecision::Bf16Mixed },
+                setup: plan_setup(&setup),
+                plan: p,
+                memory_budget: budget as u64,
+                fits_memory_budget: fits,
+                search: sharded.as_ref().map(|s| s.stats.clone()),
+                auto: ranked.as_ref().map(|r| r.iter().take(AUTO_SHOWN).map(candidate).collect()),
+            };
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         PlanFormat::Text => {
             if let Some(r) = &ranked {
@@ -65,13 +68,17 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
 /// How many `--auto` candidates the plan shows.
 const AUTO_SHOWN: usize = 8;
 
-fn candidate_json(c: &Candidate) -> serde_json::Value {
-    serde_json::json!({
-        "dp": c.setup.dp, "tp": c.setup.tp, "zero": c.setup.zero, "sequence_parallel": c.setup.sp,
-        "predicted_step_seconds": c.plan.predicted_step_seconds,
-        "memory_per_device": c.plan.memory_per_device.total,
-        "fits_memory_budget": c.fits,
-    })
+fn plan_setup(s: &Setup) -> PlanSetup {
+    PlanSetup { dp: s.dp, tp: s.tp, zero: s.zero, sequence_parallel: s.sp }
+}
+
+fn candidate(c: &Candidate) -> PlanCandidate {
+    PlanCandidate {
+        setup: plan_setup(&c.setup),
+        predicted_step_seconds: c.plan.predicted_step_seconds,
+        memory_per_device: c.plan.memory_per_device.total,
+        fits_memory_budget: c.fits,
+    }
 }
 
 /// The `--auto` ranking: the chosen setup and the runners-up.
@@ -128,7 +135,7 @@ fn print_layer(s: &Sharded, p: &Plan) {
     }
     let mut per: BTreeMap<(&str, &str, &str), usize> = BTreeMap::new();
     for c in p.collectives.iter().filter(|c| c.layer == Some(0)) {
-        *per.entry((c.phase.name(), c.kind, c.rule.as_str())).or_insert(0) += 1;
+        *per.entry((c.phase.name(), c.kind.name(), c.rule.as_str())).or_insert(0) += 1;
     }
     println!("  collectives of layer 0:");
     for ((phase, kind, rule), n) in per {
@@ -176,14 +183,14 @@ fn print_text(p: &Plan, a: &StepArgs, seq: usize, device: &DeviceModel, name: &s
         println!(
             "  {axis:<4} {:>16} bytes  ({:.3} x the parameters' f32 bytes)",
             thousands(*bytes as usize),
-            bytes / (p.params_total as f64 * 4.0).max(1.0)
+            *bytes as f64 / (p.params_total as f64 * 4.0).max(1.0)
         );
     }
     println!();
     // Collectives grouped by (phase, kind, axis, rule).
     let mut groups: BTreeMap<(&str, &str, &str, &str), (usize, usize)> = BTreeMap::new();
     for c in &p.collectives {
-        let e = groups.entry((c.phase.name(), c.kind, c.axis.as_str(), c.rule.as_str())).or_insert((0, 0));
+        let e = groups.entry((c.phase.name(), c.kind.name(), c.axis.as_str(), c.rule.as_str())).or_insert((0, 0));
         e.0 += 1;
         e.1 += c.bytes;
     }

@@ -46,6 +46,18 @@ fn plan_json_has_the_documented_fields() {
         "per-layer attribution"
     );
     assert!(p["flops_per_step"].as_f64().unwrap() > 0.0 && p["predicted_step_seconds"].as_f64().unwrap() > 0.0);
+    // The schema: versioned, says what it is the plan of, bytes as integers, enums as text.
+    assert_eq!(p["schema_version"], 1);
+    assert_eq!(p["model"], "gpt2_4l_128d");
+    assert_eq!((p["batch"].as_u64(), p["seq"].as_u64()), (Some(8), Some(64)));
+    assert_eq!(p["precision"], "bf16-mixed");
+    assert_eq!(p["setup"]["zero"], 1);
+    assert!(p["memory_budget"].is_u64() && p["comm_bytes_per_step"]["dp"].is_u64(), "bytes are integers: {p}");
+    assert!(p["collectives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["bytes"].is_u64() && ["forward", "backward", "optimizer"].contains(&c["phase"].as_str().unwrap())));
 }
 
 /// ZeRO's per-device model states (Rajbhandari et al. 2020, section 3.1) with bf16 mixed

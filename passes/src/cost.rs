@@ -42,7 +42,7 @@ pub struct DeviceModel {
 }
 
 /// The bundled default: H100 SXM nodes with NVLink inside and InfiniBand between.
-pub const H100_TOML: &str = include_str!("../../examples/devices/h100-nvlink-ib.toml");
+pub const H100_TOML: &str = include_str!("../devices/h100-nvlink-ib.toml");
 
 impl DeviceModel {
     /// Parses a device file; errors name the field.
@@ -89,7 +89,8 @@ impl DeviceModel {
 }
 
 /// A collective's kind, for the cost model.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum CollectiveKind {
     AllReduce,
     AllGather,
@@ -97,7 +98,23 @@ pub enum CollectiveKind {
     AllToAll,
 }
 
+impl std::fmt::Display for CollectiveKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 impl CollectiveKind {
+    /// The op's name (`all_reduce`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            CollectiveKind::AllReduce => "all_reduce",
+            CollectiveKind::AllGather => "all_gather",
+            CollectiveKind::ReduceScatter => "reduce_scatter",
+            CollectiveKind::AllToAll => "all_to_all",
+        }
+    }
+
     /// How many times the full tensor crosses a rank's link, per (n-1)/n: 2 for all_reduce.
     fn passes(self) -> f64 {
         match self {

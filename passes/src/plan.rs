@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 /// One collective of the plan.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PlannedCollective {
-    pub kind: &'static str,
+    pub kind: CollectiveKind,
     pub axis: String,
     pub bytes: usize,
     pub phase: Phase,
@@ -58,18 +58,10 @@ pub struct Plan {
     pub mesh: BTreeMap<String, usize>,
     pub collectives: Vec<PlannedCollective>,
     pub memory_per_device: Memory,
-    pub comm_bytes_per_step: BTreeMap<String, f64>,
+    /// Bytes per mesh axis, as ZeRO counts volume (an all-reduce moves its tensor twice).
+    pub comm_bytes_per_step: BTreeMap<String, u64>,
     pub flops_per_step: f64,
     pub predicted_step_seconds: f64,
-}
-
-fn kind_name(k: CollectiveKind) -> &'static str {
-    match k {
-        CollectiveKind::AllReduce => "all_reduce",
-        CollectiveKind::AllGather => "all_gather",
-        CollectiveKind::ReduceScatter => "reduce_scatter",
-        CollectiveKind::AllToAll => "all_to_all",
-    }
 }
 
 fn matmul_flops(g: &Graph, n: &shardc_ir::Node) -> f64 {
@@ -151,11 +143,11 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
     for c in collectives(g) {
         let node = &g.nodes[c.node];
         let rule = rule_of(g, &producer, node);
-        *comm.entry(c.axis.clone()).or_insert(0.0) += c.kind.volume(c.bytes as f64);
+        *comm.entry(c.axis.clone()).or_insert(0) += c.kind.volume(c.bytes as f64) as u64;
         let size = g.mesh.axis_size(&c.axis).unwrap_or(1);
         seconds += collective_seconds(device, c.kind, c.bytes as f64, size, stride(&c.axis));
         planned.push(PlannedCollective {
-            kind: kind_name(c.kind),
+            kind: c.kind,
             axis: c.axis,
             bytes: c.bytes,
             phase: node.phase,
@@ -200,4 +192,58 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
         flops_per_step: flops,
         predicted_step_seconds: seconds,
     }
+}
+
+/// The version of the plan's JSON form ([`PlanReport`]); bumped when a field changes meaning or
+/// goes away (new fields may appear without a bump).
+pub const PLAN_SCHEMA_VERSION: u32 = 1;
+
+/// Training precision, as the plan records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlanPrecision {
+    F32,
+    Bf16Mixed,
+}
+
+/// How the step is spread, as the plan records it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanSetup {
+    pub dp: usize,
+    pub tp: usize,
+    pub zero: ZeroStage,
+    pub sequence_parallel: bool,
+}
+
+/// One `--auto` candidate.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanCandidate {
+    #[serde(flatten)]
+    pub setup: PlanSetup,
+    pub predicted_step_seconds: f64,
+    pub memory_per_device: usize,
+    pub fits_memory_budget: bool,
+}
+
+/// `shardc plan --format json`: the plan with what it is the plan of.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PlanReport {
+    pub schema_version: u32,
+    /// The model's graph name (`gpt2_4l_128d`).
+    pub model: String,
+    /// Rows per global batch and tokens per row.
+    pub batch: usize,
+    pub seq: usize,
+    pub precision: PlanPrecision,
+    pub setup: PlanSetup,
+    #[serde(flatten)]
+    pub plan: Plan,
+    /// Bytes per device the plan must fit in.
+    pub memory_budget: u64,
+    pub fits_memory_budget: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub search: Option<crate::sharding::SearchStats>,
+    /// With `--auto`: the best candidates, chosen first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto: Option<Vec<PlanCandidate>>,
 }
