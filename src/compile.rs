@@ -265,13 +265,13 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
         .nodes
         .iter()
         .filter(|n| n.op.is_collective() && n.inputs.iter().any(|i| near.contains(i)))
-        .map(|n| n.output)
+        .flat_map(|n| n.outputs.iter().copied())
         .collect();
     near.extend(next);
     let mut adjacent = Vec::new();
     for col in &plan.collectives {
         let Some(v) = g.find(&col.value) else { continue };
-        let Some(node) = g.nodes.iter().find(|n| n.output == v) else { continue };
+        let Some(node) = g.nodes.iter().find(|n| n.outputs.contains(&v)) else { continue };
         let touches = near.contains(&v)
             || node.inputs.iter().any(|i| near.contains(i))
             || matches!(node.origin, shardc_ir::Origin::Adjoint(f) if near.contains(&f))

@@ -31,8 +31,10 @@ pub fn verify_errors(path: &Path, src: &str, g: &shardc_ir::Graph, map: &SourceM
         let node = e.node.and_then(|i| g.nodes.get(i));
         let line = e.value.and_then(|v| map.value_lines.get(v.index())).copied();
         let message = match node {
-            Some(n) => format!("`{}` defining `%{}`: {}", n.op.name(), g.name_of(n.output), e.message),
-            None => e.message.clone(),
+            Some(n) if !n.outputs.is_empty() => {
+                format!("`{}` defining `%{}`: {}", n.op.name(), g.name_of(n.output()), e.message)
+            }
+            Some(_) | None => e.message.clone(),
         };
         out.push(match line {
             Some(line) => {

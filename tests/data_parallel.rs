@@ -133,16 +133,16 @@ fn check_stage3(name: &str) {
     // autodiff.
     let g = &step.graph;
     let regathered =
-        g.nodes.iter().filter(|n| n.op == Op::AllGather && g.name_of(n.output).ends_with(".regathered")).count();
+        g.nodes.iter().filter(|n| n.op == Op::AllGather && g.name_of(n.output()).ends_with(".regathered")).count();
     assert_eq!((count(Op::AllGather) - regathered, count(Op::ReduceScatter)), (n, n));
     assert!(regathered >= n / 2, "the weights and gains the backward needs are gathered again: {regathered} of {n}");
-    let seed = g.nodes.iter().position(|nd| g.name_of(nd.output) == "loss.grad").unwrap();
+    let seed = g.nodes.iter().position(|nd| g.name_of(nd.output()) == "loss.grad").unwrap();
     for nd in &g.nodes[seed..] {
         for &v in &nd.inputs {
             assert!(
                 !g.name_of(v).ends_with(".full"),
                 "backward node %{} uses the forward's gathered %{}",
-                g.name_of(nd.output),
+                g.name_of(nd.output()),
                 g.name_of(v)
             );
         }

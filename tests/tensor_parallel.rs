@@ -130,7 +130,7 @@ fn megatron_collectives_per_layer() {
             let count = |op: Op, phase: Phase, layer: u32| {
                 g.nodes
                     .iter()
-                    .filter(|n| n.op == op && n.phase == phase && g.layer(n.output) == Some(layer))
+                    .filter(|n| n.op == op && n.phase == phase && g.layer(n.output()) == Some(layer))
                     .filter(|n| g.ty(n.inputs[0]).rank() >= 3)
                     .count()
             };

@@ -77,7 +77,7 @@ fn bf16_mixed_precision_tracks_the_f32_run() {
     let model = import_dir(&dir, options).unwrap();
     let matmuls: Vec<_> = model.graph.nodes.iter().filter(|n| n.op == shardc_ir::Op::MatMul).collect();
     assert!(
-        matmuls.iter().all(|n| model.graph.ty(n.output).dtype == shardc_ir::DType::Bf16),
+        matmuls.iter().all(|n| model.graph.ty(n.output()).dtype == shardc_ir::DType::Bf16),
         "every matmul computes in bf16"
     );
     let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 1.0 };

@@ -74,18 +74,27 @@ impl ArgKind {
     }
 }
 
-/// One operation producing one value.
+/// One operation producing one or more values (most ops have one result; the op table says how
+/// many: `split` has one per piece, fused kernels and norms that save statistics have several).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {
     pub op: Op,
     pub inputs: Vec<ValueId>,
     #[serde(default, skip_serializing_if = "Attrs::is_empty")]
     pub attrs: Attrs,
-    pub output: ValueId,
+    /// The results, in the op's order; at least one.
+    pub outputs: Vec<ValueId>,
     #[serde(default)]
     pub phase: Phase,
     #[serde(default)]
     pub origin: Origin,
+}
+
+impl Node {
+    /// The first (for single-result ops, the only) result.
+    pub fn output(&self) -> ValueId {
+        self.outputs[0]
+    }
 }
 
 /// Old value id -> new value id, as [`Graph::finish`] renumbered them.
@@ -177,7 +186,7 @@ impl Graph {
         id
     }
 
-    /// Appends a node whose result type comes from the op's shape rule.
+    /// Appends a node of a single-result op whose result type comes from the op's shape rule.
     ///
     /// Errors (with the rule's sentence) when the operands or attributes do not fit the op; the
     /// graph is unchanged then.
@@ -188,21 +197,65 @@ impl Graph {
         attrs: Attrs,
         name: impl Into<String>,
     ) -> Result<ValueId, String> {
-        let ty = self.infer(op, inputs, &attrs)?;
-        let output = self.fresh_value(name.into(), ty);
+        let name = name.into();
+        let tys = self.infer_all(op, inputs, &attrs)?;
+        if tys.len() != 1 {
+            return Err(format!("`{}` has {} results here; name each of them", op.name(), tys.len()));
+        }
+        Ok(self.push_node(op, inputs, attrs, vec![name], tys)[0])
+    }
+
+    /// Appends a node with one result per name (as many as the op's shape rule gives).
+    pub fn add_node_multi(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        attrs: Attrs,
+        names: Vec<String>,
+    ) -> Result<Vec<ValueId>, String> {
+        let tys = self.infer_all(op, inputs, &attrs)?;
+        if tys.len() != names.len() {
+            return Err(format!(
+                "`{}` has {} results here, but {} names were given",
+                op.name(),
+                tys.len(),
+                names.len()
+            ));
+        }
+        Ok(self.push_node(op, inputs, attrs, names, tys))
+    }
+
+    fn push_node(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        attrs: Attrs,
+        names: Vec<String>,
+        tys: Vec<TensorType>,
+    ) -> Vec<ValueId> {
+        let outputs: Vec<ValueId> = names.into_iter().zip(tys).map(|(n, t)| self.fresh_value(n, t)).collect();
         self.nodes.push(Node {
             op,
             inputs: inputs.to_vec(),
             attrs,
-            output,
+            outputs: outputs.clone(),
             phase: Phase::default(),
             origin: Origin::default(),
         });
-        Ok(output)
+        outputs
     }
 
-    /// The result type the op table gives `op` applied to `inputs` with `attrs`.
+    /// The result type of single-result `op` applied to `inputs` with `attrs`.
     pub fn infer(&self, op: Op, inputs: &[ValueId], attrs: &Attrs) -> Result<TensorType, String> {
+        let mut tys = self.infer_all(op, inputs, attrs)?;
+        if tys.len() != 1 {
+            return Err(format!("`{}` has {} results here", op.name(), tys.len()));
+        }
+        Ok(tys.remove(0))
+    }
+
+    /// The result types the op table gives `op` applied to `inputs` with `attrs`.
+    pub fn infer_all(&self, op: Op, inputs: &[ValueId], attrs: &Attrs) -> Result<Vec<TensorType>, String> {
         let info = op.info();
         if !info.arity.accepts(inputs.len()) {
             return Err(format!("`{}` takes {:?} operands, given {}", info.name, info.arity, inputs.len()));
@@ -219,7 +272,7 @@ impl Graph {
     pub fn finish(&mut self) -> Renumbering {
         let mut map = vec![u32::MAX; self.values.len()];
         let mut values = Vec::with_capacity(self.values.len());
-        let order = self.args.iter().map(|a| a.value).chain(self.nodes.iter().map(|n| n.output));
+        let order = self.args.iter().map(|a| a.value).chain(self.nodes.iter().flat_map(|n| n.outputs.iter().copied()));
         for old in order {
             map[old.index()] = values.len() as u32;
             values.push(self.values[old.index()].clone());
@@ -233,7 +286,7 @@ impl Graph {
         }
         for n in &mut self.nodes {
             n.inputs.iter_mut().for_each(remap);
-            remap(&mut n.output);
+            n.outputs.iter_mut().for_each(remap);
             if let Origin::Adjoint(v) | Origin::Step { param: Some(v), .. } = &mut n.origin {
                 remap(v);
             }
@@ -358,11 +411,36 @@ impl Builder {
             .graph
             .add_node(op, inputs, attrs, name.clone())
             .map_err(|e| format!("building `%{name}` ({}): {e}", op.name()))?;
+        self.stamp_last();
+        Ok(v)
+    }
+
+    /// Adds a node of a multi-result op, one result per name hint (made unique when taken).
+    pub fn op_multi(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        attrs: Attrs,
+        hints: &[String],
+    ) -> Result<Vec<ValueId>, String> {
+        let names: Vec<String> = hints.iter().map(|h| self.fresh_name(h)).collect();
+        let first = names.first().cloned().unwrap_or_default();
+        let vs = self
+            .graph
+            .add_node_multi(op, inputs, attrs, names)
+            .map_err(|e| format!("building `%{first}` ({}): {e}", op.name()))?;
+        self.stamp_last();
+        Ok(vs)
+    }
+
+    /// The builder's phase, origin and layer on the node just added and its results.
+    fn stamp_last(&mut self) {
         let n = self.graph.nodes.last_mut().expect("just added");
         n.phase = self.phase;
         n.origin = self.origin.clone();
-        self.graph.values[v.index()].layer = self.layer;
-        Ok(v)
+        for &v in &n.outputs {
+            self.graph.values[v.index()].layer = self.layer;
+        }
     }
 
     /// Gives the value `v` the name `name` when no other value has it (returns whether it did).
@@ -377,7 +455,8 @@ impl Builder {
     }
 
     /// Adds a copy of `node` of graph `src` reading `inputs` (values of this builder's graph):
-    /// the same op, attributes, name (made unique when taken), phase, origin and layer. `map`
+    /// the same op, attributes, result names (made unique when taken), phase, origin and layer;
+    /// returns the copies of its results. `map`
     /// translates the value an origin names into this graph.
     pub fn copy_node(
         &mut self,
@@ -385,18 +464,19 @@ impl Builder {
         node: &Node,
         inputs: &[ValueId],
         map: impl Fn(ValueId) -> Option<ValueId>,
-    ) -> Result<ValueId, String> {
+    ) -> Result<Vec<ValueId>, String> {
         let mut origin = node.origin.clone();
         if let Origin::Adjoint(v) | Origin::Step { param: Some(v), .. } = &mut origin {
             *v = map(*v).ok_or_else(|| {
-                format!("copying `%{}`: the value its origin names was not copied", src.name_of(node.output))
+                format!("copying `%{}`: the value its origin names was not copied", src.name_of(node.output()))
             })?;
         }
         let saved = self.context();
-        self.at(node.phase, origin, src.layer(node.output));
-        let v = self.op(node.op, inputs, node.attrs.clone(), src.name_of(node.output));
+        self.at(node.phase, origin, src.layer(node.output()));
+        let names: Vec<String> = node.outputs.iter().map(|&o| src.name_of(o).to_string()).collect();
+        let vs = self.op_multi(node.op, inputs, node.attrs.clone(), &names);
         self.at(saved.0, saved.1, saved.2);
-        v
+        vs
     }
 
     pub fn unary(&mut self, op: Op, x: ValueId, hint: &str) -> Result<ValueId, String> {

@@ -3,7 +3,7 @@
 //! Everything that needs to know about ops (parser, printer, verifier, interpreter, and the
 //! passes) goes through [`Op::info`], so adding an op is one table row plus its interpreter
 //! kernel. Shape rules see per-value types, the attributes and the mesh; they return the result
-//! type or a sentence saying what is wrong.
+//! type (or, for a multi-result op, one type per result) or a sentence saying what is wrong.
 //!
 //! Conventions shared by the rules:
 //! - Elementwise binary ops broadcast with numpy's rules; both operands have the same dtype.
@@ -57,7 +57,24 @@ pub struct InferCtx<'a> {
 }
 
 /// A shape and dtype rule: the result type, or what is wrong.
-pub type ShapeRule = fn(&InferCtx) -> Result<TensorType, String>;
+pub type ShapeRule = fn(&InferCtx) -> Result<Vec<TensorType>, String>;
+
+/// What a shape rule function returns: one result type, or several (a multi-result op).
+pub trait IntoResults {
+    fn into_results(self) -> Vec<TensorType>;
+}
+
+impl IntoResults for TensorType {
+    fn into_results(self) -> Vec<TensorType> {
+        vec![self]
+    }
+}
+
+impl IntoResults for Vec<TensorType> {
+    fn into_results(self) -> Vec<TensorType> {
+        self
+    }
+}
 
 /// The row of the op table for one op.
 pub struct OpInfo {
@@ -88,7 +105,12 @@ macro_rules! op_table {
                             name: $name,
                             arity: $arity,
                             attrs: &[$($attr),*],
-                            infer: $rule,
+                            infer: {
+                                fn rule(ctx: &InferCtx) -> Result<Vec<TensorType>, String> {
+                                    ($rule)(ctx).map(IntoResults::into_results)
+                                }
+                                rule
+                            },
                             summary: $summary,
                         };
                         &INFO
@@ -130,6 +152,8 @@ op_table! {
     Slice => "slice", Arity::Exact(1), [req("dim", K::Int), req("start", K::Int), req("end", K::Int)], infer_slice,
         "elements start..end along `dim`";
     Concat => "concat", Arity::AtLeast(1), [req("dim", K::Int)], infer_concat, "join along `dim`";
+    Split => "split", Arity::Exact(1), [req("dim", K::Int), req("sizes", K::Ints)], infer_split,
+        "cut along `dim` into pieces of `sizes` (one result each; they add up to the dim)";
     BroadcastTo => "broadcast_to", Arity::Exact(1), [req("shape", K::Ints)], infer_broadcast_to,
         "stretch to `shape` with numpy's rules";
     MatMul => "matmul", Arity::Exact(2), [opt("transpose_a", K::Bool), opt("transpose_b", K::Bool)], infer_matmul,
@@ -321,6 +345,27 @@ fn infer_slice(ctx: &InferCtx) -> Result<TensorType, String> {
     let mut shape = x.shape.clone();
     shape[dim] = (end - start) as usize;
     Ok(TensorType::new(x.dtype, shape))
+}
+
+fn infer_split(ctx: &InferCtx) -> Result<Vec<TensorType>, String> {
+    let x = ctx.inputs[0];
+    let dim = normalize_dim(int_attr(ctx.attrs, "dim")?, x.rank())?;
+    let sizes = ctx.attrs.ints("sizes").ok_or("missing int list attribute `sizes`")?;
+    if sizes.is_empty() || sizes.iter().any(|&s| s < 1) {
+        return Err(format!("sizes {sizes:?} must be one or more positive extents"));
+    }
+    let total = sizes.iter().try_fold(0i64, |a, &s| a.checked_add(s)).unwrap_or(i64::MAX);
+    if total != x.shape[dim] as i64 {
+        return Err(format!("sizes {sizes:?} add up to {total}, but dimension {dim} of {x} is {}", x.shape[dim]));
+    }
+    Ok(sizes
+        .iter()
+        .map(|&s| {
+            let mut shape = x.shape.clone();
+            shape[dim] = s as usize;
+            TensorType::new(x.dtype, shape)
+        })
+        .collect())
 }
 
 fn infer_concat(ctx: &InferCtx) -> Result<TensorType, String> {

@@ -7,7 +7,8 @@
 //! item      := 'graph' NAME                 first item, exactly once
 //!            | 'mesh' AXIS '=' INT (',' AXIS '=' INT)*      at most once, before arguments
 //!            | ('param' | 'input' | 'state') VALUE ':' TYPE ANNOT?   arguments, before nodes
-//!            | VALUE ':' TYPE '=' OP '(' VALUES? ')' ATTRS? ANNOT?   one node
+//!            | RESULT (',' RESULT)* '=' OP '(' VALUES? ')' ATTRS? ANNOT?   one node
+//! RESULT    := VALUE ':' TYPE                    a node's results, in the op's order
 //!            | 'output' VALUE ANNOT? (',' VALUE ANNOT?)*              last item, exactly once
 //! VALUES    := VALUE (',' VALUE)*
 //! ANNOT     := '[' NOTE (',' NOTE)* ']'         what the program says about the item (below)
@@ -168,15 +169,22 @@ fn node_notes(g: &Graph, n: &Node) -> Vec<String> {
             }
         }
     }
-    v.extend(g.value(n.output).layer.map(|l| format!("layer {l}")));
+    v.extend(n.outputs.first().and_then(|&o| g.value(o).layer).map(|l| format!("layer {l}")));
     v
 }
 
 /// One node as its line of `.tir` (used in verifier messages too).
 pub fn print_node(g: &Graph, n: &Node) -> String {
-    let v = g.value(n.output);
+    let results: Vec<String> = n
+        .outputs
+        .iter()
+        .map(|&o| {
+            let v = g.value(o);
+            format!("%{}: {}{}", v.name, v.ty, sharding_suffix(v))
+        })
+        .collect();
     let args: Vec<String> = n.inputs.iter().map(|&i| format!("%{}", g.name_of(i))).collect();
-    let mut s = format!("%{}: {}{} = {}({})", v.name, v.ty, sharding_suffix(v), n.op.name(), args.join(", "));
+    let mut s = format!("{} = {}({})", results.join(", "), n.op.name(), args.join(", "));
     if !n.attrs.is_empty() {
         let attrs: Vec<String> = n.attrs.iter().map(|(k, a)| format!("{k} = {a}")).collect();
         let _ = write!(s, " {{{}}}", attrs.join(", "));
@@ -677,11 +685,19 @@ impl Parser {
         if self.graph.is_none() {
             return Err(c.err("expected `graph NAME` as the first line"));
         }
-        let (s, name) = c.value_ref("the defined value")?;
-        c.expect(':', "and the result type after the value name (`%x: f32[2] = ...`)")?;
-        let ty = c.ty()?;
-        let sharding = c.sharding()?;
-        c.expect('=', "after the result type")?;
+        // One or more results: `%a: f32[2], %b: f32[3] = split(...)`.
+        let mut results = Vec::new();
+        loop {
+            let (s, name) = c.value_ref("the defined value")?;
+            c.expect(':', "and the result type after the value name (`%x: f32[2] = ...`)")?;
+            let ty = c.ty()?;
+            let sharding = c.sharding()?;
+            results.push((s, name, ty, sharding));
+            if !c.eat(',') {
+                break;
+            }
+        }
+        c.expect('=', "after the result type (or `,` and another result)")?;
         let (os, opname) = c.ident("an op name")?;
         let op = Op::from_name(&opname).ok_or_else(|| c.err_at(os, opname.len(), format!("unknown op `{opname}`")))?;
         c.expect('(', "to open the operand list")?;
@@ -713,10 +729,15 @@ impl Parser {
             }
         }
         let (phase, origin, layer) = self.node_notes(c)?;
-        let output = self.define(c, s, name, ty, sharding)?;
+        let mut outputs = Vec::new();
+        for (s, name, ty, sharding) in results {
+            outputs.push(self.define(c, s, name, ty, sharding)?);
+        }
         let g = self.graph.as_mut().expect("checked above");
-        g.values[output.index()].layer = layer;
-        g.nodes.push(Node { op, inputs, attrs, output, phase, origin });
+        for &o in &outputs {
+            g.values[o.index()].layer = layer;
+        }
+        g.nodes.push(Node { op, inputs, attrs, outputs, phase, origin });
         Ok(())
     }
 

@@ -5,13 +5,14 @@
 //! 1. **Names.** The graph name and every value name match `[A-Za-z0-9_.]+`; value names are
 //!    unique.
 //! 2. **Mesh.** Mesh axis names are identifiers, unique, with sizes >= 1.
-//! 3. **Numbering.** Values are numbered densely in definition order: arguments first, then one
-//!    value per node in node order. Every value has exactly one definition.
+//! 3. **Numbering.** Values are numbered densely in definition order: arguments first, then each
+//!    node's results in node order. Every value has exactly one definition; every node at least
+//!    one result.
 //! 4. **Dominance.** Every operand of a node is an argument or the result of an earlier node
 //!    (the node list is a topological order; there are no cycles).
 //! 5. **Arity.** Each node has the number of operands its op's table row allows.
 //! 6. **Attributes.** Each required attribute is present with its kind; no unknown attribute.
-//! 7. **Types.** The declared result type equals the op table's shape/dtype rule applied to the
+//! 7. **Types.** The declared result types equal the op table's shape/dtype rule applied to the
 //!    operand types and attributes; the rule's own conditions hold (broadcastable shapes,
 //!    matching contraction dims, integer ids, dims in range, ...).
 //! 8. **Collectives.** Every `axis` attribute names an axis of the graph's mesh, and shapes
@@ -77,7 +78,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     let mut errs = Vec::new();
     let mut errs_on_values: Vec<(ValueId, String)> = Vec::new();
     let mut err = |node: Option<usize>, context: String, message: String| {
-        let value = node.and_then(|i| g.nodes.get(i)).map(|n| n.output);
+        let value = node.and_then(|i| g.nodes.get(i)).and_then(|n| n.outputs.first().copied());
         errs.push(VerifyError { node, value, context, message })
     };
 
@@ -113,7 +114,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     }
 
     // Numbering: args then nodes, dense.
-    let expected = g.args.iter().map(|a| a.value).chain(g.nodes.iter().map(|n| n.output));
+    let expected = g.args.iter().map(|a| a.value).chain(g.nodes.iter().flat_map(|n| n.outputs.iter().copied()));
     let mut count = 0usize;
     for (i, v) in expected.enumerate() {
         count += 1;
@@ -139,13 +140,17 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     };
 
     for (i, n) in g.nodes.iter().enumerate() {
-        if n.output.index() >= n_values || n.inputs.iter().any(|v| v.index() >= n_values) {
+        if n.outputs.is_empty() {
+            err(Some(i), format!("{:?}", n), "a node must have at least one result".into());
+            continue;
+        }
+        if n.outputs.iter().chain(&n.inputs).any(|v| v.index() >= n_values) {
             err(Some(i), format!("{:?}", n), "refers to a value that does not exist".into());
             continue;
         }
         let line = print_node(g, n);
         for &v in &n.inputs {
-            if v >= n.output {
+            if v >= n.output() {
                 err(Some(i), line.clone(), format!("operand {} is used before it is defined", defined_name(v)));
             }
         }
@@ -159,12 +164,19 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
             err(Some(i), line, m);
             continue;
         }
+        let declared: Vec<&TensorType> = n.outputs.iter().map(|&o| g.ty(o)).collect();
+        let show = |tys: &[&TensorType]| tys.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
         match (info.infer)(&InferCtx { inputs: &tys, attrs: &n.attrs, mesh: &g.mesh }) {
             Err(m) => err(Some(i), line, m),
-            Ok(ty) if &ty != g.ty(n.output) => err(
+            Ok(want) if want.iter().collect::<Vec<_>>() != declared => err(
                 Some(i),
                 line,
-                format!("declared type {} but `{}` of these operands gives {ty}", g.ty(n.output), info.name),
+                format!(
+                    "declared type {} but `{}` of these operands gives {}",
+                    show(&declared),
+                    info.name,
+                    show(&want.iter().collect::<Vec<_>>())
+                ),
             ),
             Ok(_) => {}
         }
@@ -185,7 +197,7 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     if errs.is_empty() {
         let mut later = Vec::new();
         let mut note = |node: Option<usize>, context: String, message: String| {
-            let value = node.and_then(|i| g.nodes.get(i)).map(|n| n.output);
+            let value = node.and_then(|i| g.nodes.get(i)).and_then(|n| n.outputs.first().copied());
             later.push(VerifyError { node, value, context, message })
         };
         if references_exist(g, &mut note) {
@@ -361,7 +373,7 @@ fn provenance(g: &Graph, err: &mut impl FnMut(Option<usize>, String, String)) {
     let mut phase = Phase::Forward;
     for (i, n) in g.nodes.iter().enumerate() {
         if let Origin::Adjoint(v) = n.origin {
-            if v >= n.output {
+            if v >= n.output() {
                 err(
                     Some(i),
                     print_node(g, n),

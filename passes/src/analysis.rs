@@ -32,7 +32,7 @@ pub fn collectives(g: &Graph) -> Vec<CollectiveUse> {
         .filter_map(|(i, n)| {
             let (kind, full) = match n.op {
                 Op::AllReduce => (CollectiveKind::AllReduce, g.ty(n.inputs[0])),
-                Op::AllGather => (CollectiveKind::AllGather, g.ty(n.output)),
+                Op::AllGather => (CollectiveKind::AllGather, g.ty(n.output())),
                 Op::ReduceScatter => (CollectiveKind::ReduceScatter, g.ty(n.inputs[0])),
                 Op::AllToAll => (CollectiveKind::AllToAll, g.ty(n.inputs[0])),
                 _ => return None,
@@ -43,7 +43,7 @@ pub fn collectives(g: &Graph) -> Vec<CollectiveUse> {
                 elements: full.numel(),
                 bytes: full.size_bytes(),
                 node: i,
-                value: g.name_of(n.output).to_string(),
+                value: g.name_of(n.output()).to_string(),
             })
         })
         .collect()

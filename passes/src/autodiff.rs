@@ -74,22 +74,30 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
         // The global max of a vocab-parallel cross-entropy only shifts the logits (the shift
         // cancels), so `all_reduce {reduce = "max"}` carries no gradient, as in Megatron.
         let max = n.op == Op::AllReduce && n.attrs.choice_or_default::<ReduceKind>("reduce") == ReduceKind::Max;
-        needs[n.output.index()] = depends && g.ty(n.output).dtype.is_float() && !is_constant(n.op) && !max;
+        for &o in &n.outputs {
+            needs[o.index()] = depends && g.ty(o).dtype.is_float() && !is_constant(n.op) && !max;
+        }
     }
     let mut ad = Ad { b: Builder::from_graph(g.clone()), adj: HashMap::new() };
     ad.b.at(Phase::Backward, Origin::Adjoint(loss), g.layer(loss));
     let seed = ad.b.scalar(1.0, lt.dtype, &format!("{}.grad", g.name_of(loss))).map_err(fail)?;
     ad.adj.insert(loss, seed);
     for (i, n) in g.nodes.iter().enumerate().rev() {
-        let Some(&dy) = ad.adj.get(&n.output) else { continue };
-        if !needs[n.output.index()] {
+        // The adjoints of the node's results that the loss depends on (each result's adjoint
+        // is complete here: every use comes later in node order).
+        let dys: Vec<Option<ValueId>> =
+            n.outputs.iter().map(|o| if needs[o.index()] { ad.adj.get(o).copied() } else { None }).collect();
+        if dys.iter().all(Option::is_none) {
             continue;
         }
         let wanted: Vec<bool> = n.inputs.iter().map(|v| needs[v.index()]).collect();
-        ad.b.at(Phase::Backward, Origin::Adjoint(n.output), g.layer(n.output));
-        let grads = ad
-            .adjoint(g, i, dy, &wanted)
-            .map_err(|m| fail(format!("node {i} `%{}` ({}): {m}", g.name_of(n.output), n.op.name())))?;
+        ad.b.at(Phase::Backward, Origin::Adjoint(n.output()), g.layer(n.output()));
+        let grads = match (n.op, dys.as_slice()) {
+            (Op::Split, _) => ad.split_adjoint(g, i, &dys),
+            (_, [Some(dy)]) => ad.adjoint(g, i, *dy, &wanted),
+            _ => Err(format!("`{}` has {} results but one adjoint rule", n.op.name(), n.outputs.len())),
+        }
+        .map_err(|m| fail(format!("node {i} `%{}` ({}): {m}", g.name_of(n.output()), n.op.name())))?;
         for ((&v, grad), &w) in n.inputs.iter().zip(grads).zip(&wanted) {
             if let (Some(grad), true) = (grad, w) {
                 ad.accumulate(g, v, grad).map_err(fail)?;
@@ -247,7 +255,7 @@ impl Ad {
     fn adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
         let n = &g.nodes[i];
         let ins = &n.inputs;
-        let y = n.output;
+        let y = n.output();
         let name = |v: ValueId| format!("{}.grad", g.name_of(v));
         let shape = |v: ValueId| g.ty(v).shape.clone();
         let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
@@ -490,11 +498,44 @@ impl Ad {
                     .with("concat_dim", n.attrs.get("split_dim").cloned().unwrap_or(Attr::Int(0)));
                 vec![Some(self.b.op(Op::AllToAll, &[dy], attrs, &h0)?)]
             }
-            op if is_backward_op(op) => {
+            // Listed, not matched by a wildcard: a new op is a compile error here.
+            Op::Pad
+            | Op::GeluGrad
+            | Op::SiluGrad
+            | Op::LayerNormGrad
+            | Op::LayerNormGammaGrad
+            | Op::RmsNormGrad
+            | Op::RmsNormGammaGrad
+            | Op::EmbeddingGrad
+            | Op::CrossEntropyGrad => {
                 return Err(format!("`{}` is a backward op; second derivatives are not supported", n.op.name()));
             }
-            op => return Err(format!("`{}` has no adjoint rule", op.name())),
+            Op::Split => return Err("internal: `split` has several results; see Ad::split_adjoint".into()),
         })
+    }
+
+    /// `split`'s adjoint: the pieces' adjoints joined back along the dim, zeros for pieces the
+    /// loss does not depend on.
+    fn split_adjoint(&mut self, g: &Graph, i: usize, dys: &[Option<ValueId>]) -> R<Vec<Option<ValueId>>> {
+        let n = &g.nodes[i];
+        let x = n.inputs[0];
+        let dim = n.attrs.int("dim").unwrap_or(0);
+        let mut parts = Vec::new();
+        for (&o, dy) in n.outputs.iter().zip(dys) {
+            parts.push(match dy {
+                Some(d) => *d,
+                None => {
+                    let ty = g.ty(o);
+                    let attrs = Attrs::new()
+                        .with("value", Attr::Float(0.0))
+                        .with("dtype", Attr::DType(ty.dtype))
+                        .with("shape", Attr::Ints(ty.shape.iter().map(|&d| d as i64).collect()));
+                    self.b.op(Op::Full, &[], attrs, &format!("{}.grad_zero", g.name_of(o)))?
+                }
+            });
+        }
+        let attrs = Attrs::new().with("dim", Attr::Int(dim));
+        Ok(vec![Some(self.b.op(Op::Concat, &parts, attrs, &format!("{}.grad", g.name_of(x)))?)])
     }
 
     /// C = op_a(A) op_b(B); see ARCHITECTURE.md for the four transpose cases.

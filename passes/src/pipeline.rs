@@ -170,4 +170,21 @@ mod tests {
         assert!(parse_pipeline("train-step{dp}").unwrap_err().contains("KEY=VALUE"));
         assert!(parse_pipeline("").is_err());
     }
+
+    #[test]
+    fn sharding_refuses_multi_result_nodes_clearly() {
+        let g = shardc_ir::text::parse(
+            "graph g\nmesh tp=2\nparam %w: f32[4, 4]\ninput %x: f32[2, 4]\n\
+             %h: f32[2, 4] = matmul(%x, %w)\n%a: f32[2, 1], %b: f32[2, 3] = split(%h) {dim = 1, sizes = [1, 3]}\n\
+             %loss: f32[] = reduce_sum(%b) {dims = [0, 1]}\noutput %loss [loss]\n",
+        )
+        .unwrap();
+        let e = run_pipeline(&parse_pipeline("shard").unwrap(), &g).unwrap_err();
+        assert!(e.contains("`split` defining `%a` has 2 results"), "{e}");
+        // Autodiff and the training step take them.
+        let step =
+            run_pipeline(&parse_pipeline("train-step").unwrap(), &shardc_ir::Graph { mesh: Default::default(), ..g })
+                .unwrap();
+        assert!(step.nodes.iter().any(|n| n.op == shardc_ir::Op::Split && n.outputs.len() == 2));
+    }
 }

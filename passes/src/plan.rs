@@ -67,7 +67,7 @@ pub struct Plan {
 fn matmul_flops(g: &Graph, n: &shardc_ir::Node) -> f64 {
     let a = g.ty(n.inputs[0]);
     let k = if n.attrs.bool_or("transpose_a", false) { a.shape[a.rank() - 2] } else { a.shape[a.rank() - 1] };
-    2.0 * g.ty(n.output).numel() as f64 * k as f64
+    2.0 * g.ty(n.output()).numel() as f64 * k as f64
 }
 
 /// What a plan needs besides the step graph.
@@ -139,7 +139,8 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
     let mut planned = Vec::new();
     let mut comm = BTreeMap::new();
     let mut seconds = 0.0;
-    let producer: HashMap<ValueId, usize> = g.nodes.iter().enumerate().map(|(i, n)| (n.output, i)).collect();
+    let producer: HashMap<ValueId, usize> =
+        g.nodes.iter().enumerate().flat_map(|(i, n)| n.outputs.iter().map(move |&o| (o, i))).collect();
     for c in collectives(g) {
         let node = &g.nodes[c.node];
         let rule = rule_of(g, &producer, node);
@@ -151,7 +152,7 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
             axis: c.axis,
             bytes: c.bytes,
             phase: node.phase,
-            layer: g.layer(node.output),
+            layer: g.layer(node.output()),
             rule,
             value: c.value,
         });
@@ -162,16 +163,17 @@ pub fn plan(step: &TrainStep, input: &PlanInput, device: &DeviceModel) -> Plan {
             let f = matmul_flops(g, n);
             flops += f;
             let bytes: usize =
-                n.inputs.iter().map(|&v| g.ty(v).size_bytes()).sum::<usize>() + g.ty(n.output).size_bytes();
-            seconds += compute_seconds(device, f, bytes as f64, g.ty(n.output).dtype == DType::Bf16);
+                n.inputs.iter().map(|&v| g.ty(v).size_bytes()).sum::<usize>() + g.ty(n.output()).size_bytes();
+            seconds += compute_seconds(device, f, bytes as f64, g.ty(n.output()).dtype == DType::Bf16);
         } else if !n.op.is_collective() {
             let bytes: usize =
-                n.inputs.iter().map(|&v| g.ty(v).size_bytes()).sum::<usize>() + g.ty(n.output).size_bytes();
+                n.inputs.iter().map(|&v| g.ty(v).size_bytes()).sum::<usize>() + g.ty(n.output()).size_bytes();
             seconds += bytes as f64 / device.memory_bandwidth;
         }
     }
     // Activations: forward results that a backward node reads.
-    let forward_values: HashSet<_> = g.nodes.iter().filter(|n| n.phase == Phase::Forward).map(|n| n.output).collect();
+    let forward_values: HashSet<_> =
+        g.nodes.iter().filter(|n| n.phase == Phase::Forward).flat_map(|n| n.outputs.iter().copied()).collect();
     let saved: HashSet<_> = g
         .nodes
         .iter()

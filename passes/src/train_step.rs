@@ -120,8 +120,8 @@ pub fn shard_parameters(g: &Graph, axis: &str, n: usize) -> Result<Graph, String
     }
     for node in &g.nodes {
         let inputs: Vec<ValueId> = node.inputs.iter().map(|v| map[v]).collect();
-        let out = b.copy_node(g, node, &inputs, |v| map.get(&v).copied())?;
-        map.insert(node.output, out);
+        let outs = b.copy_node(g, node, &inputs, |v| map.get(&v).copied())?;
+        map.extend(node.outputs.iter().copied().zip(outs));
     }
     let outputs = g
         .outputs
@@ -154,7 +154,7 @@ fn regather_for_backward(g: Graph) -> Result<(Graph, Renumbering), String> {
     for (i, n) in g.nodes[..forward_nodes].iter().enumerate() {
         if n.op == Op::AllGather && gathers_parameters(n) {
             let mut chain = vec![i];
-            let mut last = n.output;
+            let mut last = n.output();
             // Follow the slice/reshape (and, under mixed precision, the cast to the compute
             // dtype) that complete the rebuild.
             while let Some(j) = g.nodes[..forward_nodes]
@@ -162,7 +162,7 @@ fn regather_for_backward(g: Graph) -> Result<(Graph, Renumbering), String> {
                 .position(|m| matches!(m.op, Op::Slice | Op::Reshape | Op::Cast) && m.inputs == [last])
             {
                 chain.push(j);
-                last = g.nodes[j].output;
+                last = g.nodes[j].output();
             }
             chains.push(chain);
         }
@@ -170,7 +170,7 @@ fn regather_for_backward(g: Graph) -> Result<(Graph, Renumbering), String> {
     let mut copies = Vec::new();
     let mut replace = HashMap::new();
     let used_in_backward = |v: ValueId| g.nodes[forward_nodes..].iter().any(|n| n.inputs.contains(&v));
-    chains.retain(|chain| used_in_backward(g.nodes[*chain.last().expect("chains are non-empty")].output));
+    chains.retain(|chain| used_in_backward(g.nodes[*chain.last().expect("chains are non-empty")].output()));
     for chain in &chains {
         let param = match g.nodes[chain[0]].origin {
             Origin::Step { param, .. } => param,
@@ -180,9 +180,9 @@ fn regather_for_backward(g: Graph) -> Result<(Graph, Renumbering), String> {
         let mut prev: Option<ValueId> = None;
         for &i in chain {
             let n = g.nodes[i].clone();
-            let name = format!("{}.regathered", g.name_of(n.output));
-            let id = g.fresh_value(name, g.ty(n.output).clone());
-            g.values[id.index()].layer = g.layer(n.output);
+            let name = format!("{}.regathered", g.name_of(n.output()));
+            let id = g.fresh_value(name, g.ty(n.output()).clone());
+            g.values[id.index()].layer = g.layer(n.output());
             let inputs = match prev {
                 Some(p) => vec![p],
                 None => n.inputs.clone(),
@@ -191,13 +191,13 @@ fn regather_for_backward(g: Graph) -> Result<(Graph, Renumbering), String> {
                 op: n.op,
                 inputs,
                 attrs: n.attrs.clone(),
-                output: id,
+                outputs: vec![id],
                 phase: Phase::Backward,
                 origin: origin.clone(),
             });
             prev = Some(id);
         }
-        let last = g.nodes[*chain.last().expect("chains are non-empty")].output;
+        let last = g.nodes[*chain.last().expect("chains are non-empty")].output();
         replace.insert(last, prev.expect("chains are non-empty"));
     }
     for n in &mut g.nodes[forward_nodes..] {

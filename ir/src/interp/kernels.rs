@@ -116,6 +116,35 @@ pub fn silu(x: f64) -> f64 {
 }
 
 /// Runs one local op. `ins` are the operand values, `tys` their types, `out` the result type.
+/// Every result of a node: [`eval`] for single-result ops, the pieces for multi-result ones.
+pub(crate) fn eval_results<T: Real>(
+    op: Op,
+    attrs: &Attrs,
+    ins: &[&Val<T>],
+    tys: &[&TensorType],
+    outs: &[&TensorType],
+    coord: impl Fn(&str) -> Option<usize>,
+) -> Result<Vec<Val<T>>, String> {
+    match op {
+        Op::Split => {
+            let x = tys[0];
+            let dim = normalize_dim(attrs.int("dim").unwrap_or(0), x.rank())?;
+            let s = strides(&x.shape);
+            let mut start = 0;
+            Ok(outs
+                .iter()
+                .map(|out| {
+                    let base = start * s[dim];
+                    start += out.shape[dim];
+                    let offs: Vec<usize> = strided_offsets(&out.shape, &s).into_iter().map(|o| o + base).collect();
+                    ins[0].gather(&offs)
+                })
+                .collect())
+        }
+        _ => Ok(vec![eval(op, attrs, ins, tys, outs[0], coord)?]),
+    }
+}
+
 pub(crate) fn eval<T: Real>(
     op: Op,
     attrs: &Attrs,
@@ -237,6 +266,7 @@ pub(crate) fn eval<T: Real>(
             let dim = normalize_dim(attrs.int("dim").unwrap_or(0), out.rank())?;
             concat(ins, tys, out, dim)
         }
+        Op::Split => return Err("`split` has several results (the interpreter runs it through eval_results)".into()),
         Op::BroadcastTo => match ins[0] {
             Val::F(v) => Val::F(broadcast_to(v, &tys[0].shape, &out.shape)),
             Val::I(v) => Val::I(broadcast_to(v, &tys[0].shape, &out.shape)),

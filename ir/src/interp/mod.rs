@@ -138,7 +138,9 @@ impl<'g, T: Real> Machine<'g, T> {
         for (i, n) in g.nodes.iter().enumerate() {
             let results = if n.op.is_collective() { self.collective(i) } else { self.local(i) };
             for (rank, r) in results.into_iter().enumerate() {
-                self.vals[rank][n.output.index()] = Some(r?);
+                for (&o, v) in n.outputs.iter().zip(r?) {
+                    self.vals[rank][o.index()] = Some(v);
+                }
             }
             for &v in &n.inputs {
                 if last_use[v.index()] == i {
@@ -165,21 +167,23 @@ impl<'g, T: Real> Machine<'g, T> {
         self.vals[rank][v.index()].as_ref().expect("the verifier guarantees operands dominate their uses")
     }
 
-    fn local(&self, i: usize) -> Vec<Result<Val<T>, InterpError>> {
+    fn local(&self, i: usize) -> Vec<Result<Vec<Val<T>>, InterpError>> {
         let n = &self.g.nodes[i];
         let tys: Vec<&TensorType> = n.inputs.iter().map(|&v| self.g.ty(v)).collect();
+        let outs: Vec<&TensorType> = n.outputs.iter().map(|&v| self.g.ty(v)).collect();
         (0..self.vals.len())
             .map(|rank| {
                 let ins: Vec<&Val<T>> = n.inputs.iter().map(|&v| self.operand(rank, v)).collect();
                 let coord = |axis: &str| self.g.mesh.coord(rank, axis);
-                kernels::eval(n.op, &n.attrs, &ins, &tys, self.g.ty(n.output), coord).map_err(|m| self.fail(rank, i, m))
+                kernels::eval_results(n.op, &n.attrs, &ins, &tys, &outs, coord).map_err(|m| self.fail(rank, i, m))
             })
             .collect()
     }
 
-    fn collective(&self, i: usize) -> Vec<Result<Val<T>, InterpError>> {
+    /// A collective's one result on every rank.
+    fn collective(&self, i: usize) -> Vec<Result<Vec<Val<T>>, InterpError>> {
         let n = &self.g.nodes[i];
-        let (x, out) = (n.inputs[0], self.g.ty(n.output));
+        let (x, out) = (n.inputs[0], self.g.ty(n.output()));
         let in_ty = self.g.ty(x);
         let axis = n.attrs.str("axis").unwrap_or_default();
         let dim = |name: &str| normalize_dim(n.attrs.int(name).unwrap_or(0), in_ty.rank());
@@ -220,7 +224,7 @@ impl<'g, T: Real> Machine<'g, T> {
                     }
                     _ => unreachable!("only collectives reach here"),
                 };
-                Ok(result)
+                Ok(vec![result])
             })
             .collect()
     }

@@ -216,7 +216,7 @@ impl<'a> Lower<'a> {
                     return p;
                 }
                 match self.s.ctx().producer.get(&v) {
-                    Some(&i) if t.in_layer0(i) => self.g().nodes[t.node_in(i, ctx)].output,
+                    Some(&i) if t.in_layer0(i) => self.g().nodes[t.node_in(i, ctx)].output(),
                     _ => v,
                 }
             }

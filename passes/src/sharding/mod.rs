@@ -147,10 +147,10 @@ impl Ctx {
         let mut weights = params.clone();
         for n in &graph.nodes {
             if n.op == Op::Cast && weights.contains(&n.inputs[0]) {
-                weights.insert(n.output);
+                weights.insert(n.output());
             }
         }
-        let producer = graph.nodes.iter().enumerate().map(|(i, n)| (n.output, i)).collect();
+        let producer = graph.nodes.iter().enumerate().map(|(i, n)| (n.output(), i)).collect();
         let template = template::find(&graph);
         Ctx { graph, opts, template, weights, params, producer }
     }
@@ -175,7 +175,7 @@ impl Ctx {
             Sh::Arg(a) => Ok(Data { value: ValueId(*a), layout: Layout::Replicated }),
             Sh::Op(i, ch) => {
                 let node = &self.graph.nodes[*i as usize];
-                let value = node.output;
+                let value = node.output();
                 let ls: Vec<Layout> = ch.iter().map(|&c| child(c).layout).collect();
                 if ls.iter().all(|l| *l == Layout::Replicated) {
                     return Ok(Data { value, layout: Layout::Replicated });
@@ -231,7 +231,7 @@ impl Ctx {
                 if child(*w).layout != Layout::Split(0) || child(*ids).layout != Layout::Replicated {
                     return Err("the vocab-parallel embedding takes a row-split table and whole ids".into());
                 }
-                Ok(Data { value: node.output, layout: Layout::Partial })
+                Ok(Data { value: node.output(), layout: Layout::Partial })
             }
             Sh::VocabCrossEntropy(i, [l, t]) => {
                 let node = &self.graph.nodes[*i as usize];
@@ -239,7 +239,7 @@ impl Ctx {
                 if child(*l).layout != Layout::Split(last as u8) || child(*t).layout != Layout::Replicated {
                     return Err("the vocab-parallel cross-entropy takes vocab-split logits".into());
                 }
-                Ok(Data { value: node.output, layout: Layout::Replicated })
+                Ok(Data { value: node.output(), layout: Layout::Replicated })
             }
         }
     }
@@ -375,6 +375,14 @@ pub(crate) fn search(forward: &Graph, opts: &ShardOptions) -> Result<Search, Sha
     if opts.size < 2 {
         return Err(ShardError(format!("the `{}` axis has size {}; nothing to shard", opts.axis, opts.size)));
     }
+    if let Some(n) = forward.nodes.iter().find(|n| n.outputs.len() != 1) {
+        return Err(ShardError(format!(
+            "`{}` defining `%{}` has {} results; the sharding pass takes single-result ops (shard before fusing)",
+            n.op.name(),
+            forward.name_of(n.output()),
+            n.outputs.len()
+        )));
+    }
     let ctx = Ctx::new(forward.clone(), opts.clone());
     let template = ctx.template.clone();
     let mut s = Search {
@@ -403,7 +411,7 @@ pub(crate) fn search(forward: &Graph, opts: &ShardOptions) -> Result<Search, Sha
         }
         let ch: Vec<Id> = n.inputs.iter().map(|&v| s.class_of[&redirect(v)]).collect();
         let id = s.eg.add(Sh::Op(i as u32, ch));
-        s.class_of.insert(n.output, id);
+        s.class_of.insert(n.output(), id);
         s.stats.searched_nodes += 1;
     }
     for v in forward.output_values() {

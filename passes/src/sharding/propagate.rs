@@ -11,7 +11,7 @@ use shardc_ir::{Graph, Node};
 
 /// How each input must be split for the output to be split along `d` over `n` ranks.
 pub fn split_inputs(g: &Graph, node: &Node, d: usize, n: usize) -> Option<Vec<Option<usize>>> {
-    let out = &g.ty(node.output).shape;
+    let out = &g.ty(node.output()).shape;
     if d >= out.len() || !out[d].is_multiple_of(n) {
         return None;
     }
@@ -71,7 +71,32 @@ pub fn split_inputs(g: &Graph, node: &Node, d: usize, n: usize) -> Option<Vec<Op
             let di = *kept.get(d)?;
             (!dims.contains(&di)).then(|| vec![Some(di)])
         }
-        _ => None,
+        // Every other op: no split of its result comes from splitting its operands alike
+        // (constants, shape ops that move the split dim, collectives, backward ops, and
+        // multi-result ops, which the sharding pass does not take). Listed, so that a new op is
+        // a compile error here.
+        Op::Full
+        | Op::Iota
+        | Op::AxisIndex
+        | Op::Slice
+        | Op::Concat
+        | Op::Split
+        | Op::BroadcastTo
+        | Op::AllReduce
+        | Op::AllGather
+        | Op::ReduceScatter
+        | Op::AllToAll
+        | Op::Identity
+        | Op::TakeShard
+        | Op::Pad
+        | Op::GeluGrad
+        | Op::SiluGrad
+        | Op::LayerNormGrad
+        | Op::LayerNormGammaGrad
+        | Op::RmsNormGrad
+        | Op::RmsNormGammaGrad
+        | Op::EmbeddingGrad
+        | Op::CrossEntropyGrad => None,
     }
 }
 

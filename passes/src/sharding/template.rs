@@ -44,9 +44,9 @@ impl Template {
     /// The layer-0 value at the place of `v` in its layer (a node's result at the same offset,
     /// or the parameter layer 0 uses where `v`'s layer uses `v`); `v` itself outside the layers.
     pub fn layer_zero_twin(&self, g: &Graph, v: ValueId) -> ValueId {
-        if let Some(i) = g.nodes.iter().position(|n| n.output == v) {
+        if let Some(i) = g.nodes.iter().position(|n| n.output() == v) {
             if i >= self.start && !self.after_layers(i) {
-                return g.nodes[self.start + (i - self.start) % self.len].output;
+                return g.nodes[self.start + (i - self.start) % self.len].output();
             }
         }
         for layer in &self.params {
@@ -60,7 +60,7 @@ impl Template {
 
 /// Finds the layer template of `g`, if its layers are identical.
 pub fn find(g: &Graph) -> Option<Template> {
-    let layer_of_node: Vec<Option<usize>> = g.nodes.iter().map(|n| g.layer(n.output).map(|l| l as usize)).collect();
+    let layer_of_node: Vec<Option<usize>> = g.nodes.iter().map(|n| g.layer(n.output()).map(|l| l as usize)).collect();
     let start = layer_of_node.iter().position(|l| *l == Some(0))?;
     let len = layer_of_node[start..].iter().take_while(|l| **l == Some(0)).count();
     let mut layers = 0;
@@ -75,7 +75,7 @@ pub fn find(g: &Graph) -> Option<Template> {
     if layer_of_node[..start].iter().chain(&layer_of_node[end..]).any(Option::is_some) {
         return None;
     }
-    let pos_of: HashMap<ValueId, usize> = g.nodes.iter().enumerate().map(|(i, n)| (n.output, i)).collect();
+    let pos_of: HashMap<ValueId, usize> = g.nodes.iter().enumerate().map(|(i, n)| (n.output(), i)).collect();
     let is_param = |v: ValueId| g.args.iter().any(|a| a.value == v && a.kind == ArgKind::Param);
     let mut input = None;
     let mut params = vec![HashMap::new(); layers];
@@ -87,10 +87,10 @@ pub fn find(g: &Graph) -> Option<Template> {
     }
     for (i, layer_params) in params.iter_mut().enumerate() {
         let base = start + i * len;
-        let prev_out = (i > 0).then(|| g.nodes[base - 1].output);
+        let prev_out = (i > 0).then(|| g.nodes[base - 1].output());
         for k in 0..len {
             let (n0, ni) = (&g.nodes[start + k], &g.nodes[base + k]);
-            if n0.op != ni.op || n0.attrs != ni.attrs || g.ty(n0.output) != g.ty(ni.output) {
+            if n0.op != ni.op || n0.attrs != ni.attrs || g.ty(n0.output()) != g.ty(ni.output()) {
                 return None;
             }
             if n0.inputs.len() != ni.inputs.len() {
@@ -122,7 +122,7 @@ pub fn find(g: &Graph) -> Option<Template> {
         // Inside values stay inside, except the output, which only the next layer (or what
         // follows the last layer) reads.
         for k in 0..len - 1 {
-            let v = g.nodes[base + k].output;
+            let v = g.nodes[base + k].output();
             if users.get(&v).is_some_and(|u| u.iter().any(|&p| !(base..base + len).contains(&p))) {
                 return None;
             }
@@ -131,8 +131,8 @@ pub fn find(g: &Graph) -> Option<Template> {
             }
         }
     }
-    let output0 = g.nodes[start + len - 1].output;
-    let last_output = g.nodes[end - 1].output;
+    let output0 = g.nodes[start + len - 1].output();
+    let last_output = g.nodes[end - 1].output();
     // Layer 0's input is the value later layers replace with their predecessor's output; with
     // a single layer, it is the one outside, non-parameter value layer 0 reads first.
     let input = match input {
@@ -146,7 +146,7 @@ pub fn find(g: &Graph) -> Option<Template> {
     if g.nodes[start + len..end].iter().any(|n| n.inputs.contains(&input)) {
         return None;
     }
-    let mut layer0: HashSet<ValueId> = g.nodes[start..start + len].iter().map(|n| n.output).collect();
+    let mut layer0: HashSet<ValueId> = g.nodes[start..start + len].iter().map(|n| n.output()).collect();
     for n in &g.nodes[start..start + len] {
         layer0.extend(n.inputs.iter().copied().filter(|&v| is_param(v)));
     }

@@ -65,7 +65,7 @@ fn matmul_column(s: &mut Search) -> Vec<(Id, Id)> {
             continue;
         }
         let node = s.ctx().graph.nodes[i as usize].clone();
-        let r = s.ctx().shape(node.output).len();
+        let r = s.ctx().shape(node.output()).len();
         let Some(reqs) = split_inputs(&s.ctx().graph, &node, r - 1, s.ctx().opts.size) else { continue };
         let Some(kb) = reqs[1] else { continue };
         let Some(w) = s.shard(ch[1], kb as u8, RULE) else { continue };
@@ -120,7 +120,7 @@ fn propagate_gather(s: &mut Search) -> Vec<(Id, Id)> {
     let mut unions = Vec::new();
     for (class, i, ch, j, dj) in found {
         let node = s.ctx().graph.nodes[i as usize].clone();
-        for d in 0..s.ctx().shape(node.output).len() {
+        for d in 0..s.ctx().shape(node.output()).len() {
             let Some(reqs) = split_inputs(&s.ctx().graph, &node, d, n) else { continue };
             if reqs[j] != Some(dj as usize) {
                 continue;
