@@ -1,7 +1,7 @@
 //! `shardc compile` (the per-rank program) and `shardc explain` (why a value has its layout).
 
 use crate::cli::{CompileArgs, CompileStage, ExplainArgs, StepArgs};
-use crate::parallel::{self, Setup};
+use crate::parallel::{self, Strategy};
 use anyhow::{bail, Result};
 use shardc_ir::text::print;
 use shardc_ir::{DType, Graph};
@@ -12,7 +12,7 @@ use shardc_passes::train_step::TrainStep;
 
 /// Everything a compiling command builds.
 struct Compiled {
-    setup: Setup,
+    setup: Strategy,
     seq: usize,
     forward: Graph,
     step: TrainStep,
@@ -40,7 +40,7 @@ fn check_numerics(c: &Compiled, a: &StepArgs) -> Result<()> {
     use shardc_ir::interp::Precision;
     use shardc_passes::train_step::{build_train_step, AdamW};
     use shardc_runtime::train::Trainer;
-    let whole = Setup { dp: 1, ..c.setup.clone() };
+    let whole = Strategy { dp: 1, ..c.setup.clone() };
     let global = parallel::forward_graph(&a.model, a.batch, c.seq, c.compute, &whole, &a.par)?;
     let n = global.param_count();
     if n > CHECK_LIMIT {

@@ -2,7 +2,7 @@
 
 use crate::cli::{PlanArgs, PlanFormat, StepArgs};
 use crate::commands::thousands;
-use crate::parallel::{self, Candidate, Setup};
+use crate::parallel::{self, Candidate, Strategy};
 use anyhow::Result;
 use shardc_passes::cost::DeviceModel;
 use shardc_passes::plan::{
@@ -27,7 +27,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     let params_total = forward.param_count();
     let (step, sharded) = parallel::build(&forward, &setup, &device)?;
     let p = plan_step(&step, &parallel::plan_input(&forward, params_total, &setup, sharded.as_ref(), compute), &device);
-    let fits = p.memory_per_device.total as f64 <= budget;
+    let fits = p.memory_per_device.total as u64 <= budget;
     match args.format {
         PlanFormat::Json => {
             let report = PlanReport {
@@ -38,7 +38,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
                 precision: if compute == shardc_ir::DType::F32 { PlanPrecision::F32 } else { PlanPrecision::Bf16Mixed },
                 setup: plan_setup(&setup),
                 plan: p,
-                memory_budget: budget as u64,
+                memory_budget: budget,
                 fits_memory_budget: fits,
                 search: sharded.as_ref().map(|s| s.stats.clone()),
                 auto: ranked.as_ref().map(|r| r.iter().take(AUTO_SHOWN).map(candidate).collect()),
@@ -68,13 +68,13 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
 /// How many `--auto` candidates the plan shows.
 const AUTO_SHOWN: usize = 8;
 
-fn plan_setup(s: &Setup) -> PlanSetup {
+fn plan_setup(s: &Strategy) -> PlanSetup {
     PlanSetup { dp: s.dp, tp: s.tp, zero: s.zero, sequence_parallel: s.sp }
 }
 
 fn candidate(c: &Candidate) -> PlanCandidate {
     PlanCandidate {
-        setup: plan_setup(&c.setup),
+        setup: plan_setup(&c.strategy),
         predicted_step_seconds: c.plan.predicted_step_seconds,
         memory_per_device: c.plan.memory_per_device.total,
         fits_memory_budget: c.fits,
@@ -82,7 +82,7 @@ fn candidate(c: &Candidate) -> PlanCandidate {
 }
 
 /// The `--auto` ranking: the chosen setup and the runners-up.
-fn print_auto(ranked: &[Candidate], budget: f64) {
+fn print_auto(ranked: &[Candidate], budget: u64) {
     let fitting = ranked.iter().filter(|c| c.fits).count();
     println!(
         "--auto: {} candidates planned, {fitting} fit {}; ranked by {}",
@@ -98,10 +98,10 @@ fn print_auto(ranked: &[Candidate], budget: f64) {
         println!(
             "  {:<4} {:>5} {:>4} {:>5} {:>4}  {:>12.3}  {:>12}  {}",
             if i == 0 { "->" } else { "" },
-            c.setup.dp,
-            c.setup.tp,
-            c.setup.zero,
-            if c.setup.sp { "on" } else { "off" },
+            c.strategy.dp,
+            c.strategy.tp,
+            c.strategy.zero,
+            if c.strategy.sp { "on" } else { "off" },
             c.plan.predicted_step_seconds * 1e3,
             gib(c.plan.memory_per_device.total),
             if c.fits { "yes" } else { "no" }
@@ -114,7 +114,7 @@ fn print_auto(ranked: &[Candidate], budget: f64) {
             gib(chosen.plan.memory_per_device.total)
         );
     }
-    println!("  chosen: {}", chosen.setup.describe());
+    println!("  chosen: {}", chosen.strategy.describe());
     println!();
 }
 
@@ -144,7 +144,7 @@ fn print_layer(s: &Sharded, p: &Plan) {
     println!();
 }
 
-fn print_text(p: &Plan, a: &StepArgs, seq: usize, device: &DeviceModel, name: &str, setup: &Setup) {
+fn print_text(p: &Plan, a: &StepArgs, seq: usize, device: &DeviceModel, name: &str, setup: &Strategy) {
     let mesh = if p.mesh.is_empty() {
         "single device".to_string()
     } else {

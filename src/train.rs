@@ -8,7 +8,7 @@
 use crate::cli::{DataOrder, TrainArgs};
 use crate::commands::thousands;
 use crate::model::load_model;
-use crate::parallel::{self, Setup};
+use crate::parallel::{self, Strategy};
 use anyhow::{bail, Context, Result};
 use shardc_ir::import::weights::{read_metadata, read_tensors, write_tensors_with_metadata};
 use shardc_ir::interp::Precision;
@@ -79,7 +79,7 @@ fn batch(a: &TrainArgs, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
 }
 
 /// What a checkpoint must agree on with the run that resumes it.
-fn run_identity(a: &TrainArgs, graph_name: &str, setup: &Setup) -> BTreeMap<&'static str, String> {
+fn run_identity(a: &TrainArgs, graph_name: &str, setup: &Strategy) -> BTreeMap<&'static str, String> {
     BTreeMap::from([
         ("format", CHECKPOINT_FORMAT.to_string()),
         ("graph", graph_name.to_string()),
@@ -144,7 +144,7 @@ fn save(
 
 /// The compiled step and how it is spread.
 struct Run {
-    setup: Setup,
+    setup: Strategy,
     step: shardc_passes::train_step::TrainStep,
 }
 
@@ -251,7 +251,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     if let (Some(r), false) = (&ranked, a.json) {
         eprintln!(
             "--auto chose {} (predicted {:.3} ms per step on {})",
-            r[0].setup.describe(),
+            r[0].strategy.describe(),
             r[0].plan.predicted_step_seconds * 1e3,
             device.name
         );

@@ -16,4 +16,5 @@ pub mod cost;
 pub mod pipeline;
 pub mod plan;
 pub mod sharding;
+pub mod strategy;
 pub mod train_step;
