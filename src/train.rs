@@ -9,23 +9,19 @@ use crate::cli::{DataOrder, TrainArgs};
 use crate::commands::thousands;
 use crate::model::load_model;
 use crate::parallel::{self, Strategy};
-use anyhow::{bail, Context, Result};
-use shardc_ir::import::weights::{read_metadata, read_tensors, write_tensors_with_metadata};
+use anyhow::{bail, Result};
 use shardc_ir::interp::Precision;
-use shardc_ir::Tensor;
 use shardc_passes::train_step::{build_parallel_step, AdamW};
+use shardc_runtime::checkpoint::{self, CHECKPOINT_FILE};
 use shardc_runtime::data::TokenFile;
 use shardc_runtime::init::Rng;
 use shardc_runtime::train::{dp_shards, lr_at, Trainer};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
-const CHECKPOINT_FORMAT: &str = "shardc-checkpoint-v1";
 
 fn validate(a: &TrainArgs) -> Result<()> {
     let checks: [(bool, &str); 8] = [
@@ -79,126 +75,38 @@ fn batch(a: &TrainArgs, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
 }
 
 /// What a checkpoint must agree on with the run that resumes it.
-fn run_identity(a: &TrainArgs, graph_name: &str, setup: &Strategy) -> BTreeMap<&'static str, String> {
+fn run_identity(a: &TrainArgs, graph_name: &str, setup: &Strategy) -> BTreeMap<String, String> {
     BTreeMap::from([
-        ("format", CHECKPOINT_FORMAT.to_string()),
-        ("graph", graph_name.to_string()),
-        ("batch", a.run.batch.to_string()),
-        ("seq", a.run.seq.to_string()),
-        ("data_order", format!("{:?}", a.data_order).to_lowercase()),
-        ("seed", a.seed.to_string()),
-        ("mesh", setup.mesh().to_string()),
-        ("zero", setup.zero.to_string()),
-        ("sequence_parallel", setup.sp.to_string()),
+        ("graph".to_string(), graph_name.to_string()),
+        ("batch".to_string(), a.run.batch.to_string()),
+        ("seq".to_string(), a.run.seq.to_string()),
+        ("data_order".to_string(), format!("{:?}", a.data_order).to_lowercase()),
+        ("seed".to_string(), a.seed.to_string()),
+        ("mesh".to_string(), setup.mesh().to_string()),
+        ("zero".to_string(), setup.zero.to_string()),
+        ("sequence_parallel".to_string(), setup.sp.to_string()),
     ])
 }
 
-/// Rank r's key for a tensor that differs between ranks (ZeRO-sharded moments).
-fn rank_key(rank: usize, name: &str) -> String {
-    format!("rank{rank}/{name}")
-}
-
-/// The checkpoint layout: full parameters under their own names (so `shardc eval --weights`
-/// reads them whatever the mesh), and AdamW moments under their names on one device or when
-/// every rank holds the same ones (ZeRO 0 without tensor parallelism), under `rank<r>/<name>`
-/// when ranks hold different ones.
-#[allow(clippy::too_many_arguments)]
+/// Saves a checkpoint of the state after `step` steps (see `shardc_runtime::checkpoint`).
 fn save(
     dir: &Path,
     trainer: &Trainer,
     a: &TrainArgs,
-    run: &Run,
-    shapes: &HashMap<String, Vec<usize>>,
-    graph_name: &str,
+    identity: &BTreeMap<String, String>,
     step: usize,
     data: &TokenFile,
 ) -> Result<PathBuf> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let ranks = trainer.ranks();
-    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
-    for p in trainer.params() {
-        let full = run.step.full_param(p, &shapes[p], |r| &trainer.rank_values(r)[p]);
-        tensors.insert(p.clone(), full);
-    }
-    for r in 0..ranks {
-        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| trainer.is_moment(k)) {
-            if run.moments_differ() {
-                tensors.insert(rank_key(r, k), v.clone());
-            } else if r == 0 {
-                tensors.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    let mut meta: HashMap<String, String> =
-        run_identity(a, graph_name, &run.setup).into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut meta = identity.clone();
     meta.insert("step".into(), step.to_string());
     let position = match a.data_order {
         DataOrder::Sequential => (step % data.num_batches(a.run.batch, a.run.seq)) * a.run.batch * a.run.seq,
         DataOrder::Random => 0,
     };
     meta.insert("data_position".into(), position.to_string());
-    let path = dir.join(CHECKPOINT_FILE);
-    write_tensors_with_metadata(&path, &tensors, Some(meta))?;
-    Ok(path)
+    Ok(checkpoint::save(dir, trainer, meta)?)
 }
 
-/// The compiled step and how it is spread.
-struct Run {
-    setup: Strategy,
-    step: shardc_passes::train_step::TrainStep,
-}
-
-impl Run {
-    /// Whether ranks hold different AdamW moments (ZeRO shards or tensor-parallel chunks).
-    fn moments_differ(&self) -> bool {
-        self.step.graph.mesh.world_size() > 1 && (self.setup.zero.shards_optimizer() || self.setup.tp > 1)
-    }
-}
-
-/// Every rank's starting state from full parameters (and moments, when resuming).
-fn per_rank_state(full: &HashMap<String, Tensor>, run: &Run) -> Vec<HashMap<String, Tensor>> {
-    let mut states = run.step.rank_params(full);
-    for (r, m) in states.iter_mut().enumerate() {
-        for (k, v) in full {
-            if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
-                m.insert(rest.to_string(), v.clone());
-            } else if run.step.is_moment(k) && !run.moments_differ() {
-                m.entry(k.clone()).or_insert_with(|| v.clone());
-            }
-        }
-    }
-    states
-}
-
-fn load_checkpoint(
-    dir: &Path,
-    a: &TrainArgs,
-    graph_name: &str,
-    run: &Run,
-) -> Result<(Vec<HashMap<String, Tensor>>, usize)> {
-    let path = dir.join(CHECKPOINT_FILE);
-    if !path.is_file() {
-        bail!(
-            "{}: no checkpoint here (expected {CHECKPOINT_FILE}, written by `shardc train --checkpoint DIR`)",
-            dir.display()
-        );
-    }
-    let meta = read_metadata(&path)?;
-    for (key, want) in run_identity(a, graph_name, &run.setup) {
-        let found = meta.get(key).map(String::as_str).unwrap_or("(missing)");
-        if found != want {
-            bail!("{}: the checkpoint was written with {key} = {found}, but this run has {key} = {want}; resume with the same settings", path.display());
-        }
-    }
-    let step: usize = meta
-        .get("step")
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("{}: metadata has no valid `step`", path.display()))?;
-    let all: HashMap<String, Tensor> = read_tensors(&path)?.into_iter().collect();
-    Ok((per_rank_state(&all, run), step))
-}
-
-/// A one-line progress display on a terminal, or occasional lines otherwise.
 struct Progress {
     tty: bool,
     start: Instant,
@@ -296,24 +204,21 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     g.mesh = setup.mesh();
     let (dp, tp) = (setup.data_parallel(), setup.tensor_parallel());
     let (step, _) = build_parallel_step(&g, &opt, dp.as_ref(), tp.as_ref(), &device)?;
-    let run = Run { setup: setup.clone(), step };
     let graph_name = model.graph.name.clone();
-    let shapes: HashMap<String, Vec<usize>> = model
-        .graph
-        .args_of(shardc_ir::ArgKind::Param)
-        .map(|p| (model.graph.name_of(p).to_string(), model.graph.ty(p).shape.clone()))
-        .collect();
+    let identity = run_identity(a, &graph_name, &setup);
     let (initial, start, origin) = match &a.resume {
         Some(dir) => {
-            let (t, s) = load_checkpoint(dir, a, &graph_name, &run)?;
-            (t, s, format!("checkpoint {} at step {s}", dir.join(CHECKPOINT_FILE).display()))
+            let r = checkpoint::load(dir, &step.graph, &identity)?;
+            let at = format!("checkpoint {} at step {}", dir.join(CHECKPOINT_FILE).display(), r.step);
+            (r.states, r.step, at)
         }
-        None => (per_rank_state(&model.params, &run), 0, model.weights_from.clone()),
+        None => (checkpoint::rank_states(&step.graph, &model.params), 0, model.weights_from.clone()),
     };
     if start >= a.steps {
         bail!("the checkpoint is at step {start} already; ask for more --steps than that");
     }
-    let mut trainer = Trainer::new_spmd(run.step.graph.clone(), initial, Precision::F32)?;
+    let mesh = step.graph.mesh.clone();
+    let mut trainer = Trainer::new_spmd(step.graph, initial, Precision::F32)?;
     let min_lr = a.min_lr.unwrap_or(a.lr / 10.0);
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -350,7 +255,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             progress.finish();
             match &a.checkpoint {
                 Some(dir) => {
-                    let path = save(dir, &trainer, a, &run, &shapes, &graph_name, k, &data)?;
+                    let path = save(dir, &trainer, a, &identity, k, &data)?;
                     eprintln!(
                         "interrupted after step {k}; saved {} (continue with --resume {})",
                         path.display(),
@@ -365,7 +270,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         let lr = lr_at(k, a.lr, min_lr, a.warmup, a.steps);
         // Rank r trains on rows d*B/dp .. (d+1)*B/dp of the global batch, d its dp coordinate
         // (tensor-parallel ranks of one dp group see the same rows).
-        let shards = dp_shards(&run.step.graph.mesh, &x, &y);
+        let shards = dp_shards(&mesh, &x, &y);
         let s = trainer.step_spmd(shards, lr, k + 1)?;
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;
@@ -378,12 +283,12 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         if let (Some(dir), true) =
             (&a.checkpoint, a.save_every > 0 && (k + 1).is_multiple_of(a.save_every) && k + 1 < a.steps)
         {
-            save(dir, &trainer, a, &run, &shapes, &graph_name, k + 1, &data)?;
+            save(dir, &trainer, a, &identity, k + 1, &data)?;
         }
     }
     progress.finish();
     if let Some(dir) = &a.checkpoint {
-        let path = save(dir, &trainer, a, &run, &shapes, &graph_name, a.steps, &data)?;
+        let path = save(dir, &trainer, a, &identity, a.steps, &data)?;
         if !a.json {
             eprintln!("saved {}", path.display());
         }

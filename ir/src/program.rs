@@ -20,6 +20,8 @@
 //! Defaults print as nothing: a node in the forward phase, made by the model, outside any layer.
 
 use crate::id::ValueId;
+use crate::mesh::Mesh;
+use crate::tensor::{Data, Tensor};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -278,6 +280,99 @@ impl ParamLayout {
     pub fn is_whole(&self) -> bool {
         self.split.is_none() && self.flat_shard.is_none()
     }
+
+    /// The whole parameter's shape from the `local` shape one rank holds.
+    pub fn full_shape(&self, local: &[usize], mesh: &Mesh) -> Vec<usize> {
+        let mut shape = match &self.flat_shard {
+            Some(f) => f.shape.clone(),
+            None => local.to_vec(),
+        };
+        if let Some(s) = &self.split {
+            if let Some(d) = shape.get_mut(s.dim) {
+                *d *= mesh.axis_size(&s.axis).unwrap_or(1);
+            }
+        }
+        shape
+    }
+
+    /// What rank `rank` of `mesh` holds of the whole parameter `full`: its tensor-parallel
+    /// chunk, then (ZeRO-3) its flat shard of that. Keeps f64 storage.
+    pub fn cut(&self, full: &Tensor, mesh: &Mesh, rank: usize) -> Tensor {
+        let mut t = full.clone();
+        if let Some(s) = &self.split {
+            let n = mesh.axis_size(&s.axis).unwrap_or(1);
+            t = t.chunk(s.dim, n, mesh.coord(rank, &s.axis).unwrap_or(0));
+        }
+        if let Some(f) = &self.flat_shard {
+            let n = mesh.axis_size(&f.axis).unwrap_or(1);
+            t = flat_shard(&t, n, mesh.coord(rank, &f.axis).unwrap_or(0));
+        }
+        t
+    }
+
+    /// The whole parameter of `shape` from the ranks' tensors (`rank(r)` is rank r's): the
+    /// inverse of [`ParamLayout::cut`], reading the ranks at coordinate 0 of every axis the
+    /// layout does not split over (they hold the same).
+    pub fn assemble<'a>(&self, shape: &[usize], mesh: &Mesh, rank: impl Fn(usize) -> &'a Tensor) -> Tensor {
+        let split = self.split.as_ref().map(|s| (s.axis.as_str(), s.dim));
+        let mut chunk_shape = shape.to_vec();
+        let tp_n = split.map_or(1, |(axis, _)| mesh.axis_size(axis).unwrap_or(1));
+        if let Some((_, d)) = split {
+            chunk_shape[d] /= tp_n;
+        }
+        // The ranks at coordinate 0 of every axis but `keep` (and `k` on the split axis).
+        let ranks_along = |keep: &str, k: usize| -> Vec<usize> {
+            (0..mesh.world_size())
+                .filter(|&r| {
+                    mesh.axes.iter().zip(mesh.coords(r)).all(|(a, c)| {
+                        if a.name == keep {
+                            true
+                        } else if split.is_some_and(|(axis, _)| a.name == axis) {
+                            c == k
+                        } else {
+                            c == 0
+                        }
+                    })
+                })
+                .collect()
+        };
+        let chunk = |k: usize| -> Tensor {
+            match &self.flat_shard {
+                Some(f) => {
+                    let shards: Vec<&Tensor> = ranks_along(&f.axis, k).into_iter().map(&rank).collect();
+                    unflatten_shards(&shards, &chunk_shape)
+                }
+                None => rank(ranks_along("", k)[0]).clone(),
+            }
+        };
+        match split {
+            Some((_, d)) => Tensor::concat(&(0..tp_n).map(chunk).collect::<Vec<_>>(), d),
+            None => chunk(0),
+        }
+    }
+}
+
+/// Rank `r`'s ZeRO-3 shard of `t`: elements `r*P/n .. (r+1)*P/n` of the flattened tensor,
+/// zero-padded to a multiple of `n` (the layout of [`FlatShard`]). Keeps f64 storage.
+pub fn flat_shard(t: &Tensor, n: usize, r: usize) -> Tensor {
+    let mut flat = t.to_f64();
+    let per = flat.len().div_ceil(n);
+    flat.resize(per * n, 0.0);
+    let part = flat[r * per..(r + 1) * per].to_vec();
+    match t.data {
+        Data::F64(_) => Tensor::f64(t.dtype, vec![per], part),
+        _ => Tensor::f32(vec![per], part.into_iter().map(|x| x as f32).collect()),
+    }
+}
+
+/// The tensor of `shape` from every rank's [`flat_shard`], in rank order.
+pub fn unflatten_shards(shards: &[&Tensor], shape: &[usize]) -> Tensor {
+    let mut flat: Vec<f64> = shards.iter().flat_map(|t| t.to_f64()).collect();
+    flat.truncate(shape.iter().product());
+    match shards[0].data {
+        Data::F64(_) => Tensor::f64(shards[0].dtype, shape.to_vec(), flat),
+        _ => Tensor::f32(shape.to_vec(), flat.into_iter().map(|x| x as f32).collect()),
+    }
 }
 
 /// What an argument is to whoever runs the program.
@@ -358,5 +453,29 @@ impl FromStr for Phase {
     type Err = ();
     fn from_str(s: &str) -> Result<Self, ()> {
         Phase::ALL.into_iter().find(|p| p.name() == s).ok_or(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every rank's piece of a parameter split over tp and sharded over dp reassembles into it.
+    #[test]
+    fn layouts_cut_and_assemble() {
+        let mesh = Mesh::parse("dp=2,tp=2").unwrap();
+        let full = Tensor::f32(vec![3, 4], (0..12).map(|x| x as f32).collect());
+        let layout = ParamLayout {
+            split: Some(Split { axis: "tp".into(), dim: 1 }),
+            flat_shard: Some(FlatShard { axis: "dp".into(), shape: vec![3, 2] }),
+        };
+        let pieces: Vec<Tensor> = (0..4).map(|r| layout.cut(&full, &mesh, r)).collect();
+        // Rank 1 (dp 0, tp 1): columns 2..4, flattened [2, 3, 6, 7, 10, 11], first half.
+        assert_eq!(pieces[1].to_f64(), vec![2.0, 3.0, 6.0]);
+        assert_eq!(layout.full_shape(&pieces[0].shape, &mesh), vec![3, 4]);
+        assert_eq!(layout.assemble(&[3, 4], &mesh, |r| &pieces[r]), full);
+        // A flat shard pads: 5 elements over 2 ranks hold 3 each.
+        let odd = Tensor::f32(vec![5], vec![1.0; 5]);
+        assert_eq!(flat_shard(&odd, 2, 1).to_f64(), vec![1.0, 1.0, 0.0]);
     }
 }

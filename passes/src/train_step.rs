@@ -541,29 +541,6 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
     Ok(TrainStep { graph, params: names })
 }
 
-/// Rank `r`'s ZeRO-3 shard of `t`: elements `r*P/n .. (r+1)*P/n` of the flattened tensor,
-/// zero-padded to a multiple of `n` (the layout of [`shard_parameters`]). Keeps f64 storage.
-pub fn flat_shard(t: &shardc_ir::Tensor, n: usize, r: usize) -> shardc_ir::Tensor {
-    let mut flat = t.to_f64();
-    let per = flat.len().div_ceil(n);
-    flat.resize(per * n, 0.0);
-    let part = flat[r * per..(r + 1) * per].to_vec();
-    match t.data {
-        shardc_ir::tensor::Data::F64(_) => shardc_ir::Tensor::f64(t.dtype, vec![per], part),
-        _ => shardc_ir::Tensor::f32(vec![per], part.into_iter().map(|x| x as f32).collect()),
-    }
-}
-
-/// The tensor of `shape` from every rank's [`flat_shard`], in rank order.
-pub fn unflatten_shards(shards: &[&shardc_ir::Tensor], shape: &[usize]) -> shardc_ir::Tensor {
-    let mut flat: Vec<f64> = shards.iter().flat_map(|t| t.to_f64()).collect();
-    flat.truncate(shape.iter().product());
-    match shards[0].data {
-        shardc_ir::tensor::Data::F64(_) => shardc_ir::Tensor::f64(shards[0].dtype, shape.to_vec(), flat),
-        _ => shardc_ir::Tensor::f32(shape.to_vec(), flat.into_iter().map(|x| x as f32).collect()),
-    }
-}
-
 impl TrainStep {
     /// Whether `name` is an optimizer-moment argument of the step (by its role).
     pub fn is_moment(&self, name: &str) -> bool {
@@ -583,77 +560,26 @@ impl TrainStep {
             .unwrap_or_default()
     }
 
-    /// Every rank's parameters from the full ones, as each parameter's layout says: cut to the
-    /// rank's tensor-parallel chunk, then (ZeRO-3) to its flat shard.
+    /// Every rank's parameters from the full ones, as each parameter's layout says
+    /// ([`ParamLayout::cut`]).
     pub fn rank_params(&self, full: &HashMap<String, shardc_ir::Tensor>) -> Vec<HashMap<String, shardc_ir::Tensor>> {
         let mesh = &self.graph.mesh;
         let layouts: Vec<(&String, ParamLayout)> = self.params.iter().map(|p| (p, self.layout(p))).collect();
         (0..mesh.world_size())
             .map(|r| {
-                layouts
-                    .iter()
-                    .filter_map(|(p, l)| full.get(*p).map(|t| (*p, l, t)))
-                    .map(|(p, layout, t)| {
-                        let mut t = t.clone();
-                        if let Some(s) = &layout.split {
-                            let n = mesh.axis_size(&s.axis).unwrap_or(1);
-                            t = t.chunk(s.dim, n, mesh.coord(r, &s.axis).unwrap_or(0));
-                        }
-                        if let Some(f) = &layout.flat_shard {
-                            let n = mesh.axis_size(&f.axis).unwrap_or(1);
-                            t = flat_shard(&t, n, mesh.coord(r, &f.axis).unwrap_or(0));
-                        }
-                        (p.clone(), t)
-                    })
-                    .collect()
+                layouts.iter().filter_map(|(p, l)| full.get(*p).map(|t| ((*p).clone(), l.cut(t, mesh, r)))).collect()
             })
             .collect()
     }
 
     /// The full value of parameter `p` (of full shape `shape`) from the ranks' values
-    /// (`rank(r)` is rank r's tensor of it): the inverse of [`TrainStep::rank_params`].
+    /// (`rank(r)` is rank r's tensor of it): [`ParamLayout::assemble`].
     pub fn full_param<'a>(
         &self,
         p: &str,
         shape: &[usize],
         rank: impl Fn(usize) -> &'a shardc_ir::Tensor,
     ) -> shardc_ir::Tensor {
-        let mesh = &self.graph.mesh;
-        let layout = self.layout(p);
-        let split = layout.split.as_ref().map(|s| (s.axis.as_str(), s.dim));
-        let mut chunk_shape = shape.to_vec();
-        let tp_n = split.map_or(1, |(axis, _)| mesh.axis_size(axis).unwrap_or(1));
-        if let Some((_, d)) = split {
-            chunk_shape[d] /= tp_n;
-        }
-        // The ranks at coordinate 0 of every axis but `keep` (and `k` on the tp axis).
-        let ranks_along = |keep: &str, k: usize| -> Vec<usize> {
-            (0..mesh.world_size())
-                .filter(|&r| {
-                    mesh.axes.iter().zip(mesh.coords(r)).all(|(a, c)| {
-                        if a.name == keep {
-                            true
-                        } else if split.is_some_and(|(axis, _)| a.name == axis) {
-                            c == k
-                        } else {
-                            c == 0
-                        }
-                    })
-                })
-                .collect()
-        };
-        let chunk = |k: usize| -> shardc_ir::Tensor {
-            match &layout.flat_shard {
-                Some(f) => {
-                    let shards: Vec<&shardc_ir::Tensor> = ranks_along(&f.axis, k).into_iter().map(&rank).collect();
-                    unflatten_shards(&shards, &chunk_shape)
-                }
-                None => rank(ranks_along("", k)[0]).clone(),
-            }
-        };
-        match split {
-            Some((_, d)) => shardc_ir::Tensor::concat(&(0..tp_n).map(chunk).collect::<Vec<_>>(), d),
-            None => chunk(0),
-        }
+        self.layout(p).assemble(shape, &self.graph.mesh, rank)
     }
 }

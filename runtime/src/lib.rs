@@ -1,7 +1,8 @@
 //! Executes compiled training steps.
 //!
-//! Today: token files and batches ([`data`]) and parameter initialisation ([`init`]); the
-//! reference interpreter in `shardc-ir` executes graphs on the host.
+//! Today: token files and batches ([`data`]), parameter initialisation ([`init`]), the host
+//! training loop's state ([`train`]) and checkpoints ([`checkpoint`]); the reference interpreter
+//! in `shardc-ir` executes graphs on the host.
 //!
 //! Where this crate is going (DESIGN.md): a device-independent executor (schedule, memory
 //! arena, checkpoints, data loading, metrics) over two traits, `Device` (Host, Cuda) and
@@ -11,6 +12,7 @@
 //! run time) and the only one that does device or network I/O. It never runs MLIR or a
 //! compiler: a bundle is self-contained.
 
+pub mod checkpoint;
 pub mod data;
 pub mod init;
 pub mod train;
