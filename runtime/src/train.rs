@@ -128,6 +128,15 @@ impl Trainer {
         Ok(Trainer { graph, params, values, precision, inputs, loss, grad_norm, carried })
     }
 
+    /// A trainer for the step a bundle holds (see [`Trainer::new_spmd`]).
+    pub fn from_bundle(
+        bundle: &shardc_bundle::Bundle,
+        initial: Vec<HashMap<String, Tensor>>,
+        precision: Precision,
+    ) -> Result<Self, TrainError> {
+        Self::new_spmd(bundle.header.program.clone(), initial, precision)
+    }
+
     /// One single-device step on `tokens`/`targets` (row-major `[B, T]`) at learning rate `lr`;
     /// `step` is 1-based.
     pub fn step(&mut self, tokens: Vec<i64>, targets: Vec<i64>, lr: f64, step: usize) -> Result<StepStats, TrainError> {
