@@ -12,11 +12,10 @@
 //! This module reads no files: the caller passes the model's config (read once) and a function
 //! that builds the forward graph for a strategy (which the search calls once per mesh shape).
 
-use crate::autodiff::AutodiffError;
 use crate::cost::DeviceModel;
 use crate::plan::{plan, Plan, PlanInput};
 use crate::sharding::{ShardOptions, Sharded};
-use crate::train_step::{build_parallel_step, AdamW, DataParallel, TrainStep};
+use crate::train_step::{build_parallel_step, AdamW, DataParallel, StepError, TrainStep};
 use shardc_ir::import::ModelConfig;
 use shardc_ir::{DType, Graph, Mesh, ZeroStage};
 
@@ -84,7 +83,7 @@ pub enum StrategyError {
     #[error("building the forward graph for {strategy}: {message}")]
     Forward { strategy: String, message: String },
     #[error(transparent)]
-    Step(#[from] AutodiffError),
+    Step(#[from] StepError),
 }
 
 fn divisors(n: usize) -> Vec<usize> {
@@ -175,11 +174,7 @@ pub fn mesh_shapes(world: usize, device: &DeviceModel) -> Vec<(usize, usize)> {
 }
 
 /// The training step of `forward` (one dp rank's batch) under `s`.
-pub fn build(
-    forward: &Graph,
-    s: &Strategy,
-    device: &DeviceModel,
-) -> Result<(TrainStep, Option<Sharded>), AutodiffError> {
+pub fn build(forward: &Graph, s: &Strategy, device: &DeviceModel) -> Result<(TrainStep, Option<Sharded>), StepError> {
     let mut g = forward.clone();
     g.mesh = s.mesh();
     let (dp, tp) = (s.data_parallel(), s.tensor_parallel());

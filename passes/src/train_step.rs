@@ -23,6 +23,7 @@
 //! Clipping as `torch.nn.utils.clip_grad_norm_`: g <- g * min(1, clip / (norm + 1e-6)).
 
 use crate::autodiff::{differentiate, loss_of, AutodiffError};
+use crate::sharding::ShardError;
 use shardc_ir::ops::Op;
 use shardc_ir::{
     ArgKind, ArgRole, Attr, Attrs, Builder, DType, FlatShard, Graph, Moment, Origin, Output, OutputRole, ParamLayout,
@@ -48,6 +49,24 @@ impl Default for AdamW {
     }
 }
 
+/// Why the training step could not be built.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Autodiff(#[from] AutodiffError),
+    #[error(transparent)]
+    Sharding(#[from] ShardError),
+    #[error("train-step: the forward graph's mesh `{mesh}` has no axis `{axis}`")]
+    NoAxis { mesh: String, axis: String },
+    #[error("train-step: parameters are split over two mesh axes (`{0}` and `{1}`)")]
+    TwoSplitAxes(String, String),
+    #[error("train-step: parameter `%{param}` is {ty}; master weights must be f32 (compute copies are cast inside the graph)")]
+    MasterWeights { param: String, ty: String },
+    /// A compiler bug: the step's IR could not be built.
+    #[error("train-step: internal: {0}")]
+    Internal(String),
+}
+
 /// The training-step graph.
 pub struct TrainStep {
     pub graph: Graph,
@@ -56,7 +75,7 @@ pub struct TrainStep {
 }
 
 /// Builds the training step of a forward graph with an output marked `[loss]`.
-pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, AutodiffError> {
+pub fn build_train_step(forward: &Graph, opt: &AdamW) -> Result<TrainStep, StepError> {
     build_data_parallel_step(forward, opt, None)
 }
 
@@ -247,7 +266,7 @@ pub fn build_data_parallel_step(
     forward: &Graph,
     opt: &AdamW,
     dp: Option<&DataParallel>,
-) -> Result<TrainStep, AutodiffError> {
+) -> Result<TrainStep, StepError> {
     build_step(forward, opt, dp)
 }
 
@@ -262,22 +281,23 @@ pub fn build_parallel_step(
     dp: Option<&DataParallel>,
     tp: Option<&crate::sharding::ShardOptions>,
     device: &crate::cost::DeviceModel,
-) -> Result<(TrainStep, Option<crate::sharding::Sharded>), AutodiffError> {
+) -> Result<(TrainStep, Option<crate::sharding::Sharded>), StepError> {
     let Some(tp) = tp else { return Ok((build_step(forward, opt, dp)?, None)) };
-    let sharded = crate::sharding::shard_forward(forward, tp, device).map_err(|e| AutodiffError(e.to_string()))?;
+    let sharded = crate::sharding::shard_forward(forward, tp, device)?;
     let step = build_step(&sharded.graph, opt, dp)?;
     Ok((step, Some(sharded)))
 }
 
-fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result<TrainStep, AutodiffError> {
-    let fail = |m: String| AutodiffError(m);
+fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result<TrainStep, StepError> {
+    let fail = StepError::Internal;
     let zero = dp.map_or(ZeroStage::Replicated, |dp| dp.zero_stage);
     // ZeRO-3: the parameters themselves become flat shards, gathered where the forward uses them.
     let stage3 = match dp {
         Some(dp) if zero.shards_parameters() => {
-            let n = forward.mesh.axis_size(&dp.axis).ok_or_else(|| {
-                fail(format!("the forward graph's mesh `{}` has no axis `{}`", forward.mesh, dp.axis))
-            })?;
+            let n = forward
+                .mesh
+                .axis_size(&dp.axis)
+                .ok_or_else(|| StepError::NoAxis { mesh: forward.mesh.to_string(), axis: dp.axis.clone() })?;
             Some(shard_parameters(forward, &dp.axis, n).map_err(fail)?)
         }
         _ => None,
@@ -306,10 +326,7 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
         let split_axis = layout.split.as_ref().map(|s| s.axis.clone());
         if let Some(axis) = &split_axis {
             if tp_axis.get_or_insert_with(|| axis.clone()) != axis {
-                return Err(fail(format!(
-                    "parameters are split over two mesh axes (`{}` and `{axis}`)",
-                    tp_axis.unwrap_or_default()
-                )));
+                return Err(StepError::TwoSplitAxes(tp_axis.unwrap_or_default(), axis.clone()));
             }
         }
         views.push(UpdateView {
@@ -330,7 +347,7 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
         let n = forward
             .mesh
             .axis_size(axis)
-            .ok_or_else(|| fail(format!("the forward graph's mesh `{}` has no axis `{axis}`", forward.mesh)))?;
+            .ok_or_else(|| StepError::NoAxis { mesh: forward.mesh.to_string(), axis: axis.to_string() })?;
         let grad_rule =
             if zero == ZeroStage::Replicated { StepRule::AllReduceGradients } else { StepRule::ReduceScatterGradients };
         b.at(Phase::Backward, step_origin(grad_rule, zero), None);
@@ -449,7 +466,7 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
     };
 
     // Bias corrections from the step count: 1 - beta^t = 1 - exp(t ln beta).
-    let bias_correction = |b: &mut Builder, beta: f64, hint: &str| -> Result<ValueId, AutodiffError> {
+    let bias_correction = |b: &mut Builder, beta: f64, hint: &str| -> Result<ValueId, StepError> {
         let ln = f32s(b, beta.ln(), &format!("{hint}_ln_beta"))?;
         let t = b.binary(Op::Mul, step, ln, &format!("{hint}_t_ln_beta")).map_err(fail)?;
         let pow = b.unary(Op::Exp, t, &format!("{hint}_beta_pow")).map_err(fail)?;
@@ -481,9 +498,7 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
         b.at(Phase::Optimizer, param_origin(StepRule::Update, zero, view.arg), view.layer);
         let ty = b.ty(view.param).clone();
         if ty.dtype != DType::F32 {
-            return Err(fail(format!(
-                "parameter `%{name}` is {ty}; master weights must be f32 (compute copies are cast inside the graph)"
-            )));
+            return Err(StepError::MasterWeights { param: name, ty: ty.to_string() });
         }
         let (p, g0) = (view.param, view.grad);
         let state = TensorType::new(DType::F32, view.state_shape.clone());

@@ -188,7 +188,7 @@ impl<'a> Lower<'a> {
     fn op(&mut self, op: Op, ins: &[ValueId], attrs: Attrs, name: &str) -> Result<ValueId, ShardError> {
         let layer = self.layer;
         self.b.with_origin(Origin::Model).in_layer(layer);
-        let v = self.b.op(op, ins, attrs, name).map_err(ShardError)?;
+        let v = self.b.op(op, ins, attrs, name).map_err(ShardError::Internal)?;
         if ins.iter().any(|i| self.varies.contains(i)) {
             self.varies.insert(v);
         }
@@ -263,9 +263,7 @@ impl<'a> Lower<'a> {
                 let attrs = self.axis().with("dim", Attr::Int(d as i64));
                 self.collective(Op::TakeShard, v, attrs, &name, "localize/layer-input")
             }
-            Layout::Partial => {
-                Err(ShardError(format!("layer input `%{}` would have to be a partial sum", self.g().name_of(value))))
-            }
+            Layout::Partial => Err(ShardError::PartialLayerInput(self.g().name_of(value).to_string())),
         }
     }
 
@@ -282,7 +280,7 @@ impl<'a> Lower<'a> {
             return Ok(arg);
         }
         let Layout::Split(d) = layout else {
-            return Err(ShardError(format!("parameter `%{}` cannot be a partial sum", self.g().name_of(orig))));
+            return Err(ShardError::PartialParameter(self.g().name_of(orig).to_string()));
         };
         if let Some(&v) = self.args.get(&(orig, layout)) {
             return Ok(v);
@@ -472,8 +470,8 @@ impl<'a> Lower<'a> {
         };
         let expected = self.local_shape(data.value, data.layout);
         if self.b.ty(v).shape != expected {
-            return Err(ShardError(format!(
-                "internal: `%{}` came out {} but its layout ({}) needs {expected:?}",
+            return Err(ShardError::Internal(format!(
+                "`%{}` came out {} but its layout ({}) needs {expected:?}",
                 self.b.graph.name_of(v),
                 self.b.ty(v),
                 data.layout
@@ -483,7 +481,7 @@ impl<'a> Lower<'a> {
     }
 
     fn int(&mut self, x: i64, name: &str) -> Result<ValueId, ShardError> {
-        let v = self.b.scalar(x as f64, DType::I64, name).map_err(ShardError)?;
+        let v = self.b.scalar(x as f64, DType::I64, name).map_err(ShardError::Internal)?;
         Ok(v)
     }
 
@@ -596,10 +594,7 @@ impl<'a> Lower<'a> {
         let mut outputs = Vec::new();
         for (o, v) in self.g().outputs.iter().zip(outs) {
             if matches!(o.role, OutputRole::Gradient(_) | OutputRole::Update(_)) {
-                return Err(ShardError(format!(
-                    "output `%{}` is a gradient or an update: shard the forward graph, before autodiff",
-                    self.g().name_of(o.value)
-                )));
+                return Err(ShardError::NotAForwardGraph(self.g().name_of(o.value).to_string()));
             }
             outputs.push(Output::new(v, o.role.clone()));
         }
@@ -661,6 +656,6 @@ pub fn localize(s: &Search, ext: &Extraction) -> Result<Sharded, ShardError> {
     }
     sharded.alternatives.sort_by(|a, b| (&a.forward_value, &a.layout).cmp(&(&b.forward_value, &b.layout)));
     shardc_ir::verify::verify(&sharded.graph)
-        .map_err(|e| ShardError(format!("internal: the sharded program does not verify: {e}")))?;
+        .map_err(|e| ShardError::Internal(format!("the sharded program does not verify: {e}")))?;
     Ok(sharded)
 }

@@ -126,8 +126,23 @@ impl ShardOptions {
 
 /// Why a graph could not be sharded.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
-#[error("sharding: {0}")]
-pub struct ShardError(pub String);
+pub enum ShardError {
+    #[error("sharding: the `{axis}` axis has size {size}; nothing to shard")]
+    NothingToShard { axis: String, size: usize },
+    #[error("sharding: the graph's mesh `{mesh}` has no axis `{axis}` of size {size}")]
+    NoSuchAxis { mesh: String, axis: String, size: usize },
+    #[error("sharding: `{op}` defining `%{value}` has {results} results; the sharding pass takes single-result ops (shard before fusing)")]
+    MultiResult { op: &'static str, value: String, results: usize },
+    #[error("sharding: output `%{0}` is a gradient or an update: shard the forward graph, before autodiff")]
+    NotAForwardGraph(String),
+    #[error("sharding: parameter `%{0}` cannot be a partial sum")]
+    PartialParameter(String),
+    #[error("sharding: layer input `%{0}` would have to be a partial sum")]
+    PartialLayerInput(String),
+    /// A compiler bug: the pass built something that does not hold together.
+    #[error("sharding: internal: {0}")]
+    Internal(String),
+}
 
 /// The forward graph and facts the rules and the cost model read.
 pub(crate) struct Ctx {
@@ -373,15 +388,14 @@ pub fn search_stats(forward: &Graph, opts: &ShardOptions) -> Result<SearchStats,
 /// Builds the e-graph of `forward` (one layer of identical ones) and saturates it.
 pub(crate) fn search(forward: &Graph, opts: &ShardOptions) -> Result<Search, ShardError> {
     if opts.size < 2 {
-        return Err(ShardError(format!("the `{}` axis has size {}; nothing to shard", opts.axis, opts.size)));
+        return Err(ShardError::NothingToShard { axis: opts.axis.clone(), size: opts.size });
     }
     if let Some(n) = forward.nodes.iter().find(|n| n.outputs.len() != 1) {
-        return Err(ShardError(format!(
-            "`{}` defining `%{}` has {} results; the sharding pass takes single-result ops (shard before fusing)",
-            n.op.name(),
-            forward.name_of(n.output()),
-            n.outputs.len()
-        )));
+        return Err(ShardError::MultiResult {
+            op: n.op.name(),
+            value: forward.name_of(n.output()).to_string(),
+            results: n.outputs.len(),
+        });
     }
     let ctx = Ctx::new(forward.clone(), opts.clone());
     let template = ctx.template.clone();
@@ -463,10 +477,11 @@ pub fn shard_forward(
     device: &crate::cost::DeviceModel,
 ) -> Result<Sharded, ShardError> {
     if forward.mesh.axis_size(&opts.axis) != Some(opts.size) {
-        return Err(ShardError(format!(
-            "the graph's mesh `{}` has no axis `{}` of size {}",
-            forward.mesh, opts.axis, opts.size
-        )));
+        return Err(ShardError::NoSuchAxis {
+            mesh: forward.mesh.to_string(),
+            axis: opts.axis.clone(),
+            size: opts.size,
+        });
     }
     let s = search(forward, opts)?;
     let ext = extract::extract(&s, device);
