@@ -28,7 +28,7 @@ pub use graph::{Arg, ArgKind, Builder, Graph, Node, Renumbering, Signature, Valu
 pub use mesh::Mesh;
 pub use ops::Op;
 pub use program::{
-    ArgRole, FlatShard, Moment, Origin, Output, OutputRole, ParamLayout, Phase, Split, StepRule, ZeroStage,
+    ArgRole, FlatShard, Init, Moment, Origin, Output, OutputRole, ParamLayout, Phase, Split, StepRule, ZeroStage,
 };
 pub use sharding::Sharding;
 pub use tensor::{Data, Tensor};

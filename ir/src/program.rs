@@ -267,9 +267,44 @@ impl FlatShard {
     }
 }
 
-/// How a parameter argument relates to the model's whole parameter of the same name.
+/// How a fresh run initialises a parameter (GPT-2's scheme, Radford et al. 2019, as nanoGPT
+/// implements it). The importer says which parameter is which.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// By rank: matrices N(0, 0.02), vectors ones.
+    #[default]
+    Auto,
+    /// N(0, 0.02).
+    Normal,
+    /// A projection writing into the residual stream: N(0, 0.02 / sqrt(2 * layers)).
+    ResidualProjection,
+    /// Zeros (biases).
+    Zeros,
+    /// Ones (norm scales).
+    Ones,
+}
+
+impl Init {
+    pub const ALL: [Init; 5] = [Init::Auto, Init::Normal, Init::ResidualProjection, Init::Zeros, Init::Ones];
+
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Init::Auto => "auto",
+            Init::Normal => "normal",
+            Init::ResidualProjection => "residual",
+            Init::Zeros => "zeros",
+            Init::Ones => "ones",
+        }
+    }
+}
+
+/// How a parameter argument relates to the model's whole parameter of the same name (its
+/// layout over the mesh), and how a fresh run initialises it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ParamLayout {
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub init: Init,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub split: Option<Split>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -466,6 +501,7 @@ mod tests {
         let mesh = Mesh::parse("dp=2,tp=2").unwrap();
         let full = Tensor::f32(vec![3, 4], (0..12).map(|x| x as f32).collect());
         let layout = ParamLayout {
+            init: Init::Normal,
             split: Some(Split { axis: "tp".into(), dim: 1 }),
             flat_shard: Some(FlatShard { axis: "dp".into(), shape: vec![3, 2] }),
         };

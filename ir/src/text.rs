@@ -30,6 +30,7 @@
 //! or state of no particular role, a node of the forward phase made by the model, no layer):
 //! ```text
 //! argument NOTE := 'layer' INT
+//!                | 'init' ('normal' | 'residual' | 'zeros' | 'ones')   how a fresh run starts it
 //!                | 'split' AXIS INT                  tensor-parallel chunk along a dim
 //!                | 'flat-shard' AXIS '[' INTS ']'    ZeRO-3 flat shard of a tensor of that shape
 //!                | ('adam-m' | 'adam-v') VALUE       an AdamW moment of that parameter
@@ -66,7 +67,7 @@ use crate::graph::{Arg, ArgKind, Graph, Node, Value, ValueId};
 use crate::mesh::{is_identifier, Mesh, MeshAxis};
 use crate::ops::Op;
 use crate::program::{
-    ArgRole, FlatShard, Moment, Origin, Output, OutputRole, ParamLayout, Phase, Split, StepRule, ZeroStage,
+    ArgRole, FlatShard, Init, Moment, Origin, Output, OutputRole, ParamLayout, Phase, Split, StepRule, ZeroStage,
 };
 use crate::sharding::Sharding;
 use crate::types::{DType, TensorType};
@@ -122,6 +123,9 @@ fn arg_notes(g: &Graph, role: &ArgRole) -> Vec<String> {
         ArgRole::Other => vec![],
         ArgRole::Param(layout) => {
             let mut v = Vec::new();
+            if layout.init != Init::Auto {
+                v.push(format!("init {}", layout.init.keyword()));
+            }
             if let Some(s) = &layout.split {
                 v.push(format!("split {} {}", s.axis, s.dim));
             }
@@ -791,6 +795,17 @@ impl Parser {
             };
             match kw {
                 "layer" => layer = Some(Self::layer(c)?),
+                "init" => {
+                    param_only(c)?;
+                    let (ks, k) = c.keyword("an initialisation (normal, residual, zeros, ones)")?;
+                    layout.init = Init::ALL.into_iter().find(|i| i.keyword() == k).ok_or_else(|| {
+                        c.err_at(
+                            ks,
+                            k.len(),
+                            format!("unknown initialisation `{k}`; one of auto, normal, residual, zeros, ones"),
+                        )
+                    })?;
+                }
                 "split" => {
                     param_only(c)?;
                     let axis = c.ident("the mesh axis of the split")?.1;

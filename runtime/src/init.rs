@@ -8,6 +8,7 @@
 
 use shardc_ir::graph::{ArgKind, Graph};
 use shardc_ir::tensor::Tensor;
+use shardc_ir::Init;
 use std::collections::HashMap;
 
 /// splitmix64: a small, well-mixed 64-bit generator (Steele, Lea, Flood 2014).
@@ -44,33 +45,35 @@ fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// True for the projections that write into the residual stream, whose initialisation GPT-2
-/// scales by 1/sqrt(2 * layers) (GPT-2 paper, section 2.3; nanoGPT's `c_proj` rule).
-pub fn is_residual_projection(name: &str) -> bool {
-    ["attn.c_proj.weight", "mlp.c_proj.weight", "o_proj.weight", "down_proj.weight"].iter().any(|s| name.ends_with(s))
-}
-
 /// Number of transformer layers: the distinct layers the importer put parameters in.
 pub fn count_layers(g: &Graph) -> usize {
     g.args_of(ArgKind::Param).filter_map(|p| g.layer(p)).collect::<std::collections::BTreeSet<_>>().len()
 }
 
-/// Initial values for every parameter of `g`, GPT-2 style (see the module doc), with the
-/// residual projections scaled by 1/sqrt(2 * layers).
+/// Initial values for every parameter of `g`, GPT-2 style (see the module doc), as each
+/// parameter's role says (`init`: the importer marks biases, norm scales and the residual
+/// projections, which are scaled by 1/sqrt(2 * layers)).
 pub fn init_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
     let residual_std = 0.02 / (2.0 * count_layers(g).max(1) as f64).sqrt();
-    g.args_of(ArgKind::Param)
-        .map(|p| {
+    g.signature()
+        .params()
+        .map(|(p, layout)| {
             let v = g.value(p);
             let n = v.ty.numel();
-            let data: Vec<f32> = if v.ty.rank() >= 2 {
+            let init = match layout.init {
+                Init::Auto if v.ty.rank() >= 2 => Init::Normal,
+                Init::Auto => Init::Ones,
+                other => other,
+            };
+            let normal = |std: f64| {
                 let mut rng = Rng::new(seed ^ name_hash(&v.name));
-                let std = if is_residual_projection(&v.name) { residual_std } else { 0.02 };
-                (0..n).map(|_| (std * rng.normal()) as f32).collect()
-            } else if v.name.ends_with("bias") {
-                vec![0.0; n]
-            } else {
-                vec![1.0; n]
+                (0..n).map(|_| (std * rng.normal()) as f32).collect::<Vec<f32>>()
+            };
+            let data = match init {
+                Init::Normal | Init::Auto => normal(0.02),
+                Init::ResidualProjection => normal(residual_std),
+                Init::Zeros => vec![0.0; n],
+                Init::Ones => vec![1.0; n],
             };
             let mut t = Tensor::f32(v.ty.shape.clone(), data);
             t.dtype = v.ty.dtype;

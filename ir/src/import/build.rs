@@ -14,7 +14,7 @@ use super::config::{Family, ModelConfig};
 use crate::attrs::{Attr, Attrs, Choice, GeluApproximation};
 use crate::graph::{ArgKind, Builder, Graph, ValueId};
 use crate::ops::Op;
-use crate::program::{ArgRole, Output, OutputRole};
+use crate::program::{ArgRole, Init, Output, OutputRole, ParamLayout};
 use crate::types::{DType, TensorType};
 
 /// Shape choices that the config does not fix.
@@ -65,7 +65,21 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn param(&mut self, name: &str, shape: &[usize]) -> ValueId {
-        self.param_from(name, shape, name, None, shape)
+        self.param_init(name, shape, Init::Normal)
+    }
+
+    fn param_init(&mut self, name: &str, shape: &[usize], init: Init) -> ValueId {
+        self.param_from(name, shape, name, None, shape, init)
+    }
+
+    /// A bias (zeros at initialisation).
+    fn bias(&mut self, name: &str, shape: &[usize]) -> ValueId {
+        self.param_init(name, shape, Init::Zeros)
+    }
+
+    /// A projection into the residual stream (GPT-2's scaled initialisation).
+    fn residual(&mut self, name: &str, shape: &[usize]) -> ValueId {
+        self.param_init(name, shape, Init::ResidualProjection)
     }
 
     fn param_from(
@@ -75,6 +89,7 @@ impl Ctx<'_> {
         key: &str,
         range: Option<(usize, usize)>,
         key_shape: &[usize],
+        init: Init,
     ) -> ValueId {
         self.sources.push(ParamSource {
             param: name.to_string(),
@@ -83,6 +98,8 @@ impl Ctx<'_> {
             key_shape: key_shape.to_vec(),
         });
         let master = self.b.param(name, DType::F32, shape);
+        let layout = ParamLayout { init, ..Default::default() };
+        self.b.graph.args.last_mut().expect("just added").role = ArgRole::Param(layout);
         if self.o.compute == DType::F32 {
             return master;
         }
@@ -116,10 +133,10 @@ impl Ctx<'_> {
 
     fn norm(&mut self, x: ValueId, prefix: &str, hint: &str) -> Result<ValueId, String> {
         let d = self.c.hidden;
-        let gamma = self.param(&format!("{prefix}.weight"), &[d]);
+        let gamma = self.param_init(&format!("{prefix}.weight"), &[d], Init::Ones);
         match self.c.family {
             Family::Gpt2 { .. } => {
-                let beta = self.param(&format!("{prefix}.bias"), &[d]);
+                let beta = self.bias(&format!("{prefix}.bias"), &[d]);
                 let attrs = self.eps_attrs();
                 self.b.op(Op::LayerNorm, &[x, gamma, beta], attrs, hint)
             }
@@ -183,18 +200,26 @@ impl Ctx<'_> {
                 &format!("{fused}.weight"),
                 range,
                 &[d, 3 * d],
+                Init::Normal,
             );
-            let b = self.param_from(&format!("{p}.attn.{name}.bias"), &[d], &format!("{fused}.bias"), range, &[3 * d]);
+            let b = self.param_from(
+                &format!("{p}.attn.{name}.bias"),
+                &[d],
+                &format!("{fused}.bias"),
+                range,
+                &[3 * d],
+                Init::Zeros,
+            );
             qkv.push(self.linear(a, w, Some(b), false, &format!("{l}.{name}"))?);
         }
         let ctx = self.attention(qkv[0], qkv[1], qkv[2], positions, &l)?;
-        let wo = self.param(&format!("{p}.attn.c_proj.weight"), &[d, d]);
-        let bo = self.param(&format!("{p}.attn.c_proj.bias"), &[d]);
+        let wo = self.residual(&format!("{p}.attn.c_proj.weight"), &[d, d]);
+        let bo = self.bias(&format!("{p}.attn.c_proj.bias"), &[d]);
         let o = self.linear(ctx, wo, Some(bo), false, &format!("{l}.attn_out"))?;
         let x = self.b.binary(Op::Add, x, o, &format!("{l}.resid_attn"))?;
         let m = self.norm(x, &format!("{p}.ln_2"), &format!("{l}.ln_2"))?;
         let w1 = self.param(&format!("{p}.mlp.c_fc.weight"), &[d, f]);
-        let b1 = self.param(&format!("{p}.mlp.c_fc.bias"), &[f]);
+        let b1 = self.bias(&format!("{p}.mlp.c_fc.bias"), &[f]);
         let up = self.linear(m, w1, Some(b1), false, &format!("{l}.mlp_up"))?;
         let approximate = if gelu_tanh { GeluApproximation::Tanh } else { GeluApproximation::Erf };
         let act = self.b.op(
@@ -203,8 +228,8 @@ impl Ctx<'_> {
             Attrs::new().with("approximate", approximate.attr()),
             &format!("{l}.mlp_act"),
         )?;
-        let w2 = self.param(&format!("{p}.mlp.c_proj.weight"), &[f, d]);
-        let b2 = self.param(&format!("{p}.mlp.c_proj.bias"), &[d]);
+        let w2 = self.residual(&format!("{p}.mlp.c_proj.weight"), &[f, d]);
+        let b2 = self.bias(&format!("{p}.mlp.c_proj.bias"), &[d]);
         let down = self.linear(act, w2, Some(b2), false, &format!("{l}.mlp_down"))?;
         self.b.binary(Op::Add, x, down, &format!("{l}.resid_mlp"))
     }
@@ -219,16 +244,16 @@ impl Ctx<'_> {
         for (name, out) in [("q", h * dh), ("k", kvh * dh), ("v", kvh * dh)] {
             let w = self.param(&format!("{p}.self_attn.{name}_proj.weight"), &[out, d]);
             let b = if self.c.attention_bias {
-                Some(self.param(&format!("{p}.self_attn.{name}_proj.bias"), &[out]))
+                Some(self.bias(&format!("{p}.self_attn.{name}_proj.bias"), &[out]))
             } else {
                 None
             };
             qkv.push(self.linear(a, w, b, true, &format!("{l}.{name}"))?);
         }
         let ctx = self.attention(qkv[0], qkv[1], qkv[2], positions, &l)?;
-        let wo = self.param(&format!("{p}.self_attn.o_proj.weight"), &[d, h * dh]);
+        let wo = self.residual(&format!("{p}.self_attn.o_proj.weight"), &[d, h * dh]);
         let bo =
-            if self.c.attention_bias { Some(self.param(&format!("{p}.self_attn.o_proj.bias"), &[d])) } else { None };
+            if self.c.attention_bias { Some(self.bias(&format!("{p}.self_attn.o_proj.bias"), &[d])) } else { None };
         let o = self.linear(ctx, wo, bo, true, &format!("{l}.attn_out"))?;
         let x = self.b.binary(Op::Add, x, o, &format!("{l}.resid_attn"))?;
         let m = self.norm(x, &format!("{p}.post_attention_layernorm"), &format!("{l}.mlp_norm"))?;
@@ -239,8 +264,10 @@ impl Ctx<'_> {
                     input: ValueId,
                     hint: &str|
          -> Result<ValueId, String> {
-            let w = s.param(&format!("{p}.mlp.{name}.weight"), &shape);
-            let b = if s.c.mlp_bias { Some(s.param(&format!("{p}.mlp.{name}.bias"), &[bias])) } else { None };
+            // The down projection writes into the residual stream.
+            let init = if name == "down_proj" { Init::ResidualProjection } else { Init::Normal };
+            let w = s.param_init(&format!("{p}.mlp.{name}.weight"), &shape, init);
+            let b = if s.c.mlp_bias { Some(s.bias(&format!("{p}.mlp.{name}.bias"), &[bias])) } else { None };
             s.linear(input, w, b, true, hint)
         };
         let gate = proj(self, "gate_proj", [f, d], f, m, &format!("{l}.mlp_gate"))?;
