@@ -241,9 +241,9 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
                 if x.chosen { "*" } else { " " },
                 x.layout,
                 x.best,
-                x.cost.0,
-                x.cost.1,
-                x.cost.2,
+                x.cost.weight_bytes,
+                x.cost.seconds,
+                x.cost.other_bytes,
                 x.rule.as_deref().map(|r| format!("  [{r}]")).unwrap_or_default()
             );
         }

@@ -36,8 +36,34 @@ use shardc_ir::ops::Op;
 use shardc_ir::DType;
 use std::collections::{HashMap, HashSet};
 
-/// (parameter-state bytes, seconds, activation bytes).
-pub type Cost = (f64, f64, f64);
+/// What extraction minimises, compared in this order (lexicographically): the mesh is used to
+/// split the weights first, then time decides how, then the other bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, PartialOrd, serde::Serialize)]
+pub struct Cost {
+    /// Bytes of weight-matrix state per device (parameter, gradient, optimizer state).
+    pub weight_bytes: f64,
+    /// Predicted seconds of the forward and backward.
+    pub seconds: f64,
+    /// Other bytes per device (activations, vectors' state).
+    pub other_bytes: f64,
+}
+
+impl Cost {
+    pub const fn new(weight_bytes: f64, seconds: f64, other_bytes: f64) -> Cost {
+        Cost { weight_bytes, seconds, other_bytes }
+    }
+
+    fn scaled(self, w: f64) -> Cost {
+        Cost::new(self.weight_bytes * w, self.seconds * w, self.other_bytes * w)
+    }
+}
+
+impl std::ops::Add for Cost {
+    type Output = Cost;
+    fn add(self, o: Cost) -> Cost {
+        Cost::new(self.weight_bytes + o.weight_bytes, self.seconds + o.seconds, self.other_bytes + o.other_bytes)
+    }
+}
 
 /// The chosen e-node of every class and its cost.
 pub struct Extraction {
@@ -52,7 +78,7 @@ struct ShCost<'a> {
     split_read: HashSet<Id>,
 }
 
-const FORBIDDEN: Cost = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
+const FORBIDDEN: Cost = Cost::new(f64::INFINITY, f64::INFINITY, f64::INFINITY);
 
 impl ShCost<'_> {
     fn split_read(&self, enode: &Sh) -> bool {
@@ -86,20 +112,18 @@ impl ShCost<'_> {
         // Weight matrices (and tables) are what the mesh is for; vectors (biases, norm scales)
         // are small and follow whatever is fastest.
         let matrix = ty.rank() >= 2;
-        let state = |bytes: f64| if matrix { (4.0 * bytes, 0.0, 0.0) } else { (0.0, 0.0, 4.0 * bytes) };
+        let state =
+            |bytes: f64| if matrix { Cost::new(4.0 * bytes, 0.0, 0.0) } else { Cost::new(0.0, 0.0, 4.0 * bytes) };
         let f_param = if param && self.split_read(enode) {
             self.collective(AllReduce, full) - self.collective(AllReduce, 0.0)
         } else {
             0.0
         };
         match enode {
-            Sh::Arg(_) if param => {
-                let (p, t, a) = state(full);
-                (p, t + f_param, a)
-            }
-            Sh::Arg(_) => (0.0, 0.0, full),
+            Sh::Arg(_) if param => state(full) + Cost::new(0.0, f_param, 0.0),
+            Sh::Arg(_) => Cost::new(0.0, 0.0, full),
             Sh::Shard(..) if param => state(local),
-            Sh::Shard(..) => (0.0, local / bw + self.collective(AllGather, full), local),
+            Sh::Shard(..) => Cost::new(0.0, local / bw + self.collective(AllGather, full), local),
             Sh::Op(i, ch) => {
                 let node = &ctx.graph.nodes[*i as usize];
                 // Vocab-parallel cross-entropy is required where it applies: gathered
@@ -128,22 +152,22 @@ impl ShCost<'_> {
                 if data.layout == Layout::Replicated && ty.dtype.is_float() && self.split_read(enode) {
                     time += self.collective(AllReduce, full);
                 }
-                (0.0, time, local)
+                Cost::new(0.0, time, local)
             }
-            Sh::AllGather(..) => (0.0, 2.0 * self.collective(AllGather, full), full),
-            Sh::ReduceScatter(..) => (0.0, 2.0 * self.collective(ReduceScatter, full), local),
+            Sh::AllGather(..) => Cost::new(0.0, 2.0 * self.collective(AllGather, full), full),
+            Sh::ReduceScatter(..) => Cost::new(0.0, 2.0 * self.collective(ReduceScatter, full), local),
             Sh::AllReduce(_) => {
                 let seq = ctx.opts.seq_dim;
                 let shape = ctx.shape(data.value);
                 if ctx.opts.sequence_parallel && shape.len() > seq + 1 && shape[seq].is_multiple_of(ctx.opts.size) {
                     return FORBIDDEN;
                 }
-                (0.0, self.collective(AllReduce, full), full)
+                Cost::new(0.0, self.collective(AllReduce, full), full)
             }
-            Sh::VocabEmbedding(..) => (0.0, 3.0 * full / bw, full),
+            Sh::VocabEmbedding(..) => Cost::new(0.0, 3.0 * full / bw, full),
             Sh::VocabCrossEntropy(_, [l, _]) => {
                 let logits = self.local_bytes(*l);
-                (0.0, 3.0 * self.collective(AllReduce, full) + 6.0 * logits / bw, 3.0 * full + logits)
+                Cost::new(0.0, 3.0 * self.collective(AllReduce, full) + 6.0 * logits / bw, 3.0 * full + logits)
             }
         }
     }
@@ -157,15 +181,13 @@ impl CostFunction<Sh> for ShCost<'_> {
         let data = ctx.layout_of(enode, |c| self.s.eg[c].data.clone()).expect("only legal terms are in the e-graph");
         let value = data.value;
         let w = ctx.multiplier(value);
-        let (p, t, a) = self.own(enode, &data);
-        let mut total = (p * w, t * w, a * w);
+        let mut total = self.own(enode, &data).scaled(w);
         // A parameter's shard is loaded as a shard: the whole parameter never exists.
         if matches!(enode, Sh::Shard(..)) && ctx.params.contains(&value) {
             return total;
         }
         for &c in enode.children() {
-            let (p, t, a) = costs(c);
-            total = (total.0 + p, total.1 + t, total.2 + a);
+            total = total + costs(c);
         }
         total
     }

@@ -168,7 +168,7 @@ impl<'a> Lower<'a> {
                 values: Vec::new(),
                 stats: s.stats.clone(),
                 alternatives: Vec::new(),
-                cost: (0.0, 0.0, 0.0),
+                cost: Cost::default(),
             },
         }
     }
