@@ -289,31 +289,69 @@ pub fn build_parallel_step(
 }
 
 fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result<TrainStep, StepError> {
-    let fail = StepError::Internal;
     let zero = dp.map_or(ZeroStage::Replicated, |dp| dp.zero_stage);
     // ZeRO-3: the parameters themselves become flat shards, gathered where the forward uses them.
     let stage3 = match dp {
         Some(dp) if zero.shards_parameters() => {
-            let n = forward
-                .mesh
-                .axis_size(&dp.axis)
-                .ok_or_else(|| StepError::NoAxis { mesh: forward.mesh.to_string(), axis: dp.axis.clone() })?;
-            Some(shard_parameters(forward, &dp.axis, n).map_err(fail)?)
+            Some(shard_parameters(forward, &dp.axis, axis_size(forward, &dp.axis)?).map_err(StepError::Internal)?)
         }
         _ => None,
     };
     let forward = stage3.as_ref().unwrap_or(forward);
+    let Gradients { mut b, mut loss, mut views, tp_axis } = gradients(forward, stage3.is_some())?;
+    let mut sharded_norm_axis = None;
+    if let Some(dp) = dp {
+        let n = axis_size(forward, &dp.axis)?;
+        loss = synchronise(&mut b, &mut views, loss, &dp.axis, n, zero)?;
+        if zero.shards_optimizer() {
+            sharded_norm_axis = Some(dp.axis.as_str());
+        }
+    }
+    b.at(Phase::Optimizer, step_origin(StepRule::Update, zero), None);
+    let scalar = TensorType::new(DType::F32, vec![]);
+    let lr = b.arg_with_role(ArgKind::Input, ArgRole::LearningRate, "lr", &scalar);
+    let step = b.arg_with_role(ArgKind::Input, ArgRole::StepNumber, "step", &scalar);
+    let grad_norm = global_norm(&mut b, &views, tp_axis.as_deref(), sharded_norm_axis, zero)?;
+    let clip = clip_coefficient(&mut b, opt, grad_norm)?;
+    let adam = Adam::constants(&mut b, opt, lr, step)?;
+    let mut outputs = vec![Output::new(loss, OutputRole::Loss), Output::new(grad_norm, OutputRole::GradNorm)];
+    for view in &views {
+        outputs.extend(adam.update(&mut b, view, clip, dp, zero)?);
+    }
+    let (graph, _) = b.finish_with(outputs);
+    Ok(TrainStep { graph, params: views.into_iter().map(|v| v.name).collect() })
+}
+
+fn axis_size(g: &Graph, axis: &str) -> Result<usize, StepError> {
+    g.mesh.axis_size(axis).ok_or_else(|| StepError::NoAxis { mesh: g.mesh.to_string(), axis: axis.to_string() })
+}
+
+fn f32s(b: &mut Builder, x: f64, hint: &str) -> Result<ValueId, StepError> {
+    b.scalar(x, DType::F32, hint).map_err(StepError::Internal)
+}
+
+/// The differentiated forward, ready for the rest of the step.
+struct Gradients {
+    b: Builder,
+    loss: ValueId,
+    views: Vec<UpdateView>,
+    /// The mesh axis split parameters are split over (one at most).
+    tp_axis: Option<String>,
+}
+
+/// The forward and its backward (ZeRO-3: with the parameter gathers repeated for the
+/// backward), and each parameter's view for the optimizer.
+fn gradients(forward: &Graph, regather: bool) -> Result<Gradients, StepError> {
+    let fail = StepError::Internal;
     let params: Vec<ValueId> = forward.args_of(ArgKind::Param).collect();
     let mut loss = loss_of(forward)?;
     let mut d = differentiate(forward, loss, &params)?;
-    if stage3.is_some() {
+    if regather {
         let (g, map) = regather_for_backward(d.graph).map_err(fail)?;
         d.graph = g;
         d.grads = d.grads.iter().map(|&v| map.get(v)).collect();
         loss = map.get(loss);
     }
-    let mut b = Builder::from_graph(d.graph);
-    let f32s = |b: &mut Builder, x: f64, hint: &str| b.scalar(x, DType::F32, hint).map_err(fail);
     let mut views = Vec::new();
     let mut tp_axis: Option<String> = None;
     for (&p, &g) in params.iter().zip(&d.grads) {
@@ -341,82 +379,92 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
             shard: None,
         });
     }
-    let mut sharded_norm_axis = None;
-    if let Some(dp) = dp {
-        let axis = dp.axis.as_str();
-        let n = forward
-            .mesh
-            .axis_size(axis)
-            .ok_or_else(|| StepError::NoAxis { mesh: forward.mesh.to_string(), axis: axis.to_string() })?;
-        let grad_rule =
-            if zero == ZeroStage::Replicated { StepRule::AllReduceGradients } else { StepRule::ReduceScatterGradients };
-        b.at(Phase::Backward, step_origin(grad_rule, zero), None);
-        let inv = f32s(&mut b, 1.0 / n as f64, "dp_inv_ranks")?;
-        let on_axis = Attrs::new().with("axis", Attr::Str(axis.to_string()));
-        let dim0 = on_axis.clone().with("dim", Attr::Int(0));
-        // Flatten, pad to a multiple of n: the layout of ZeRO's flat shards.
-        let flat = |b: &mut Builder, x: ValueId, numel: usize, padded: usize, hint: &str| {
-            let f = b.reshape(x, &[numel], &format!("{hint}_flat")).map_err(fail)?;
-            if padded == numel {
-                return Ok(f);
-            }
-            let pad = Attrs::new()
-                .with("dim", Attr::Int(0))
-                .with("before", Attr::Int(0))
-                .with("after", Attr::Int((padded - numel) as i64));
-            b.op(Op::Pad, &[f], pad, &format!("{hint}_padded")).map_err(fail)
-        };
-        // Gradient synchronisation (the backward phase).
-        for v in &mut views {
-            let name = v.name.clone();
-            b.at(Phase::Backward, param_origin(grad_rule, zero, v.arg), v.layer);
-            if zero.shards_parameters() {
-                // The adjoint of the forward all_gather already reduce-scattered (summed) the
-                // gradient into this rank's shard.
-                v.grad = b.binary(Op::Mul, v.grad, inv, &format!("{name}.grad_shard")).map_err(fail)?;
-            } else if zero == ZeroStage::Replicated {
-                let sum = b.op(Op::AllReduce, &[v.grad], on_axis.clone(), &format!("{name}.grad_sum")).map_err(fail)?;
-                v.grad = b.binary(Op::Mul, sum, inv, &format!("{name}.grad_mean")).map_err(fail)?;
-            } else {
-                let numel: usize = v.state_shape.iter().product();
-                let padded = numel.div_ceil(n) * n;
-                let gf = flat(&mut b, v.grad, numel, padded, &format!("{name}.grad"))?;
-                let gs =
-                    b.op(Op::ReduceScatter, &[gf], dim0.clone(), &format!("{name}.grad_shard_sum")).map_err(fail)?;
-                v.grad = b.binary(Op::Mul, gs, inv, &format!("{name}.grad_shard")).map_err(fail)?;
-            }
+    Ok(Gradients { b: Builder::from_graph(d.graph), loss, views, tp_axis })
+}
+
+/// Data parallelism over `axis` (`n` ranks): the gradients reduced as the ZeRO stage says (the
+/// backward phase), the loss averaged, and under ZeRO-1/2 each view narrowed to this rank's
+/// flat shard of its parameter. Returns the averaged loss.
+fn synchronise(
+    b: &mut Builder,
+    views: &mut [UpdateView],
+    loss: ValueId,
+    axis: &str,
+    n: usize,
+    zero: ZeroStage,
+) -> Result<ValueId, StepError> {
+    let fail = StepError::Internal;
+    let grad_rule =
+        if zero == ZeroStage::Replicated { StepRule::AllReduceGradients } else { StepRule::ReduceScatterGradients };
+    b.at(Phase::Backward, step_origin(grad_rule, zero), None);
+    let inv = f32s(b, 1.0 / n as f64, "dp_inv_ranks")?;
+    let on_axis = Attrs::new().with("axis", Attr::Str(axis.to_string()));
+    let dim0 = on_axis.clone().with("dim", Attr::Int(0));
+    // Flatten, pad to a multiple of n: the layout of ZeRO's flat shards.
+    let flat = |b: &mut Builder, x: ValueId, numel: usize, padded: usize, hint: &str| -> Result<ValueId, StepError> {
+        let f = b.reshape(x, &[numel], &format!("{hint}_flat")).map_err(fail)?;
+        if padded == numel {
+            return Ok(f);
         }
-        b.at(Phase::Optimizer, step_origin(StepRule::AverageLoss, zero), None);
-        let sum = b.op(Op::AllReduce, &[loss], on_axis.clone(), "loss_sum").map_err(fail)?;
-        loss = b.binary(Op::Mul, sum, inv, "loss_mean").map_err(fail)?;
-        // ZeRO-1/2: the optimizer updates this rank's flat shard of each parameter.
-        if zero.shards_optimizer() && !zero.shards_parameters() {
-            for v in &mut views {
-                let name = v.name.clone();
-                b.at(Phase::Optimizer, param_origin(StepRule::Update, zero, v.arg), v.layer);
-                let shape = v.state_shape.clone();
-                let numel: usize = shape.iter().product();
-                let padded = numel.div_ceil(n) * n;
-                let pf = flat(&mut b, v.param, numel, padded, &name)?;
-                v.param = b.op(Op::TakeShard, &[pf], dim0.clone(), &format!("{name}.shard")).map_err(fail)?;
-                v.state_shape = vec![padded / n];
-                v.shard = Some((numel, padded, shape));
-            }
-        }
-        if zero.shards_optimizer() {
-            sharded_norm_axis = Some(on_axis);
+        let pad = Attrs::new()
+            .with("dim", Attr::Int(0))
+            .with("before", Attr::Int(0))
+            .with("after", Attr::Int((padded - numel) as i64));
+        b.op(Op::Pad, &[f], pad, &format!("{hint}_padded")).map_err(fail)
+    };
+    // Gradient synchronisation (the backward phase).
+    for v in views.iter_mut() {
+        let name = v.name.clone();
+        b.at(Phase::Backward, param_origin(grad_rule, zero, v.arg), v.layer);
+        if zero.shards_parameters() {
+            // The adjoint of the forward all_gather already reduce-scattered (summed) the
+            // gradient into this rank's shard.
+            v.grad = b.binary(Op::Mul, v.grad, inv, &format!("{name}.grad_shard")).map_err(fail)?;
+        } else if zero == ZeroStage::Replicated {
+            let sum = b.op(Op::AllReduce, &[v.grad], on_axis.clone(), &format!("{name}.grad_sum")).map_err(fail)?;
+            v.grad = b.binary(Op::Mul, sum, inv, &format!("{name}.grad_mean")).map_err(fail)?;
+        } else {
+            let numel: usize = v.state_shape.iter().product();
+            let padded = numel.div_ceil(n) * n;
+            let gf = flat(b, v.grad, numel, padded, &format!("{name}.grad"))?;
+            let gs = b.op(Op::ReduceScatter, &[gf], dim0.clone(), &format!("{name}.grad_shard_sum")).map_err(fail)?;
+            v.grad = b.binary(Op::Mul, gs, inv, &format!("{name}.grad_shard")).map_err(fail)?;
         }
     }
-    b.at(Phase::Optimizer, step_origin(StepRule::Update, zero), None);
-    let scalar = TensorType::new(DType::F32, vec![]);
-    let lr = b.arg_with_role(ArgKind::Input, ArgRole::LearningRate, "lr", &scalar);
-    let step = b.arg_with_role(ArgKind::Input, ArgRole::StepNumber, "step", &scalar);
+    b.at(Phase::Optimizer, step_origin(StepRule::AverageLoss, zero), None);
+    let sum = b.op(Op::AllReduce, &[loss], on_axis.clone(), "loss_sum").map_err(fail)?;
+    let loss = b.binary(Op::Mul, sum, inv, "loss_mean").map_err(fail)?;
+    // ZeRO-1/2: the optimizer updates this rank's flat shard of each parameter.
+    if zero.shards_optimizer() && !zero.shards_parameters() {
+        for v in views.iter_mut() {
+            let name = v.name.clone();
+            b.at(Phase::Optimizer, param_origin(StepRule::Update, zero, v.arg), v.layer);
+            let shape = v.state_shape.clone();
+            let numel: usize = shape.iter().product();
+            let padded = numel.div_ceil(n) * n;
+            let pf = flat(b, v.param, numel, padded, &name)?;
+            v.param = b.op(Op::TakeShard, &[pf], dim0.clone(), &format!("{name}.shard")).map_err(fail)?;
+            v.state_shape = vec![padded / n];
+            v.shard = Some((numel, padded, shape));
+        }
+    }
+    Ok(loss)
+}
 
-    // Global gradient norm (each rank sums its shards; the shards' sums are then added up).
-    // Tensor-parallel chunks are summed over their axis; replicated parameters count once.
+/// The global gradient norm (each rank sums its shards' squares; the sums are then added up):
+/// tensor-parallel chunks summed over their axis, replicated parameters counted once, ZeRO
+/// shards summed over the data-parallel axis.
+fn global_norm(
+    b: &mut Builder,
+    views: &[UpdateView],
+    tp_axis: Option<&str>,
+    sharded_over: Option<&str>,
+    zero: ZeroStage,
+) -> Result<ValueId, StepError> {
+    let fail = StepError::Internal;
     let mut sumsq: Option<ValueId> = None;
     let mut split_sumsq: Option<ValueId> = None;
-    for v in &views {
+    for v in views {
         b.at(Phase::Optimizer, param_origin(StepRule::Update, zero, v.arg), v.layer);
         let split = v.split_axis.is_some();
         let sq = b.binary(Op::Mul, v.grad, v.grad, &format!("{}.grad_sq", v.name)).map_err(fail)?;
@@ -437,63 +485,93 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
     }
     let mut sumsq = match sumsq {
         Some(s) => s,
-        None => f32s(&mut b, 0.0, "grad_sumsq")?,
+        None => f32s(b, 0.0, "grad_sumsq")?,
     };
-    if let (Some(split), Some(axis)) = (split_sumsq, &tp_axis) {
+    if let (Some(split), Some(axis)) = (split_sumsq, tp_axis) {
         b.with_origin(step_origin(StepRule::TensorParallelGradientNorm, zero));
         let attrs = Attrs::new().with("axis", Attr::Str(axis.to_string()));
         let all = b.op(Op::AllReduce, &[split], attrs, "grad_sumsq_tp").map_err(fail)?;
         sumsq = b.binary(Op::Add, sumsq, all, "grad_sumsq_total").map_err(fail)?;
     }
-    if let Some(attrs) = sharded_norm_axis {
+    if let Some(axis) = sharded_over {
         b.with_origin(step_origin(StepRule::ShardedGradientNorm, zero));
+        let attrs = Attrs::new().with("axis", Attr::Str(axis.to_string()));
         sumsq = b.op(Op::AllReduce, &[sumsq], attrs, "grad_sumsq_all").map_err(fail)?;
     }
     b.with_origin(step_origin(StepRule::Update, zero));
-    let grad_norm = b.unary(Op::Sqrt, sumsq, "grad_norm").map_err(fail)?;
-    let clip_coef = if opt.grad_clip > 0.0 {
-        // min(1, clip / (norm + 1e-6)) = -max(-clip / (norm + 1e-6), -1)
-        let tiny = f32s(&mut b, 1e-6, "clip_tiny")?;
-        let denom = b.binary(Op::Add, grad_norm, tiny, "clip_denom").map_err(fail)?;
-        let clip = f32s(&mut b, opt.grad_clip, "clip_max_norm")?;
-        let ratio = b.binary(Op::Div, clip, denom, "clip_ratio").map_err(fail)?;
-        let neg = b.unary(Op::Neg, ratio, "clip_ratio_neg").map_err(fail)?;
-        let minus_one = f32s(&mut b, -1.0, "clip_minus_one")?;
-        let m = b.binary(Op::Maximum, neg, minus_one, "clip_neg_coef").map_err(fail)?;
-        Some(b.unary(Op::Neg, m, "clip_coef").map_err(fail)?)
-    } else {
-        None
-    };
+    b.unary(Op::Sqrt, sumsq, "grad_norm").map_err(fail)
+}
 
-    // Bias corrections from the step count: 1 - beta^t = 1 - exp(t ln beta).
-    let bias_correction = |b: &mut Builder, beta: f64, hint: &str| -> Result<ValueId, StepError> {
-        let ln = f32s(b, beta.ln(), &format!("{hint}_ln_beta"))?;
-        let t = b.binary(Op::Mul, step, ln, &format!("{hint}_t_ln_beta")).map_err(fail)?;
-        let pow = b.unary(Op::Exp, t, &format!("{hint}_beta_pow")).map_err(fail)?;
-        let one = f32s(b, 1.0, &format!("{hint}_one"))?;
-        b.binary(Op::Sub, one, pow, hint).map_err(fail)
-    };
-    let bc1 = bias_correction(&mut b, opt.beta1, "bias_correction1")?;
-    let bc2 = bias_correction(&mut b, opt.beta2, "bias_correction2")?;
-    let step_size = b.binary(Op::Div, lr, bc1, "adam_step_size").map_err(fail)?;
-    let bc2_sqrt = b.unary(Op::Sqrt, bc2, "bias_correction2_sqrt").map_err(fail)?;
-    let (b1, one_minus_b1) =
-        (f32s(&mut b, opt.beta1, "adam_beta1")?, f32s(&mut b, 1.0 - opt.beta1, "adam_one_minus_beta1")?);
-    let (b2, one_minus_b2) =
-        (f32s(&mut b, opt.beta2, "adam_beta2")?, f32s(&mut b, 1.0 - opt.beta2, "adam_one_minus_beta2")?);
-    let eps = f32s(&mut b, opt.eps, "adam_eps")?;
-    let decay = if opt.weight_decay > 0.0 {
-        let wd = f32s(&mut b, opt.weight_decay, "weight_decay")?;
-        let lr_wd = b.binary(Op::Mul, lr, wd, "lr_wd").map_err(fail)?;
-        let one = f32s(&mut b, 1.0, "decay_one")?;
-        Some(b.binary(Op::Sub, one, lr_wd, "decay_factor").map_err(fail)?)
-    } else {
-        None
-    };
+/// Clipping as `torch.nn.utils.clip_grad_norm_`: the factor min(1, clip / (norm + 1e-6)).
+fn clip_coefficient(b: &mut Builder, opt: &AdamW, grad_norm: ValueId) -> Result<Option<ValueId>, StepError> {
+    let fail = StepError::Internal;
+    if opt.grad_clip <= 0.0 {
+        return Ok(None);
+    }
+    // min(1, clip / (norm + 1e-6)) = -max(-clip / (norm + 1e-6), -1)
+    let tiny = f32s(b, 1e-6, "clip_tiny")?;
+    let denom = b.binary(Op::Add, grad_norm, tiny, "clip_denom").map_err(fail)?;
+    let clip = f32s(b, opt.grad_clip, "clip_max_norm")?;
+    let ratio = b.binary(Op::Div, clip, denom, "clip_ratio").map_err(fail)?;
+    let neg = b.unary(Op::Neg, ratio, "clip_ratio_neg").map_err(fail)?;
+    let minus_one = f32s(b, -1.0, "clip_minus_one")?;
+    let m = b.binary(Op::Maximum, neg, minus_one, "clip_neg_coef").map_err(fail)?;
+    Ok(Some(b.unary(Op::Neg, m, "clip_coef").map_err(fail)?))
+}
 
-    let mut outputs = vec![Output::new(loss, OutputRole::Loss), Output::new(grad_norm, OutputRole::GradNorm)];
-    let mut names = Vec::new();
-    for view in &views {
+/// AdamW's per-step scalars, shared by every parameter's update.
+struct Adam {
+    step_size: ValueId,
+    bc2_sqrt: ValueId,
+    b1: ValueId,
+    one_minus_b1: ValueId,
+    b2: ValueId,
+    one_minus_b2: ValueId,
+    eps: ValueId,
+    decay: Option<ValueId>,
+}
+
+impl Adam {
+    fn constants(b: &mut Builder, opt: &AdamW, lr: ValueId, step: ValueId) -> Result<Adam, StepError> {
+        let fail = StepError::Internal;
+        // Bias corrections from the step count: 1 - beta^t = 1 - exp(t ln beta).
+        let bias_correction = |b: &mut Builder, beta: f64, hint: &str| -> Result<ValueId, StepError> {
+            let ln = f32s(b, beta.ln(), &format!("{hint}_ln_beta"))?;
+            let t = b.binary(Op::Mul, step, ln, &format!("{hint}_t_ln_beta")).map_err(fail)?;
+            let pow = b.unary(Op::Exp, t, &format!("{hint}_beta_pow")).map_err(fail)?;
+            let one = f32s(b, 1.0, &format!("{hint}_one"))?;
+            b.binary(Op::Sub, one, pow, hint).map_err(fail)
+        };
+        let bc1 = bias_correction(b, opt.beta1, "bias_correction1")?;
+        let bc2 = bias_correction(b, opt.beta2, "bias_correction2")?;
+        let step_size = b.binary(Op::Div, lr, bc1, "adam_step_size").map_err(fail)?;
+        let bc2_sqrt = b.unary(Op::Sqrt, bc2, "bias_correction2_sqrt").map_err(fail)?;
+        let (b1, one_minus_b1) = (f32s(b, opt.beta1, "adam_beta1")?, f32s(b, 1.0 - opt.beta1, "adam_one_minus_beta1")?);
+        let (b2, one_minus_b2) = (f32s(b, opt.beta2, "adam_beta2")?, f32s(b, 1.0 - opt.beta2, "adam_one_minus_beta2")?);
+        let eps = f32s(b, opt.eps, "adam_eps")?;
+        let decay = if opt.weight_decay > 0.0 {
+            let wd = f32s(b, opt.weight_decay, "weight_decay")?;
+            let lr_wd = b.binary(Op::Mul, lr, wd, "lr_wd").map_err(fail)?;
+            let one = f32s(b, 1.0, "decay_one")?;
+            Some(b.binary(Op::Sub, one, lr_wd, "decay_factor").map_err(fail)?)
+        } else {
+            None
+        };
+        Ok(Adam { step_size, bc2_sqrt, b1, one_minus_b1, b2, one_minus_b2, eps, decay })
+    }
+
+    /// One parameter's AdamW update (its moments become `state` arguments); returns the three
+    /// `update` outputs (parameter, m, v).
+    fn update(
+        &self,
+        b: &mut Builder,
+        view: &UpdateView,
+        clip_coef: Option<ValueId>,
+        dp: Option<&DataParallel>,
+        zero: ZeroStage,
+    ) -> Result<[Output; 3], StepError> {
+        let fail = StepError::Internal;
+        let Adam { step_size, bc2_sqrt, b1, one_minus_b1, b2, one_minus_b2, eps, decay } = *self;
         let name = view.name.clone();
         b.at(Phase::Optimizer, param_origin(StepRule::Update, zero, view.arg), view.layer);
         let ty = b.ty(view.param).clone();
@@ -506,8 +584,8 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
             let role = ArgRole::Moment { param: view.arg, moment: m };
             b.arg_with_role(ArgKind::State, role, &format!("{name}.{}", m.suffix()), &state)
         };
-        let m = moment(&mut b, Moment::AdamM);
-        let v = moment(&mut b, Moment::AdamV);
+        let m = moment(b, Moment::AdamM);
+        let v = moment(b, Moment::AdamV);
         let g = match clip_coef {
             Some(c) => b.binary(Op::Mul, g0, c, &format!("{name}.grad_clipped")).map_err(fail)?,
             None => g0,
@@ -545,15 +623,12 @@ fn build_step(forward: &Graph, opt: &AdamW, dp: Option<&DataParallel>) -> Result
             }
             _ => b.binary(Op::Sub, p_decayed, delta, &format!("{name}.new")).map_err(fail)?,
         };
-        outputs.extend([
+        Ok([
             Output::new(p_new, OutputRole::Update(view.arg)),
             Output::new(m_new, OutputRole::Update(m)),
             Output::new(v_new, OutputRole::Update(v)),
-        ]);
-        names.push(name);
+        ])
     }
-    let (graph, _) = b.finish_with(outputs);
-    Ok(TrainStep { graph, params: names })
 }
 
 impl TrainStep {
