@@ -254,10 +254,60 @@ impl Ad {
     /// The adjoint of node `i` for output adjoint `dy`: one optional gradient per operand.
     fn adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
         let n = &g.nodes[i];
-        let ins = &n.inputs;
-        let y = n.output();
-        let name = |v: ValueId| format!("{}.grad", g.name_of(v));
-        let shape = |v: ValueId| g.ty(v).shape.clone();
+        // By family; every op is listed, so a new op is a compile error here.
+        Ok(match n.op {
+            Op::Full
+            | Op::Iota
+            | Op::AxisIndex
+            | Op::GreaterEqual
+            | Op::Add
+            | Op::Sub
+            | Op::Mul
+            | Op::Div
+            | Op::Maximum
+            | Op::Neg
+            | Op::Exp
+            | Op::Log
+            | Op::Sqrt
+            | Op::Rsqrt
+            | Op::Tanh
+            | Op::Gelu
+            | Op::Silu
+            | Op::Cast => self.elementwise_adjoint(g, i, dy, wanted)?,
+            Op::Reshape | Op::Transpose | Op::Slice | Op::Concat | Op::BroadcastTo => {
+                self.shape_adjoint(g, i, dy, wanted)?
+            }
+            Op::MatMul | Op::ReduceSum | Op::ReduceMean | Op::ReduceMax | Op::Softmax => {
+                self.contraction_adjoint(g, i, dy, wanted)?
+            }
+            Op::LayerNorm | Op::RmsNorm | Op::Rope | Op::Embedding | Op::CrossEntropy => {
+                self.layer_adjoint(g, i, dy, wanted)?
+            }
+            Op::AllReduce | Op::Identity | Op::AllGather | Op::TakeShard | Op::ReduceScatter | Op::AllToAll => {
+                self.collective_adjoint(g, i, dy, wanted)?
+            }
+            // Listed, not matched by a wildcard: a new op is a compile error here.
+            Op::Pad
+            | Op::GeluGrad
+            | Op::SiluGrad
+            | Op::LayerNormGrad
+            | Op::LayerNormGammaGrad
+            | Op::RmsNormGrad
+            | Op::RmsNormGammaGrad
+            | Op::EmbeddingGrad
+            | Op::CrossEntropyGrad => {
+                return Err(format!("`{}` is a backward op; second derivatives are not supported", n.op.name()));
+            }
+            Op::Split => return Err("internal: `split` has several results; see Ad::split_adjoint".into()),
+        })
+    }
+
+    /// Adjoints of constants, elementwise arithmetic and activations.
+    #[allow(unused_variables)]
+    fn elementwise_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
+        let n = &g.nodes[i];
+        let (ins, y) = (&n.inputs, n.output());
+        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
         let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
         let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
         Ok(match n.op {
@@ -349,6 +399,19 @@ impl Ad {
                 }
                 vec![Some(self.b.op(Op::Cast, &[dy], Attrs::new().with("dtype", Attr::DType(dt)), &h0)?)]
             }
+            other => return Err(format!("internal: `{}` is not a elementwise op", other.name())),
+        })
+    }
+
+    /// Adjoints of data movement: reshape, transpose, slice, concat, broadcast.
+    #[allow(unused_variables)]
+    fn shape_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
+        let n = &g.nodes[i];
+        let (ins, y) = (&n.inputs, n.output());
+        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
+        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
+        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        Ok(match n.op {
             Op::Reshape => vec![Some(self.b.reshape(dy, &shape(ins[0]), &h0)?)],
             Op::Transpose => {
                 let perm = n.attrs.ints("perm").unwrap_or_default();
@@ -388,6 +451,19 @@ impl Ad {
                 out
             }
             Op::BroadcastTo => vec![Some(self.unbroadcast(dy, &shape(ins[0]), &h0)?)],
+            other => return Err(format!("internal: `{}` is not a shape op", other.name())),
+        })
+    }
+
+    /// Adjoints of matrix products, reductions and softmax.
+    #[allow(unused_variables)]
+    fn contraction_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
+        let n = &g.nodes[i];
+        let (ins, y) = (&n.inputs, n.output());
+        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
+        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
+        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        Ok(match n.op {
             Op::MatMul => self.matmul_adjoint(g, i, dy, wanted)?,
             Op::ReduceSum | Op::ReduceMean => {
                 let xs = shape(ins[0]);
@@ -417,6 +493,19 @@ impl Ad {
                 let centered = one(self, Op::Sub, dy, s, &format!("{h0}_centered"))?;
                 vec![Some(one(self, Op::Mul, y, centered, &h0)?)]
             }
+            other => return Err(format!("internal: `{}` is not a contraction op", other.name())),
+        })
+    }
+
+    /// Adjoints of normalisation, RoPE, embedding lookup and cross-entropy.
+    #[allow(unused_variables)]
+    fn layer_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
+        let n = &g.nodes[i];
+        let (ins, y) = (&n.inputs, n.output());
+        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
+        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
+        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        Ok(match n.op {
             Op::LayerNorm | Op::RmsNorm => {
                 let (gop, gamma_op) = if n.op == Op::LayerNorm {
                     (Op::LayerNormGrad, Op::LayerNormGammaGrad)
@@ -461,6 +550,19 @@ impl Ad {
             Op::CrossEntropy => {
                 vec![Some(self.b.op(Op::CrossEntropyGrad, &[ins[0], ins[1], dy], Attrs::new(), &h0)?), None]
             }
+            other => return Err(format!("internal: `{}` is not a layer op", other.name())),
+        })
+    }
+
+    /// Adjoints of collectives and Megatron's region markers (DESIGN.md's table).
+    #[allow(unused_variables)]
+    fn collective_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
+        let n = &g.nodes[i];
+        let (ins, y) = (&n.inputs, n.output());
+        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
+        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
+        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        Ok(match n.op {
             Op::AllReduce => {
                 if n.attrs.choice_or_default::<ReduceKind>("reduce") != ReduceKind::Sum {
                     return Err("only all_reduce(sum) is differentiable".into());
@@ -498,19 +600,7 @@ impl Ad {
                     .with("concat_dim", n.attrs.get("split_dim").cloned().unwrap_or(Attr::Int(0)));
                 vec![Some(self.b.op(Op::AllToAll, &[dy], attrs, &h0)?)]
             }
-            // Listed, not matched by a wildcard: a new op is a compile error here.
-            Op::Pad
-            | Op::GeluGrad
-            | Op::SiluGrad
-            | Op::LayerNormGrad
-            | Op::LayerNormGammaGrad
-            | Op::RmsNormGrad
-            | Op::RmsNormGammaGrad
-            | Op::EmbeddingGrad
-            | Op::CrossEntropyGrad => {
-                return Err(format!("`{}` is a backward op; second derivatives are not supported", n.op.name()));
-            }
-            Op::Split => return Err("internal: `split` has several results; see Ad::split_adjoint".into()),
+            other => return Err(format!("internal: `{}` is not a collective op", other.name())),
         })
     }
 
