@@ -272,128 +272,13 @@ pub(crate) fn eval<T: Real>(
             Val::I(v) => Val::I(broadcast_to(v, &tys[0].shape, &out.shape)),
         },
         Op::MatMul => float_out(matmul(f(0)?, tys[0], f(1)?, tys[1], out, attrs)),
-        Op::ReduceSum | Op::ReduceMean | Op::ReduceMax => {
-            let x = tys[0];
-            let dims = reduce_dims(attrs, x.rank())?;
-            let count: usize = dims.iter().map(|&d| x.shape[d]).product();
-            // Output stride of every input dim (0 for reduced dims).
-            let kept: Vec<usize> = (0..x.rank()).filter(|d| !dims.contains(d)).map(|d| x.shape[d]).collect();
-            let ks = strides(&kept);
-            let mut k = 0;
-            let step: Vec<usize> = (0..x.rank())
-                .map(|d| {
-                    if dims.contains(&d) {
-                        0
-                    } else {
-                        k += 1;
-                        ks[k - 1]
-                    }
-                })
-                .collect();
-            let offs = strided_offsets(&x.shape, &step);
-            let n_out = numel(&kept);
-            match ins[0] {
-                Val::F(v) => {
-                    let init = if op == Op::ReduceMax { f64::NEG_INFINITY } else { 0.0 };
-                    let mut acc = vec![init; n_out];
-                    for (&o, &x) in offs.iter().zip(v.iter()) {
-                        let x = x.to_f64();
-                        acc[o] = if op == Op::ReduceMax {
-                            if x > acc[o] || x.is_nan() {
-                                x
-                            } else {
-                                acc[o]
-                            }
-                        } else {
-                            acc[o] + x
-                        };
-                    }
-                    if op == Op::ReduceMean {
-                        acc.iter_mut().for_each(|a| *a /= count as f64);
-                    }
-                    Val::F(acc.into_iter().map(|a| T::from_f64(a).round_to(dt)).collect())
-                }
-                Val::I(v) => {
-                    let mut acc = vec![if op == Op::ReduceMax { i64::MIN } else { 0 }; n_out];
-                    for (&o, &x) in offs.iter().zip(v.iter()) {
-                        acc[o] = if op == Op::ReduceMax { acc[o].max(x) } else { acc[o].wrapping_add(x) };
-                    }
-                    if op == Op::ReduceMean {
-                        acc.iter_mut().for_each(|a| *a /= count.max(1) as i64);
-                    }
-                    Val::I(acc)
-                }
-            }
-        }
-        Op::Softmax => {
-            let x = f(0)?;
-            let r = out.rank();
-            let cols = out.shape[r - 1].max(1);
-            let causal = attrs.bool_or("causal", false);
-            let queries = if causal { out.shape[r - 2] } else { 1 };
-            Val::F(par_fill(x.len(), cols, |start, part| {
-                let mut row = vec![0.0f64; cols];
-                for (k, ys) in part.chunks_mut(cols).enumerate() {
-                    let ri = start / cols + k;
-                    let xs = &x[ri * cols..(ri + 1) * cols];
-                    // Query i sees keys 0..=i + (keys - queries).
-                    let visible = if causal { (ri % queries) + (cols - queries) + 1 } else { cols };
-                    let m = xs[..visible].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
-                    let mut sum = 0.0;
-                    for j in 0..visible {
-                        row[j] = (xs[j].to_f64() - m).exp();
-                        sum += row[j];
-                    }
-                    for j in 0..cols {
-                        ys[j] = if j < visible { T::from_f64(row[j] / sum).round_to(dt) } else { T::ZERO };
-                    }
-                }
-            }))
-        }
+        Op::ReduceSum | Op::ReduceMean | Op::ReduceMax => reduce_kernel(op, attrs, ins[0], tys[0], dt)?,
+        Op::Softmax => softmax_kernel(f(0)?, attrs, out),
         Op::LayerNorm | Op::RmsNorm => {
-            let (x, gamma) = (f(0)?, f(1)?);
             let beta = if op == Op::LayerNorm { Some(f(2)?) } else { None };
-            let eps = attrs.float("eps").unwrap_or(1e-5);
-            let d = (*out.shape.last().unwrap_or(&1)).max(1);
-            Val::F(par_fill(x.len(), d, |start, part| {
-                for (k, ys) in part.chunks_mut(d).enumerate() {
-                    let xs = &x[start + k * d..start + (k + 1) * d];
-                    let n = d as f64;
-                    let (mean, var) = if op == Op::LayerNorm {
-                        let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
-                        (mean, xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n)
-                    } else {
-                        (0.0, xs.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / n)
-                    };
-                    let inv = 1.0 / (var + eps).sqrt();
-                    for (j, (y, v)) in ys.iter_mut().zip(xs).enumerate() {
-                        let b = beta.map_or(0.0, |b| b[j].to_f64());
-                        *y = T::from_f64((v.to_f64() - mean) * inv * gamma[j].to_f64() + b).round_to(dt);
-                    }
-                }
-            }))
+            norm_kernel(f(0)?, f(1)?, beta, attrs, out)
         }
-        Op::Rope => {
-            let (x, pos) = (f(0)?, int(1)?);
-            let r = out.rank();
-            let (t, h, d) = (out.shape[r - 3], out.shape[r - 2], out.shape[r - 1]);
-            let theta = attrs.float("theta").unwrap_or(10000.0);
-            // The inverse rotation (the adjoint: rotations are orthogonal) turns by -angle.
-            let sign = if attrs.bool_or("inverse", false) { -1.0 } else { 1.0 };
-            let half = d / 2;
-            let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64)).collect();
-            let mut y = vec![T::ZERO; x.len()];
-            for (bi, (xs, ys)) in x.chunks(d).zip(y.chunks_mut(d)).enumerate() {
-                let p = sign * pos[(bi / h) % t] as f64;
-                for i in 0..half {
-                    let (s, c) = (p * inv_freq[i]).sin_cos();
-                    let (x1, x2) = (xs[i].to_f64(), xs[i + half].to_f64());
-                    ys[i] = T::from_f64(x1 * c - x2 * s).round_to(dt);
-                    ys[i + half] = T::from_f64(x2 * c + x1 * s).round_to(dt);
-                }
-            }
-            Val::F(y)
-        }
+        Op::Rope => rope_kernel(f(0)?, int(1)?, attrs, out),
         Op::Embedding => {
             let (table, ids) = (f(0)?, int(1)?);
             let (rows, d) = (tys[0].shape[0], tys[0].shape[1]);
@@ -441,25 +326,7 @@ pub(crate) fn eval<T: Real>(
                 _ => return Err("operands must both be floating or both integer".into()),
             }
         }
-        Op::Pad => {
-            let x = tys[0];
-            let dim = normalize_dim(attrs.int("dim").unwrap_or(0), x.rank())?;
-            let os = strides(&out.shape);
-            let base = attrs.int("before").unwrap_or(0) as usize * os[dim];
-            let positions: Vec<usize> = strided_offsets(&x.shape, &os).into_iter().map(|o| o + base).collect();
-            match ins[0] {
-                Val::F(v) => {
-                    let mut y = vec![T::ZERO; out.numel()];
-                    positions.iter().zip(v).for_each(|(&o, &x)| y[o] = x);
-                    Val::F(y)
-                }
-                Val::I(v) => {
-                    let mut y = vec![0; out.numel()];
-                    positions.iter().zip(v).for_each(|(&o, &x)| y[o] = x);
-                    Val::I(y)
-                }
-            }
-        }
+        Op::Pad => pad_kernel(ins[0], tys[0], attrs, out)?,
         Op::GeluGrad => {
             let tanh = attrs.choice_or_default::<GeluApproximation>("approximate") == GeluApproximation::Tanh;
             Val::F(map2(f(0)?, f(1)?, dt, |x, g| grad::gelu_derivative(x, tanh) * g))
@@ -480,6 +347,156 @@ pub(crate) fn eval<T: Real>(
         }
         Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll => {
             return Err("collectives are executed by the SPMD driver".into())
+        }
+    })
+}
+
+/// `reduce_sum`, `reduce_mean`, `reduce_max` of `x` (type `ty`) over the `dims` attribute,
+/// accumulated in f64 (floats) or wrapping i64.
+fn reduce_kernel<T: Real>(op: Op, attrs: &Attrs, x_val: &Val<T>, ty: &TensorType, dt: DType) -> Result<Val<T>, String> {
+    let x = ty;
+    let dims = reduce_dims(attrs, x.rank())?;
+    let count: usize = dims.iter().map(|&d| x.shape[d]).product();
+    // Output stride of every input dim (0 for reduced dims).
+    let kept: Vec<usize> = (0..x.rank()).filter(|d| !dims.contains(d)).map(|d| x.shape[d]).collect();
+    let ks = strides(&kept);
+    let mut k = 0;
+    let step: Vec<usize> = (0..x.rank())
+        .map(|d| {
+            if dims.contains(&d) {
+                0
+            } else {
+                k += 1;
+                ks[k - 1]
+            }
+        })
+        .collect();
+    let offs = strided_offsets(&x.shape, &step);
+    let n_out = numel(&kept);
+    Ok(match x_val {
+        Val::F(v) => {
+            let init = if op == Op::ReduceMax { f64::NEG_INFINITY } else { 0.0 };
+            let mut acc = vec![init; n_out];
+            for (&o, &x) in offs.iter().zip(v.iter()) {
+                let x = x.to_f64();
+                acc[o] = if op == Op::ReduceMax {
+                    if x > acc[o] || x.is_nan() {
+                        x
+                    } else {
+                        acc[o]
+                    }
+                } else {
+                    acc[o] + x
+                };
+            }
+            if op == Op::ReduceMean {
+                acc.iter_mut().for_each(|a| *a /= count as f64);
+            }
+            Val::F(acc.into_iter().map(|a| T::from_f64(a).round_to(dt)).collect())
+        }
+        Val::I(v) => {
+            let mut acc = vec![if op == Op::ReduceMax { i64::MIN } else { 0 }; n_out];
+            for (&o, &x) in offs.iter().zip(v.iter()) {
+                acc[o] = if op == Op::ReduceMax { acc[o].max(x) } else { acc[o].wrapping_add(x) };
+            }
+            if op == Op::ReduceMean {
+                acc.iter_mut().for_each(|a| *a /= count.max(1) as i64);
+            }
+            Val::I(acc)
+        }
+    })
+}
+
+/// Softmax over the last dim (causal: query i sees keys 0..=i + keys - queries), in f64.
+fn softmax_kernel<T: Real>(x: &[T], attrs: &Attrs, out: &TensorType) -> Val<T> {
+    let dt = out.dtype;
+    let r = out.rank();
+    let cols = out.shape[r - 1].max(1);
+    let causal = attrs.bool_or("causal", false);
+    let queries = if causal { out.shape[r - 2] } else { 1 };
+    Val::F(par_fill(x.len(), cols, |start, part| {
+        let mut row = vec![0.0f64; cols];
+        for (k, ys) in part.chunks_mut(cols).enumerate() {
+            let ri = start / cols + k;
+            let xs = &x[ri * cols..(ri + 1) * cols];
+            // Query i sees keys 0..=i + (keys - queries).
+            let visible = if causal { (ri % queries) + (cols - queries) + 1 } else { cols };
+            let m = xs[..visible].iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
+            let mut sum = 0.0;
+            for j in 0..visible {
+                row[j] = (xs[j].to_f64() - m).exp();
+                sum += row[j];
+            }
+            for j in 0..cols {
+                ys[j] = if j < visible { T::from_f64(row[j] / sum).round_to(dt) } else { T::ZERO };
+            }
+        }
+    }))
+}
+
+/// LayerNorm (with `beta`) or RMSNorm (without) over the last dim, statistics in f64.
+fn norm_kernel<T: Real>(x: &[T], gamma: &[T], beta: Option<&[T]>, attrs: &Attrs, out: &TensorType) -> Val<T> {
+    let dt = out.dtype;
+    let eps = attrs.float("eps").unwrap_or(1e-5);
+    let d = (*out.shape.last().unwrap_or(&1)).max(1);
+    Val::F(par_fill(x.len(), d, |start, part| {
+        for (k, ys) in part.chunks_mut(d).enumerate() {
+            let xs = &x[start + k * d..start + (k + 1) * d];
+            let n = d as f64;
+            let (mean, var) = if beta.is_some() {
+                let mean = xs.iter().map(|v| v.to_f64()).sum::<f64>() / n;
+                (mean, xs.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n)
+            } else {
+                (0.0, xs.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / n)
+            };
+            let inv = 1.0 / (var + eps).sqrt();
+            for (j, (y, v)) in ys.iter_mut().zip(xs).enumerate() {
+                let b = beta.map_or(0.0, |b| b[j].to_f64());
+                *y = T::from_f64((v.to_f64() - mean) * inv * gamma[j].to_f64() + b).round_to(dt);
+            }
+        }
+    }))
+}
+
+/// RoPE on `x[..., T, H, D]` at `positions` (the halves of D rotate as pairs).
+fn rope_kernel<T: Real>(x: &[T], pos: &[i64], attrs: &Attrs, out: &TensorType) -> Val<T> {
+    let dt = out.dtype;
+    let r = out.rank();
+    let (t, h, d) = (out.shape[r - 3], out.shape[r - 2], out.shape[r - 1]);
+    let theta = attrs.float("theta").unwrap_or(10000.0);
+    // The inverse rotation (the adjoint: rotations are orthogonal) turns by -angle.
+    let sign = if attrs.bool_or("inverse", false) { -1.0 } else { 1.0 };
+    let half = d / 2;
+    let inv_freq: Vec<f64> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f64 / d as f64)).collect();
+    let mut y = vec![T::ZERO; x.len()];
+    for (bi, (xs, ys)) in x.chunks(d).zip(y.chunks_mut(d)).enumerate() {
+        let p = sign * pos[(bi / h) % t] as f64;
+        for i in 0..half {
+            let (s, c) = (p * inv_freq[i]).sin_cos();
+            let (x1, x2) = (xs[i].to_f64(), xs[i + half].to_f64());
+            ys[i] = T::from_f64(x1 * c - x2 * s).round_to(dt);
+            ys[i + half] = T::from_f64(x2 * c + x1 * s).round_to(dt);
+        }
+    }
+    Val::F(y)
+}
+
+/// `x` placed at offset `before` along `dim` of a zero tensor of type `out`.
+fn pad_kernel<T: Real>(v: &Val<T>, x: &TensorType, attrs: &Attrs, out: &TensorType) -> Result<Val<T>, String> {
+    let dim = normalize_dim(attrs.int("dim").unwrap_or(0), x.rank())?;
+    let os = strides(&out.shape);
+    let base = attrs.int("before").unwrap_or(0) as usize * os[dim];
+    let positions: Vec<usize> = strided_offsets(&x.shape, &os).into_iter().map(|o| o + base).collect();
+    Ok(match v {
+        Val::F(v) => {
+            let mut y = vec![T::ZERO; out.numel()];
+            positions.iter().zip(v).for_each(|(&o, &x)| y[o] = x);
+            Val::F(y)
+        }
+        Val::I(v) => {
+            let mut y = vec![0; out.numel()];
+            positions.iter().zip(v).for_each(|(&o, &x)| y[o] = x);
+            Val::I(y)
         }
     })
 }
