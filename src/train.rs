@@ -7,7 +7,7 @@
 
 use crate::cli::{DataOrder, TrainArgs};
 use crate::commands::thousands;
-use crate::model::load_model;
+use crate::model::{load_model, LoadedModel};
 use crate::parallel::{self, Strategy};
 use anyhow::{bail, Result};
 use shardc_ir::interp::Precision;
@@ -150,21 +150,9 @@ impl Progress {
     }
 }
 
-pub fn train(a: &TrainArgs) -> Result<()> {
-    validate(a)?;
-    let device = parallel::device_model(&a.par)?;
-    let compute = a.precision.compute_dtype();
-    let job = parallel::Job { model: &a.run.model, batch: a.run.batch, seq: a.run.seq, compute };
-    let (setup, ranked) = parallel::resolve(&a.par, job, &device)?;
-    if let (Some(r), false) = (&ranked, a.json) {
-        eprintln!(
-            "--auto chose {} (predicted {:.3} ms per step on {})",
-            r[0].strategy.describe(),
-            r[0].plan.predicted_step_seconds * 1e3,
-            device.name
-        );
-    }
-    let ranks = setup.dp * setup.tp;
+/// The model (one dp rank's share of the batch, vocabulary padded if asked) and the token file,
+/// checked against each other.
+fn model_and_data(a: &TrainArgs, setup: &Strategy, compute: shardc_ir::DType) -> Result<(LoadedModel, TokenFile)> {
     let local_batch = a.run.batch / setup.dp;
     let mut model = load_model(&a.run.model, local_batch, a.run.seq, compute, None, a.seed)?;
     if a.par.pad_vocab_to_multiple_of.is_some() {
@@ -198,6 +186,25 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             );
         }
     }
+    Ok((model, data))
+}
+
+pub fn train(a: &TrainArgs) -> Result<()> {
+    validate(a)?;
+    let device = parallel::device_model(&a.par)?;
+    let compute = a.precision.compute_dtype();
+    let job = parallel::Job { model: &a.run.model, batch: a.run.batch, seq: a.run.seq, compute };
+    let (setup, ranked) = parallel::resolve(&a.par, job, &device)?;
+    if let (Some(r), false) = (&ranked, a.json) {
+        eprintln!(
+            "--auto chose {} (predicted {:.3} ms per step on {})",
+            r[0].strategy.describe(),
+            r[0].plan.predicted_step_seconds * 1e3,
+            device.name
+        );
+    }
+    let ranks = setup.dp * setup.tp;
+    let (model, data) = model_and_data(a, &setup, compute)?;
     let opt =
         AdamW { beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay, grad_clip: a.grad_clip };
     let mut g = model.graph.clone();
