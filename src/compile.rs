@@ -27,7 +27,7 @@ fn compile_model(a: &StepArgs) -> Result<Compiled> {
     let seq = a.seq.unwrap_or_else(|| crate::model::default_seq(model));
     let (setup, _) = parallel::resolve(par, parallel::Job { model, batch, seq, compute }, &device)?;
     let forward = parallel::forward_graph(model, batch, seq, compute, &setup, par)?;
-    let (step, sharded) = parallel::build(&forward, &setup, &device)?;
+    let (step, sharded) = shardc_passes::strategy::build(&forward, &setup, &device)?;
     Ok(Compiled { setup, seq, forward, step, sharded, device, compute })
 }
 
@@ -250,7 +250,8 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
         println!("    (* = used by the per-rank program)");
     }
     // Collectives that produce or consume this value's per-rank forms, and their adjoints.
-    let input = parallel::plan_input(&c.forward, c.forward.param_count(), &c.setup, Some(sharded), c.compute);
+    let input =
+        shardc_passes::strategy::plan_input(&c.forward, c.forward.param_count(), &c.setup, Some(sharded), c.compute);
     let plan = plan_step(step, &input, &c.device);
     let mut names: Vec<String> = holders.iter().map(|h| h.name.clone()).collect();
     if names.is_empty() {

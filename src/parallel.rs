@@ -8,11 +8,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use shardc_ir::import::ModelConfig;
 use shardc_ir::{DType, Graph, Mesh, ZeroStage};
 use shardc_passes::cost::DeviceModel;
-use shardc_passes::plan::PlanInput;
-use shardc_passes::sharding::Sharded;
 use shardc_passes::strategy::{self as strategy, Space};
 pub use shardc_passes::strategy::{Candidate, Strategy};
-use shardc_passes::train_step::TrainStep;
 use std::path::Path;
 
 pub fn device_model(par: &ParallelArgs) -> Result<DeviceModel> {
@@ -108,22 +105,6 @@ pub fn forward_graph(
 ) -> Result<Graph> {
     let pad = par.pad_vocab_to_multiple_of.map(|m| m * s.tp);
     crate::model::load_graph_padded(model, batch / s.dp, seq, compute, pad)
-}
-
-/// The training step of `forward` (one dp rank's batch) under `s`.
-pub fn build(forward: &Graph, s: &Strategy, device: &DeviceModel) -> Result<(TrainStep, Option<Sharded>)> {
-    Ok(strategy::build(forward, s, device)?)
-}
-
-/// What the plan of `step` needs besides the step.
-pub fn plan_input(
-    forward: &Graph,
-    params_total: usize,
-    s: &Strategy,
-    sharded: Option<&Sharded>,
-    compute: DType,
-) -> PlanInput {
-    strategy::plan_input(forward, params_total, s, sharded, compute)
 }
 
 /// The strategy a command runs with: `--auto` (returns the ranked candidates too) or the

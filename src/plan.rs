@@ -25,8 +25,12 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     let (setup, ranked) = parallel::resolve(&a.par, job, &device)?;
     let forward = parallel::forward_graph(&a.model, a.batch, seq, compute, &setup, &a.par)?;
     let params_total = forward.param_count();
-    let (step, sharded) = parallel::build(&forward, &setup, &device)?;
-    let p = plan_step(&step, &parallel::plan_input(&forward, params_total, &setup, sharded.as_ref(), compute), &device);
+    let (step, sharded) = shardc_passes::strategy::build(&forward, &setup, &device)?;
+    let p = plan_step(
+        &step,
+        &shardc_passes::strategy::plan_input(&forward, params_total, &setup, sharded.as_ref(), compute),
+        &device,
+    );
     let fits = p.memory_per_device.total as u64 <= budget;
     match args.format {
         PlanFormat::Json => {

@@ -173,6 +173,19 @@ fn is_constant(op: Op) -> bool {
     matches!(op, Op::Full | Op::Iota | Op::AxisIndex | Op::GreaterEqual)
 }
 
+/// The bindings every adjoint rule reads: the node `n`, its operands `ins` and result `y`,
+/// `name(v)` (the gradient's name for `v`), `shape(v)`, `h0` (the first operand's gradient
+/// name) and `one(self, op, a, b, hint)` (a binary op).
+macro_rules! site {
+    ($g:ident, $i:ident => $n:ident, $ins:ident, $y:ident, $name:ident, $shape:ident, $h0:ident, $one:ident) => {
+        let $n = &$g.nodes[$i];
+        let ($ins, $y) = (&$n.inputs, $n.output());
+        let ($name, $shape) = (|v: ValueId| format!("{}.grad", $g.name_of(v)), |v: ValueId| $g.ty(v).shape.clone());
+        let $h0 = $ins.first().map(|&v| $name(v)).unwrap_or_default();
+        let $one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+    };
+}
+
 struct Ad {
     b: Builder,
     adj: HashMap<ValueId, ValueId>,
@@ -305,11 +318,7 @@ impl Ad {
     /// Adjoints of constants, elementwise arithmetic and activations.
     #[allow(unused_variables)]
     fn elementwise_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
-        let n = &g.nodes[i];
-        let (ins, y) = (&n.inputs, n.output());
-        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
-        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
-        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        site!(g, i => n, ins, y, name, shape, h0, one);
         Ok(match n.op {
             Op::Full | Op::Iota | Op::AxisIndex | Op::GreaterEqual => vec![None; ins.len()],
             Op::Add | Op::Sub => {
@@ -399,18 +408,14 @@ impl Ad {
                 }
                 vec![Some(self.b.op(Op::Cast, &[dy], Attrs::new().with("dtype", Attr::DType(dt)), &h0)?)]
             }
-            other => return Err(format!("internal: `{}` is not a elementwise op", other.name())),
+            other => return Err(format!("internal: `{}` is not an elementwise op", other.name())),
         })
     }
 
     /// Adjoints of data movement: reshape, transpose, slice, concat, broadcast.
     #[allow(unused_variables)]
     fn shape_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
-        let n = &g.nodes[i];
-        let (ins, y) = (&n.inputs, n.output());
-        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
-        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
-        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        site!(g, i => n, ins, y, name, shape, h0, one);
         Ok(match n.op {
             Op::Reshape => vec![Some(self.b.reshape(dy, &shape(ins[0]), &h0)?)],
             Op::Transpose => {
@@ -458,11 +463,7 @@ impl Ad {
     /// Adjoints of matrix products, reductions and softmax.
     #[allow(unused_variables)]
     fn contraction_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
-        let n = &g.nodes[i];
-        let (ins, y) = (&n.inputs, n.output());
-        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
-        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
-        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        site!(g, i => n, ins, y, name, shape, h0, one);
         Ok(match n.op {
             Op::MatMul => self.matmul_adjoint(g, i, dy, wanted)?,
             Op::ReduceSum | Op::ReduceMean => {
@@ -500,11 +501,7 @@ impl Ad {
     /// Adjoints of normalisation, RoPE, embedding lookup and cross-entropy.
     #[allow(unused_variables)]
     fn layer_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
-        let n = &g.nodes[i];
-        let (ins, y) = (&n.inputs, n.output());
-        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
-        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
-        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        site!(g, i => n, ins, y, name, shape, h0, one);
         Ok(match n.op {
             Op::LayerNorm | Op::RmsNorm => {
                 let (gop, gamma_op) = if n.op == Op::LayerNorm {
@@ -557,11 +554,7 @@ impl Ad {
     /// Adjoints of collectives and Megatron's region markers (DESIGN.md's table).
     #[allow(unused_variables)]
     fn collective_adjoint(&mut self, g: &Graph, i: usize, dy: ValueId, wanted: &[bool]) -> R<Vec<Option<ValueId>>> {
-        let n = &g.nodes[i];
-        let (ins, y) = (&n.inputs, n.output());
-        let (name, shape) = (|v: ValueId| format!("{}.grad", g.name_of(v)), |v: ValueId| g.ty(v).shape.clone());
-        let h0 = ins.first().map(|&v| name(v)).unwrap_or_default();
-        let one = |s: &mut Self, op: Op, a: ValueId, b: ValueId, hint: &str| s.b.binary(op, a, b, hint);
+        site!(g, i => n, ins, y, name, shape, h0, one);
         Ok(match n.op {
             Op::AllReduce => {
                 if n.attrs.choice_or_default::<ReduceKind>("reduce") != ReduceKind::Sum {
