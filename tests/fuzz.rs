@@ -145,6 +145,9 @@ fn tir_parser_verifier_and_interpreter_never_panic() {
     let mut files = Vec::new();
     files.extend(common::files_ending("tests/tir", ".tir").iter().map(|p| std::fs::read(p).unwrap()));
     files.extend(common::files_ending("examples", ".tir").iter().map(|p| std::fs::read(p).unwrap()));
+    // Annotated programs (roles, phases, origins, layers, multi-result nodes): the passes' goldens.
+    files.extend(common::files_ending("tests/passes", ".expected").iter().map(|p| std::fs::read(p).unwrap()));
+    files.extend(common::files_ending("tests/golden", ".tir").iter().map(|p| std::fs::read(p).unwrap()));
     let counters = std::cell::RefCell::new((0usize, 0usize, 0usize));
     fuzz("tir", &files, cases() * 5, 0x5EED_0001, |bytes| {
         let src = String::from_utf8_lossy(bytes);

@@ -110,6 +110,15 @@ pub fn print(g: &Graph) -> String {
     out
 }
 
+/// `%name` of a value an annotation names, or `#id` when it does not exist (a broken JSON graph
+/// being reported by the verifier).
+fn vref(g: &Graph, v: ValueId) -> String {
+    match g.values.get(v.index()) {
+        Some(val) => format!("%{}", val.name),
+        None => format!("#{}", v.0),
+    }
+}
+
 fn annot(notes: &[String]) -> String {
     if notes.is_empty() {
         String::new()
@@ -135,7 +144,7 @@ fn arg_notes(g: &Graph, role: &ArgRole) -> Vec<String> {
             }
             v
         }
-        ArgRole::Moment { param, moment } => vec![format!("{} %{}", moment.keyword(), g.name_of(*param))],
+        ArgRole::Moment { param, moment } => vec![format!("{} {}", moment.keyword(), vref(g, *param))],
         ArgRole::Tokens => vec!["tokens".into()],
         ArgRole::Targets => vec!["targets".into()],
         ArgRole::LearningRate => vec!["learning-rate".into()],
@@ -149,8 +158,8 @@ fn output_notes(g: &Graph, role: &OutputRole) -> Vec<String> {
         OutputRole::Loss => vec!["loss".into()],
         OutputRole::Logits => vec!["logits".into()],
         OutputRole::GradNorm => vec!["grad-norm".into()],
-        OutputRole::Gradient(p) => vec![format!("gradient %{}", g.name_of(*p))],
-        OutputRole::Update(a) => vec![format!("update %{}", g.name_of(*a))],
+        OutputRole::Gradient(p) => vec![format!("gradient {}", vref(g, *p))],
+        OutputRole::Update(a) => vec![format!("update {}", vref(g, *a))],
     }
 }
 
@@ -162,18 +171,20 @@ fn node_notes(g: &Graph, n: &Node) -> Vec<String> {
     match &n.origin {
         Origin::Model => {}
         Origin::Rule(r) => v.push(format!("rule {}", Attr::Str(r.clone()))),
-        Origin::Adjoint(x) => v.push(format!("adjoint %{}", g.name_of(*x))),
+        Origin::Adjoint(x) => v.push(format!("adjoint {}", vref(g, *x))),
         Origin::Step { rule, zero, param } => {
             v.push(format!("step {}", rule.name()));
             if *zero != ZeroStage::Replicated {
                 v.push(format!("zero {zero}"));
             }
             if let Some(p) = param {
-                v.push(format!("of %{}", g.name_of(*p)));
+                v.push(format!("of {}", vref(g, *p)));
             }
         }
     }
-    v.extend(n.outputs.first().and_then(|&o| g.value(o).layer).map(|l| format!("layer {l}")));
+    v.extend(
+        n.outputs.first().and_then(|&o| g.values.get(o.index())).and_then(|x| x.layer).map(|l| format!("layer {l}")),
+    );
     v
 }
 

@@ -443,6 +443,17 @@ mod tests {
         assert!(e[0].message.contains("holds [4] elements"), "{:?}", e);
     }
 
+    /// A graph from JSON can name values that do not exist in its annotations: reported, no panic.
+    #[test]
+    fn annotations_naming_missing_values_are_errors() {
+        let mut g = parse("graph g\ninput %x: f32[2]\n%y: f32[2] = neg(%x)\noutput %y\n").unwrap();
+        g.nodes[0].origin = crate::program::Origin::Adjoint(ValueId(999));
+        g.outputs[0].role = crate::program::OutputRole::Update(ValueId(7));
+        let e = verify(&g).unwrap_err();
+        assert!(e.0.iter().any(|e| e.message.contains("value #999, which does not exist")), "{e}");
+        assert!(crate::text::print(&g).contains("adjoint #999"));
+    }
+
     #[test]
     fn phases_do_not_go_back() {
         let e = errors("graph g\ninput %x: f32[2]\n%y: f32[2] = neg(%x) [backward]\n%z: f32[2] = neg(%y)\noutput %z\n");
