@@ -196,39 +196,7 @@ pub(crate) fn eval<T: Real>(
             let axis = attrs.str("axis").unwrap_or_default();
             Val::I(vec![coord(axis).ok_or_else(|| format!("mesh axis `{axis}` is not declared"))? as i64])
         }
-        Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Maximum => {
-            let (sa, sb) = (&tys[0].shape, &tys[1].shape);
-            match (ins[0], ins[1]) {
-                (Val::F(a), Val::F(b)) => {
-                    let g: fn(T, T) -> T = match op {
-                        Op::Add => |x, y| x + y,
-                        Op::Sub => |x, y| x - y,
-                        Op::Mul => |x, y| x * y,
-                        Op::Div => |x, y| x / y,
-                        _ => |x, y| if y > x { y } else { x },
-                    };
-                    float_out(binary(a, sa, b, sb, &out.shape, g))
-                }
-                (Val::I(a), Val::I(b)) => {
-                    let mut div_by_zero = false;
-                    let v = binary(a, sa, b, sb, &out.shape, |x, y| match op {
-                        Op::Add => x.wrapping_add(y),
-                        Op::Sub => x.wrapping_sub(y),
-                        Op::Mul => x.wrapping_mul(y),
-                        Op::Div => x.checked_div(y).unwrap_or(0),
-                        _ => x.max(y),
-                    });
-                    if op == Op::Div {
-                        div_by_zero = binary(a, sa, b, sb, &out.shape, |_, y| (y == 0) as i64).contains(&1);
-                    }
-                    if div_by_zero {
-                        return Err("integer division by zero".into());
-                    }
-                    Val::I(v)
-                }
-                _ => return Err("operands must both be floating or both integer".into()),
-            }
-        }
+        Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Maximum => arith_kernel(op, ins, tys, out)?,
         Op::Neg => Val::F(map(f(0)?, dt, |x| -x)),
         Op::Exp => Val::F(map(f(0)?, dt, f64::exp)),
         Op::Log => Val::F(map(f(0)?, dt, f64::ln)),
@@ -291,20 +259,7 @@ pub(crate) fn eval<T: Real>(
             }
             float_out(y)
         }
-        Op::CrossEntropy => {
-            let (logits, targets) = (f(0)?, int(1)?);
-            let v = *tys[0].shape.last().unwrap_or(&1);
-            let mut y = Vec::with_capacity(targets.len());
-            for (row, &t) in logits.chunks(v.max(1)).zip(targets) {
-                if t < 0 || t as usize >= v {
-                    return Err(format!("target {t} is outside the {v} classes"));
-                }
-                let m = row.iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.to_f64()));
-                let lse = m + row.iter().map(|x| (x.to_f64() - m).exp()).sum::<f64>().ln();
-                y.push(T::from_f64(lse - row[t as usize].to_f64()).round_to(dt));
-            }
-            Val::F(y)
-        }
+        Op::CrossEntropy => cross_entropy_kernel(f(0)?, int(1)?, tys[0], dt)?,
         Op::Identity => ins[0].clone(),
         Op::TakeShard => {
             let x = tys[0];
@@ -349,6 +304,59 @@ pub(crate) fn eval<T: Real>(
             return Err("collectives are executed by the SPMD driver".into())
         }
     })
+}
+
+/// `add`, `sub`, `mul`, `div`, `maximum` with numpy broadcasting: floats rounded to the result
+/// dtype, integers wrapping (division by zero is an error).
+fn arith_kernel<T: Real>(op: Op, ins: &[&Val<T>], tys: &[&TensorType], out: &TensorType) -> Result<Val<T>, String> {
+    let (sa, sb) = (&tys[0].shape, &tys[1].shape);
+    let dt = out.dtype;
+    Ok(match (ins[0], ins[1]) {
+        (Val::F(a), Val::F(b)) => {
+            let g: fn(T, T) -> T = match op {
+                Op::Add => |x, y| x + y,
+                Op::Sub => |x, y| x - y,
+                Op::Mul => |x, y| x * y,
+                Op::Div => |x, y| x / y,
+                _ => |x, y| if y > x { y } else { x },
+            };
+            let v = binary(a, sa, b, sb, &out.shape, g);
+            Val::F(if T::needs_rounding(dt) { v.into_iter().map(|x| x.round_to(dt)).collect() } else { v })
+        }
+        (Val::I(a), Val::I(b)) => {
+            let mut div_by_zero = false;
+            let v = binary(a, sa, b, sb, &out.shape, |x, y| match op {
+                Op::Add => x.wrapping_add(y),
+                Op::Sub => x.wrapping_sub(y),
+                Op::Mul => x.wrapping_mul(y),
+                Op::Div => x.checked_div(y).unwrap_or(0),
+                _ => x.max(y),
+            });
+            if op == Op::Div {
+                div_by_zero = binary(a, sa, b, sb, &out.shape, |_, y| (y == 0) as i64).contains(&1);
+            }
+            if div_by_zero {
+                return Err("integer division by zero".into());
+            }
+            Val::I(v)
+        }
+        _ => return Err("operands must both be floating or both integer".into()),
+    })
+}
+
+/// Per-row cross-entropy of `logits` (type `ty`, classes last) against `targets`, in f64.
+fn cross_entropy_kernel<T: Real>(logits: &[T], targets: &[i64], ty: &TensorType, dt: DType) -> Result<Val<T>, String> {
+    let v = *ty.shape.last().unwrap_or(&1);
+    let mut y = Vec::with_capacity(targets.len());
+    for (row, &t) in logits.chunks(v.max(1)).zip(targets) {
+        if t < 0 || t as usize >= v {
+            return Err(format!("target {t} is outside the {v} classes"));
+        }
+        let m = row.iter().fold(f64::NEG_INFINITY, |m, x| m.max(x.to_f64()));
+        let lse = m + row.iter().map(|x| (x.to_f64() - m).exp()).sum::<f64>().ln();
+        y.push(T::from_f64(lse - row[t as usize].to_f64()).round_to(dt));
+    }
+    Ok(Val::F(y))
 }
 
 /// `reduce_sum`, `reduce_mean`, `reduce_max` of `x` (type `ty`) over the `dims` attribute,
