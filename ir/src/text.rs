@@ -406,7 +406,12 @@ impl Cursor {
         let dtype = DType::from_name(&name).ok_or_else(|| {
             self.err_at(start, name.len(), format!("unknown dtype `{name}`; expected one of f32, bf16, f16, i32, i64"))
         })?;
-        self.expect('[', "to open the shape")?;
+        Ok(TensorType::new(dtype, self.shape("to open the shape")?))
+    }
+
+    /// `[d0, d1, ...]`: a shape's extents.
+    fn shape(&mut self, what: &str) -> PResult<Vec<usize>> {
+        self.expect('[', what)?;
         let mut shape = Vec::new();
         if !self.eat(']') {
             loop {
@@ -417,7 +422,7 @@ impl Cursor {
                 self.expect(',', "or `]` in the shape")?;
             }
         }
-        Ok(TensorType::new(dtype, shape))
+        Ok(shape)
     }
 
     /// An optional `@[dims] partial(axes)` after a type.
@@ -826,17 +831,7 @@ impl Parser {
                 "flat-shard" => {
                     param_only(c)?;
                     let axis = c.ident("the mesh axis of the shard")?.1;
-                    c.expect('[', "to open the shape of the sharded tensor")?;
-                    let mut shape = Vec::new();
-                    if !c.eat(']') {
-                        loop {
-                            shape.push(c.usize("a dimension extent")?);
-                            if c.eat(']') {
-                                break;
-                            }
-                            c.expect(',', "or `]` in the shape")?;
-                        }
-                    }
+                    let shape = c.shape("to open the shape of the sharded tensor")?;
                     layout.flat_shard = Some(FlatShard { axis, shape });
                 }
                 "adam-m" | "adam-v" => {
