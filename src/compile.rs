@@ -58,7 +58,7 @@ fn check_numerics(c: &Compiled, a: &StepArgs) -> Result<()> {
     let opt = AdamW::default();
     let reference = build_train_step(&global, &opt)?;
     let mut reference = Trainer::new(reference.graph, params.clone(), Precision::F64)?;
-    let initial = c.step.rank_params(&params);
+    let initial = c.step.graph.signature().rank_params(&params);
     let mut parallel = Trainer::new_spmd(c.step.graph.clone(), initial, Precision::F64)?;
     let mut rng = shardc_runtime::init::Rng::new(7);
     let tokens: Vec<i64> = (0..a.batch * c.seq + 1).map(|_| (rng.next_u64() % vocab as u64) as i64).collect();
@@ -68,8 +68,8 @@ fn check_numerics(c: &Compiled, a: &StepArgs) -> Result<()> {
     let rel = |g: f64, w: f64| ((g - w) / w).abs();
     let mut worst_param = 0.0f64;
     for p in reference.params() {
-        let shape = &params[p].shape;
-        let full = c.step.full_param(p, shape, |r| &parallel.rank_values(r)[p]);
+        let arg = c.step.graph.find(p).expect("the compiled step has the model's parameters");
+        let full = c.step.graph.signature().whole_param(arg, |r| &parallel.rank_values(r)[p]);
         let (got, want) = (full.to_f64(), reference.values()[p].to_f64());
         if p.ends_with("attn.k.bias") {
             // GPT-2's key bias has zero gradient in exact arithmetic (softmax ignores a shift of
@@ -194,7 +194,7 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
     } else if is_param {
         println!("  parameter stored whole (replicated over tp): some use of it reads it whole");
     }
-    if let Some(f) = c.step.layout(&forward_value).flat_shard {
+    if let Some(f) = c.step.graph.signature().layout_of(&forward_value).and_then(|l| l.flat_shard.clone()) {
         let n = g.mesh.axis_size(&f.axis).unwrap_or(1);
         let pad = f.padded(n) - f.numel();
         println!(

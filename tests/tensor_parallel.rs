@@ -47,7 +47,7 @@ fn differential(name: &str, dp: usize, tp: usize, zero: u8, sp: bool) -> f64 {
     let (step, _) = build_parallel_step(&forward, &opt, dpc.as_ref(), tpc.as_ref(), &DeviceModel::h100()).unwrap();
     shardc_ir::verify::verify(&step.graph).unwrap();
     let what = format!("{name} dp={dp} tp={tp} zero={zero} sp={sp}");
-    let initial = step.rank_params(&weights);
+    let initial = step.graph.signature().rank_params(&weights);
     let mesh = step.graph.mesh.clone();
     let mut parallel = Trainer::new_spmd(step.graph.clone(), initial, Precision::F64).unwrap();
     let mut worst = 0.0f64;
@@ -70,8 +70,7 @@ fn differential(name: &str, dp: usize, tp: usize, zero: u8, sp: bool) -> f64 {
         worst = worst.max(le).max(ne);
     }
     for p in reference.params() {
-        let shape = &weights[p].shape;
-        let got = step.full_param(p, shape, |r| &parallel.rank_values(r)[p]);
+        let got = step.graph.signature().whole_param(step.graph.find(p).unwrap(), |r| &parallel.rank_values(r)[p]);
         let e = common::check_param(&what, p, &got.to_f64(), &reference.values()[p].to_f64(), TOL, 3, 1e-3);
         worst = worst.max(e);
     }
@@ -187,7 +186,7 @@ fn bf16_mixed_tensor_parallel_matches_one_device() {
     let (step, _) =
         build_parallel_step(&forward, &opt, Some(&dp), Some(&ShardOptions::tp(2, true)), &DeviceModel::h100()).unwrap();
     let mesh = step.graph.mesh.clone();
-    let initial = step.rank_params(&weights);
+    let initial = step.graph.signature().rank_params(&weights);
     let mut parallel = Trainer::new_spmd(step.graph.clone(), initial, Precision::F32).unwrap();
     for k in 0..3 {
         let (x, y) = data.batch(k, ROWS, SEQ).unwrap();

@@ -15,8 +15,10 @@ use crate::mesh::Mesh;
 use crate::ops::{InferCtx, Op};
 use crate::program::{ArgRole, Moment, Origin, Output, OutputRole, ParamLayout, Phase};
 use crate::sharding::Sharding;
+use crate::tensor::Tensor;
 use crate::types::{DType, TensorType};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// A named, typed SSA value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -352,12 +354,6 @@ impl Builder {
         self
     }
 
-    /// The phase of the nodes added from now on.
-    pub fn in_phase(&mut self, phase: Phase) -> &mut Self {
-        self.phase = phase;
-        self
-    }
-
     /// The current (phase, origin, layer).
     pub fn context(&self) -> (Phase, Origin, Option<u32>) {
         (self.phase, self.origin.clone(), self.layer)
@@ -546,6 +542,40 @@ impl<'a> Signature<'a> {
     /// The first argument with `role`.
     pub fn arg(&self, role: &ArgRole) -> Option<ValueId> {
         self.g.args.iter().find(|a| a.role == *role).map(|a| a.value)
+    }
+
+    /// The layout of the parameter argument called `name`.
+    pub fn layout_of(&self, name: &str) -> Option<&'a ParamLayout> {
+        self.g.find(name).and_then(|v| self.g.arg_of(v)).and_then(|a| a.role.param_layout())
+    }
+
+    /// Whether the argument called `name` is an optimizer moment.
+    pub fn is_moment(&self, name: &str) -> bool {
+        self.g.find(name).and_then(|v| self.g.arg_of(v)).is_some_and(|a| matches!(a.role, ArgRole::Moment { .. }))
+    }
+
+    /// Every rank's parameters, cut from the whole ones in `full` as each parameter's layout says
+    /// ([`ParamLayout::cut`]); parameters missing from `full` are left out.
+    pub fn rank_params(&self, full: &HashMap<String, Tensor>) -> Vec<HashMap<String, Tensor>> {
+        let mesh = &self.g.mesh;
+        (0..mesh.world_size())
+            .map(|r| {
+                self.params()
+                    .filter_map(|(p, l)| {
+                        let name = self.g.name_of(p);
+                        full.get(name).map(|t| (name.to_string(), l.cut(t, mesh, r)))
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The whole parameter `p` from the ranks' tensors of it (`rank(r)` is rank r's):
+    /// [`ParamLayout::assemble`] at the layout's full shape.
+    pub fn whole_param<'t>(&self, p: ValueId, rank: impl Fn(usize) -> &'t Tensor) -> Tensor {
+        let layout = self.g.arg_of(p).and_then(|a| a.role.param_layout()).cloned().unwrap_or_default();
+        let shape = layout.full_shape(&self.g.ty(p).shape, &self.g.mesh);
+        layout.assemble(&shape, &self.g.mesh, rank)
     }
 
     /// The parameter arguments and their layouts, in argument order.

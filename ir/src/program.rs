@@ -220,8 +220,6 @@ pub enum Moment {
 }
 
 impl Moment {
-    pub const ALL: [Moment; 2] = [Moment::AdamM, Moment::AdamV];
-
     pub fn keyword(self) -> &'static str {
         match self {
             Moment::AdamM => "adam-m",

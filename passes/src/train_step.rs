@@ -26,8 +26,8 @@ use crate::autodiff::{differentiate, loss_of, AutodiffError};
 use crate::sharding::ShardError;
 use shardc_ir::ops::Op;
 use shardc_ir::{
-    ArgKind, ArgRole, Attr, Attrs, Builder, DType, FlatShard, Graph, Moment, Origin, Output, OutputRole, ParamLayout,
-    Phase, Renumbering, StepRule, TensorType, ValueId, ZeroStage,
+    ArgKind, ArgRole, Attr, Attrs, Builder, DType, FlatShard, Graph, Moment, Origin, Output, OutputRole, Phase,
+    Renumbering, StepRule, TensorType, ValueId, ZeroStage,
 };
 use std::collections::HashMap;
 
@@ -628,48 +628,5 @@ impl Adam {
             Output::new(m_new, OutputRole::Update(m)),
             Output::new(v_new, OutputRole::Update(v)),
         ])
-    }
-}
-
-impl TrainStep {
-    /// Whether `name` is an optimizer-moment argument of the step (by its role).
-    pub fn is_moment(&self, name: &str) -> bool {
-        self.graph
-            .find(name)
-            .and_then(|v| self.graph.arg_of(v))
-            .is_some_and(|a| matches!(a.role, ArgRole::Moment { .. }))
-    }
-
-    /// The layout of parameter `p` in the step (whole when `p` is not a parameter of it).
-    pub fn layout(&self, p: &str) -> ParamLayout {
-        self.graph
-            .find(p)
-            .and_then(|v| self.graph.arg_of(v))
-            .and_then(|a| a.role.param_layout())
-            .cloned()
-            .unwrap_or_default()
-    }
-
-    /// Every rank's parameters from the full ones, as each parameter's layout says
-    /// ([`ParamLayout::cut`]).
-    pub fn rank_params(&self, full: &HashMap<String, shardc_ir::Tensor>) -> Vec<HashMap<String, shardc_ir::Tensor>> {
-        let mesh = &self.graph.mesh;
-        let layouts: Vec<(&String, ParamLayout)> = self.params.iter().map(|p| (p, self.layout(p))).collect();
-        (0..mesh.world_size())
-            .map(|r| {
-                layouts.iter().filter_map(|(p, l)| full.get(*p).map(|t| ((*p).clone(), l.cut(t, mesh, r)))).collect()
-            })
-            .collect()
-    }
-
-    /// The full value of parameter `p` (of full shape `shape`) from the ranks' values
-    /// (`rank(r)` is rank r's tensor of it): [`ParamLayout::assemble`].
-    pub fn full_param<'a>(
-        &self,
-        p: &str,
-        shape: &[usize],
-        rank: impl Fn(usize) -> &'a shardc_ir::Tensor,
-    ) -> shardc_ir::Tensor {
-        self.layout(p).assemble(shape, &self.graph.mesh, rank)
     }
 }

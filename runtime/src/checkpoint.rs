@@ -10,7 +10,7 @@
 use crate::train::Trainer;
 use shardc_ir::import::weights::{read_metadata, read_tensors, write_tensors_with_metadata};
 use shardc_ir::import::ImportError;
-use shardc_ir::{ArgRole, Graph, Tensor};
+use shardc_ir::{Graph, Tensor};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -52,24 +52,20 @@ pub fn moments_differ(step: &Graph) -> bool {
             .any(|(p, layout)| !layout.is_whole() || sig.moments_of(p).any(|(_, m)| step.ty(m) != step.ty(p)))
 }
 
-fn is_moment(step: &Graph, name: &str) -> bool {
-    step.find(name).and_then(|v| step.arg_of(v)).is_some_and(|a| matches!(a.role, ArgRole::Moment { .. }))
-}
-
 /// Writes the trainer's state to `dir` with `metadata` (the run's identity and whatever else
 /// the caller records) and the format; returns the file written.
 pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -> Result<PathBuf, CheckpointError> {
     std::fs::create_dir_all(dir).map_err(|source| CheckpointError::CreateDir { path: dir.to_path_buf(), source })?;
     let step = trainer.graph();
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
-    for (p, layout) in step.signature().params() {
+    let sig = step.signature();
+    for (p, _) in sig.params() {
         let name = step.name_of(p);
-        let shape = layout.full_shape(&step.ty(p).shape, &step.mesh);
-        tensors.insert(name.to_string(), layout.assemble(&shape, &step.mesh, |r| &trainer.rank_values(r)[name]));
+        tensors.insert(name.to_string(), sig.whole_param(p, |r| &trainer.rank_values(r)[name]));
     }
     let differ = moments_differ(step);
     for r in 0..trainer.ranks() {
-        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| is_moment(step, k)) {
+        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| sig.is_moment(k)) {
             if differ {
                 tensors.insert(rank_key(r, k), v.clone());
             } else if r == 0 {
@@ -88,23 +84,18 @@ pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -
 /// checkpoint's moments).
 pub fn rank_states(step: &Graph, full: &HashMap<String, Tensor>) -> Vec<HashMap<String, Tensor>> {
     let differ = moments_differ(step);
-    let params: Vec<_> = step.signature().params().map(|(p, l)| (step.name_of(p), l.clone())).collect();
-    (0..step.mesh.world_size())
-        .map(|r| {
-            let mut m: HashMap<String, Tensor> = params
-                .iter()
-                .filter_map(|(p, l)| full.get(*p).map(|t| (p.to_string(), l.cut(t, &step.mesh, r))))
-                .collect();
-            for (k, v) in full {
-                if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
-                    m.insert(rest.to_string(), v.clone());
-                } else if is_moment(step, k) && !differ {
-                    m.entry(k.clone()).or_insert_with(|| v.clone());
-                }
+    let sig = step.signature();
+    let mut states = sig.rank_params(full);
+    for (r, m) in states.iter_mut().enumerate() {
+        for (k, v) in full {
+            if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
+                m.insert(rest.to_string(), v.clone());
+            } else if sig.is_moment(k) && !differ {
+                m.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            m
-        })
-        .collect()
+        }
+    }
+    states
 }
 
 /// A checkpoint read back.

@@ -217,14 +217,6 @@ impl Trainer {
         &self.params
     }
 
-    /// Whether the carried value `name` is an optimizer moment (its argument's role says so).
-    pub fn is_moment(&self, name: &str) -> bool {
-        self.graph
-            .find(name)
-            .and_then(|v| self.graph.arg_of(v))
-            .is_some_and(|a| matches!(a.role, ArgRole::Moment { .. }))
-    }
-
     /// The step graph.
     pub fn graph(&self) -> &Graph {
         &self.graph
