@@ -50,17 +50,15 @@ pub struct Job<'a> {
     pub compute: DType,
 }
 
-impl Job<'_> {
-    /// The library's view of the job, with the model's config (read once by the caller).
-    fn strategy_job<'c>(&self, config: Option<&'c ModelConfig>, par: &ParallelArgs) -> strategy::Job<'c> {
-        strategy::Job {
-            batch: self.batch,
-            seq: self.seq,
-            config,
-            pad_vocab_to_multiple_of: par.pad_vocab_to_multiple_of,
-            compute: self.compute,
-        }
-    }
+/// The library's view of a job on `batch` x `seq` tokens, with the model's config (read once by
+/// the caller).
+fn strategy_job<'c>(
+    batch: usize,
+    seq: usize,
+    config: Option<&'c ModelConfig>,
+    par: &ParallelArgs,
+) -> strategy::Job<'c> {
+    strategy::Job { batch, seq, config, pad_vocab_to_multiple_of: par.pad_vocab_to_multiple_of }
 }
 
 /// The strategy `--mesh`/`--zero`/`--sequence-parallel` ask for (not `--auto`).
@@ -86,8 +84,7 @@ pub fn explicit(par: &ParallelArgs, batch: usize, seq: usize, model: &Path) -> R
         sp: par.sequence_parallel,
     };
     let config = model_config(model);
-    let job = Job { model, batch, seq, compute: DType::F32 };
-    strategy::check(&s, &job.strategy_job(config.as_ref(), par))?;
+    strategy::check(&s, &strategy_job(batch, seq, config.as_ref(), par))?;
     for n in strategy::notes(&s, config.as_ref()) {
         eprintln!("note: {n}");
     }
@@ -137,7 +134,8 @@ pub fn resolve(par: &ParallelArgs, job: Job, device: &DeviceModel) -> Result<(St
     };
     let config = model_config(model);
     let budget = budget(par, device)?;
-    let ranked = strategy::search(&space, &job.strategy_job(config.as_ref(), par), device, budget, |s| {
+    let job = strategy_job(batch, seq, config.as_ref(), par);
+    let ranked = strategy::search(&space, &job, compute, device, budget, |s| {
         forward_graph(model, batch, seq, compute, s, par).map_err(|e| format!("{e:#}"))
     })?;
     Ok((ranked[0].strategy.clone(), Some(ranked)))

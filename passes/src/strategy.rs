@@ -126,8 +126,6 @@ pub struct Job<'a> {
     pub seq: usize,
     pub config: Option<&'a ModelConfig>,
     pub pad_vocab_to_multiple_of: Option<usize>,
-    /// The compute dtype (bf16 for mixed precision).
-    pub compute: DType,
 }
 
 /// Checks `s` against the job.
@@ -214,9 +212,11 @@ pub struct Space {
 
 /// Plans every candidate of `space` and ranks them (see the module doc). `forward` builds the
 /// forward graph of one dp rank's batch for a strategy; it is called once per mesh shape.
+/// `compute` is the compute dtype (bf16 for mixed precision).
 pub fn search(
     space: &Space,
     job: &Job,
+    compute: DType,
     device: &DeviceModel,
     budget: u64,
     mut forward: impl FnMut(&Strategy) -> Result<Graph, String>,
@@ -243,7 +243,7 @@ pub fn search(
                 }
                 let g = graph.as_ref().expect("built above");
                 let (step, sharded) = build(g, &s, device)?;
-                let input = plan_input(g, g.param_count(), &s, sharded.as_ref(), job.compute);
+                let input = plan_input(g, g.param_count(), &s, sharded.as_ref(), compute);
                 let plan = plan(&step, &input, device);
                 let fits = plan.memory_per_device.total as u64 <= budget;
                 out.push(Candidate { strategy: s, plan, fits });
@@ -285,7 +285,7 @@ mod tests {
     }
 
     fn job(config: Option<&ModelConfig>) -> Job<'_> {
-        Job { batch: 8, seq: 16, config, pad_vocab_to_multiple_of: None, compute: DType::F32 }
+        Job { batch: 8, seq: 16, config, pad_vocab_to_multiple_of: None }
     }
 
     #[test]
@@ -326,13 +326,13 @@ mod tests {
             let opts = shardc_ir::import::BuildOptions::f32(8 / s.dp, 16, false);
             shardc_ir::import::build_graph(&c, opts).map(|b| b.graph)
         };
-        let ranked = search(&space, &job(Some(&c)), &DeviceModel::h100(), u64::MAX, build_forward).unwrap();
+        let ranked = search(&space, &job(Some(&c)), DType::F32, &DeviceModel::h100(), u64::MAX, build_forward).unwrap();
         // dp=2: 4 ZeRO stages; tp=2: 2 (sequence parallelism off and on) at ZeRO-0.
         assert_eq!(ranked.len(), 6);
         assert!(ranked.iter().all(|c| c.fits));
         let times: Vec<f64> = ranked.iter().map(|c| c.plan.predicted_step_seconds).collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
-        let none = search(&space, &job(Some(&c)), &DeviceModel::h100(), 1, build_forward).unwrap();
+        let none = search(&space, &job(Some(&c)), DType::F32, &DeviceModel::h100(), 1, build_forward).unwrap();
         let mem: Vec<usize> = none.iter().map(|c| c.plan.memory_per_device.total).collect();
         assert!(none.iter().all(|c| !c.fits) && mem.windows(2).all(|w| w[0] <= w[1]), "{mem:?}");
     }
