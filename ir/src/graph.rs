@@ -549,9 +549,10 @@ impl<'a> Signature<'a> {
         self.g.find(name).and_then(|v| self.g.arg_of(v)).and_then(|a| a.role.param_layout())
     }
 
-    /// Whether the argument called `name` is an optimizer moment.
-    pub fn is_moment(&self, name: &str) -> bool {
-        self.g.find(name).and_then(|v| self.g.arg_of(v)).is_some_and(|a| matches!(a.role, ArgRole::Moment { .. }))
+    /// The names of the optimizer-moment arguments.
+    pub fn moment_names(&self) -> std::collections::HashSet<&'a str> {
+        let g = self.g;
+        g.args.iter().filter(|a| matches!(a.role, ArgRole::Moment { .. })).map(|a| g.name_of(a.value)).collect()
     }
 
     /// Every rank's parameters, cut from the whole ones in `full` as each parameter's layout says

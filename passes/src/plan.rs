@@ -109,19 +109,12 @@ impl PlanInput {
 /// adjoint of ZeRO-3's parameter gather is its gradient reduce-scatter).
 pub fn rule_of(g: &Graph, producer: &HashMap<ValueId, usize>, n: &Node) -> String {
     match &n.origin {
-        Origin::Adjoint(v) => {
-            let forward = producer.get(v).map(|&i| &g.nodes[i].origin);
-            match forward {
-                Some(Origin::Step { rule: StepRule::GatherParameters, zero, .. }) => {
-                    format!("zero-{zero}/reduce-scatter-gradients")
-                }
-                Some(o) => match o.rule_name() {
-                    Some(r) => format!("{r} (adjoint)"),
-                    None => "model (adjoint)".to_string(),
-                },
-                None => "model (adjoint)".to_string(),
+        Origin::Adjoint(v) => match producer.get(v).map(|&i| &g.nodes[i].origin) {
+            Some(Origin::Step { rule: StepRule::GatherParameters, zero, .. }) => {
+                format!("zero-{zero}/reduce-scatter-gradients")
             }
-        }
+            forward => format!("{} (adjoint)", forward.and_then(Origin::rule_name).unwrap_or_else(|| "model".into())),
+        },
         o => o.rule_name().unwrap_or_else(|| "model".to_string()),
     }
 }

@@ -63,9 +63,9 @@ pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -
         let name = step.name_of(p);
         tensors.insert(name.to_string(), sig.whole_param(p, |r| &trainer.rank_values(r)[name]));
     }
-    let differ = moments_differ(step);
+    let (differ, moments) = (moments_differ(step), sig.moment_names());
     for r in 0..trainer.ranks() {
-        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| sig.is_moment(k)) {
+        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| moments.contains(k.as_str())) {
             if differ {
                 tensors.insert(rank_key(r, k), v.clone());
             } else if r == 0 {
@@ -85,12 +85,13 @@ pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -
 pub fn rank_states(step: &Graph, full: &HashMap<String, Tensor>) -> Vec<HashMap<String, Tensor>> {
     let differ = moments_differ(step);
     let sig = step.signature();
+    let moments = sig.moment_names();
     let mut states = sig.rank_params(full);
     for (r, m) in states.iter_mut().enumerate() {
         for (k, v) in full {
             if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
                 m.insert(rest.to_string(), v.clone());
-            } else if sig.is_moment(k) && !differ {
+            } else if moments.contains(k.as_str()) && !differ {
                 m.entry(k.clone()).or_insert_with(|| v.clone());
             }
         }

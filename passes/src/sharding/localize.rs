@@ -355,7 +355,8 @@ impl<'a> Lower<'a> {
         let outer_layer = std::mem::replace(&mut self.layer, layer);
         let v = self.emit_node(&node, class, &data, ctx, actual, &vname, rule)?;
         self.layer = outer_layer;
-        let weight_copy = self.weights.contains(&v) && self.b.graph.arg_of(v).is_none();
+        // Parameters' casts (mixed precision's compute copies) are ops among the weights.
+        let weight_copy = matches!(node, Sh::Op(..)) && self.weights.contains(&v);
         let own = match &node {
             Sh::Op(..) | Sh::Arg(_) | Sh::VocabCrossEntropy(..) => true,
             Sh::Shard(..) => self.s.ctx().params.contains(&data.value),
