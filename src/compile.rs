@@ -273,8 +273,8 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
     for col in &plan.collectives {
         let Some(v) = g.find(&col.value) else { continue };
         let Some(node) = g.nodes.iter().find(|n| n.outputs.contains(&v)) else { continue };
+        // (A collective reading one of them is in `near` already.)
         let touches = near.contains(&v)
-            || node.inputs.iter().any(|i| near.contains(i))
             || matches!(node.origin, shardc_ir::Origin::Adjoint(f) if near.contains(&f))
             || matches!(node.origin, shardc_ir::Origin::Step { param: Some(p), .. } if Some(p) == param);
         if touches {
