@@ -10,6 +10,8 @@
 //!
 //! Architecture Invariant: the only crate that uses melior/MLIR. It executes nothing.
 
+pub mod mlir;
+
 use shardc_bundle::{Bundle, ModelInfo};
 use shardc_ir::Graph;
 
