@@ -326,6 +326,15 @@ pub struct CompileArgs {
     /// that fit the CPU (up to 100M parameters).
     #[arg(long)]
     pub check: bool,
+    /// Write the training step without fusing its elementwise and row-wise ops into kernels
+    /// (`fused` nodes, the unit codegen lowers).
+    #[arg(long)]
+    pub no_fusion: bool,
+    /// Lower every kernel of the fused step and write, per kernel, DIR/NAME.mlir (the
+    /// target-independent description), DIR/NAME.sm_80.ptx and DIR/NAME.sm_90.ptx, and
+    /// DIR/kernels.json (fused ops, operand and result types, ptxas registers and spills).
+    #[arg(long, value_name = "DIR")]
+    pub emit_kernels: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -104,9 +104,22 @@ fn check_numerics(c: &Compiled, a: &StepArgs) -> Result<()> {
 }
 
 pub fn compile(a: &CompileArgs) -> Result<()> {
-    let c = compile_model(&a.step)?;
+    let mut c = compile_model(&a.step)?;
+    let fused = !a.no_fusion;
+    let mut summary = None;
+    if fused {
+        let (g, s) = shardc_passes::fusion::fuse(&c.step.graph);
+        c.step.graph = g;
+        summary = Some(s);
+    }
     if a.check {
         check_numerics(&c, &a.step)?;
+    }
+    if let Some(dir) = &a.emit_kernels {
+        if !fused {
+            bail!("--emit-kernels lowers the fused step's kernels: drop --no-fusion");
+        }
+        crate::kernels::emit(&c.step.graph, dir)?;
     }
     let annotated;
     let g = match a.stage {
@@ -129,8 +142,12 @@ pub fn compile(a: &CompileArgs) -> Result<()> {
     match &a.output {
         Some(path) => {
             std::fs::write(path, &text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+            let kernels = match (&summary, a.stage) {
+                (Some(s), CompileStage::Step) => format!(", {} kernels fusing {} ops", s.kernels, s.fused_ops),
+                _ => String::new(),
+            };
             eprintln!(
-                "wrote {}: the per-rank {} of {} on {} ({} ops, {} collectives, {} parameter elements per rank)",
+                "wrote {}: the per-rank {} of {} on {} ({} ops, {} collectives{kernels}, {} parameter elements per rank)",
                 path.display(),
                 match a.stage {
                     CompileStage::Step => "training step",

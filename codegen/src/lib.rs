@@ -34,3 +34,151 @@ pub fn bundle_step(
     b.header.plan_json = plan_json;
     Ok(b)
 }
+
+pub mod kernel;
+
+use kernel::{describe, KernelDesc};
+use mlir::{find_libdevice, find_ptxas, LowerError, Mlir, GPU_ARCHS};
+
+/// What ptxas said about one kernel for one architecture.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PtxasReport {
+    pub arch: String,
+    pub registers: u32,
+    pub spill_stores_bytes: u32,
+    pub spill_loads_bytes: u32,
+    pub stack_frame_bytes: u32,
+}
+
+/// One kernel, described and lowered.
+#[derive(Clone, Debug)]
+pub struct LoweredKernel {
+    pub desc: KernelDesc,
+    /// (arch, PTX text), for every arch of [`GPU_ARCHS`].
+    pub ptx: Vec<(String, String)>,
+    /// ptxas's report per arch, when ptxas is available.
+    pub ptxas: Vec<PtxasReport>,
+}
+
+/// Why the kernels of a program could not be produced: always names the kernel and its ops.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelsError {
+    #[error(transparent)]
+    Describe(#[from] kernel::KernelError),
+    #[error("kernel `{kernel}` ({ops}): {source}")]
+    Lower {
+        kernel: String,
+        ops: String,
+        #[source]
+        source: LowerError,
+    },
+    #[error("kernel `{kernel}` ({ops}): ptxas rejected the {arch} PTX:\n{message}")]
+    Ptxas { kernel: String, ops: String, arch: String, message: String },
+    #[error(transparent)]
+    Toolchain(LowerError),
+}
+
+/// The descriptions of every `fused` node of a program, in program order.
+pub fn describe_all(program: &shardc_ir::Graph) -> Result<Vec<KernelDesc>, kernel::KernelError> {
+    program.nodes.iter().filter(|n| n.op == shardc_ir::Op::Fused).map(describe).collect()
+}
+
+/// Describes every kernel and lowers it to PTX for each architecture; with ptxas present,
+/// assembles each PTX file and reports registers and spills. `ptxas_required` turns a missing
+/// ptxas into an error.
+pub fn lower_gpu(program: &shardc_ir::Graph, ptxas_required: bool) -> Result<Vec<LoweredKernel>, KernelsError> {
+    let mlir = Mlir::new();
+    let libdevice = find_libdevice().map_err(KernelsError::Toolchain)?;
+    let ptxas = find_ptxas();
+    if ptxas.is_none() && ptxas_required {
+        return Err(KernelsError::Toolchain(LowerError::Missing {
+            target: "PTX".into(),
+            what: "ptxas to assemble it (run scripts/setup.sh, or set SHARDC_PTXAS)".into(),
+            kernel: "any".into(),
+        }));
+    }
+    let mut out = Vec::new();
+    for desc in describe_all(program)? {
+        let ops = desc.ops.join(", ");
+        let module = desc.module();
+        let mut ptx = Vec::new();
+        let mut reports = Vec::new();
+        for (arch, features) in GPU_ARCHS {
+            let text = mlir.lower_ptx(&module, &desc.name, arch, features, &libdevice).map_err(|source| {
+                KernelsError::Lower { kernel: desc.name.clone(), ops: ops.clone(), source }
+            })?;
+            if let Some(p) = &ptxas {
+                let r = assemble(p, &text, arch).map_err(|message| KernelsError::Ptxas {
+                    kernel: desc.name.clone(),
+                    ops: ops.clone(),
+                    arch: arch.to_string(),
+                    message,
+                })?;
+                reports.push(r);
+            }
+            ptx.push((arch.to_string(), text));
+        }
+        out.push(LoweredKernel { desc, ptx, ptxas: reports });
+    }
+    Ok(out)
+}
+
+/// A shared library (bytes of an ELF `.so`) holding every kernel's host function, for this
+/// machine's CPU, and the descriptions it was made from.
+pub fn lower_host(program: &shardc_ir::Graph) -> Result<(Vec<KernelDesc>, Vec<u8>), KernelsError> {
+    let descs = describe_all(program)?;
+    let mlir = Mlir::new();
+    let module = format!("module {{\n{}}}\n", descs.iter().map(|d| d.function.as_str()).collect::<String>());
+    let names: Vec<&str> = descs.iter().map(|d| d.name.as_str()).collect();
+    let all_ops = || descs.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(", ");
+    let object = mlir
+        .lower_host_object(&module, &names)
+        .map_err(|source| KernelsError::Lower { kernel: "host library".into(), ops: all_ops(), source })?;
+    let so = mlir::link_shared(&object)
+        .map_err(|source| KernelsError::Lower { kernel: "host library".into(), ops: all_ops(), source })?;
+    Ok((descs, so))
+}
+
+/// `ptxas -arch=ARCH -v`: registers, spills and stack of the one kernel, or ptxas's errors.
+fn assemble(ptxas: &std::path::Path, ptx: &str, arch: &str) -> Result<PtxasReport, String> {
+    let dir = std::env::temp_dir().join(format!("shardc-ptxas-{}-{arch}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let file = dir.join("k.ptx");
+    std::fs::write(&file, ptx).map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(ptxas)
+        .arg(format!("-arch={arch}"))
+        .arg("-v")
+        .arg(&file)
+        .arg("-o")
+        .arg(dir.join("k.cubin"))
+        .output()
+        .map_err(|e| format!("could not run {}: {e}", ptxas.display()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(text);
+    }
+    let num_before = |marker: &str| -> u32 {
+        text.lines()
+            .find_map(|l| {
+                let i = l.find(marker)?;
+                l[..i].split_whitespace().last()?.parse().ok()
+            })
+            .unwrap_or(0)
+    };
+    let num_after = |marker: &str| -> u32 {
+        text.lines()
+            .find_map(|l| {
+                let i = l.find(marker)?;
+                l[i + marker.len()..].split_whitespace().next()?.parse().ok()
+            })
+            .unwrap_or(0)
+    };
+    Ok(PtxasReport {
+        arch: arch.to_string(),
+        registers: num_after("Used "),
+        spill_stores_bytes: num_before("bytes spill stores"),
+        spill_loads_bytes: num_before("bytes spill loads"),
+        stack_frame_bytes: num_before("bytes stack frame"),
+    })
+}

@@ -90,6 +90,10 @@ pub struct Node {
     pub phase: Phase,
     #[serde(default)]
     pub origin: Origin,
+    /// A `fused` node's kernel: a graph of its own whose arguments are the node's inputs and
+    /// whose outputs are the node's results, in order (see `passes::fusion`). `None` elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<Box<Graph>>,
 }
 
 impl Node {
@@ -243,6 +247,7 @@ impl Graph {
             outputs: outputs.clone(),
             phase: Phase::default(),
             origin: Origin::default(),
+            body: None,
         });
         outputs
     }

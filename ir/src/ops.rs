@@ -207,6 +207,8 @@ op_table! {
         "this rank's chunk along `dim` of a value replicated over `axis` (no communication)";
     AllToAll => "all_to_all", Arity::Exact(1), [req("axis", K::Str), req("split_dim", K::Int), req("concat_dim", K::Int)], infer_all_to_all,
         "split `split_dim` across the ranks, concatenate what arrives along `concat_dim`";
+    Fused => "fused", Arity::AtLeast(0), [req("kernel", K::Str)], infer_fused,
+        "one kernel: the node's body (a graph) run on its operands; the results are the body's outputs";
 }
 
 impl Op {
@@ -544,6 +546,10 @@ fn infer_reduce_scatter(ctx: &InferCtx) -> Result<TensorType, String> {
     let mut shape = x.shape.clone();
     shape[dim] = divide(x, dim, n, ctx.attrs.str("axis").unwrap_or_default())?;
     Ok(TensorType::new(x.dtype, shape))
+}
+
+fn infer_fused(_: &InferCtx) -> Result<Vec<TensorType>, String> {
+    Err("a fused node's result types are its body's outputs (the verifier checks them there)".into())
 }
 
 fn infer_all_to_all(ctx: &InferCtx) -> Result<TensorType, String> {

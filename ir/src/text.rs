@@ -91,23 +91,37 @@ pub struct Diagnostic {
 pub fn print(g: &Graph) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "graph {}", g.name);
+    print_items(&mut out, g, "");
+    out
+}
+
+/// Everything after the `graph` line, each line indented by `indent` (a fused node's body is
+/// printed with its kernel's graph one level in, between `{` and `}`).
+fn print_items(out: &mut String, g: &Graph, indent: &str) {
     if !g.mesh.axes.is_empty() {
-        let _ = writeln!(out, "mesh {}", g.mesh);
+        let _ = writeln!(out, "{indent}mesh {}", g.mesh);
     }
     for a in &g.args {
         let v = g.value(a.value);
         let mut notes = arg_notes(g, &a.role);
         notes.extend(v.layer.map(|l| format!("layer {l}")));
-        let _ = writeln!(out, "{} %{}: {}{}{}", a.kind.keyword(), v.name, v.ty, sharding_suffix(v), annot(&notes));
+        let _ =
+            writeln!(out, "{indent}{} %{}: {}{}{}", a.kind.keyword(), v.name, v.ty, sharding_suffix(v), annot(&notes));
     }
     for n in &g.nodes {
+        out.push_str(indent);
         out.push_str(&print_node(g, n));
+        if let Some(body) = &n.body {
+            out.push_str(" {\n");
+            print_items(out, body, &format!("{indent}  "));
+            out.push_str(indent);
+            out.push('}');
+        }
         out.push('\n');
     }
     let outs: Vec<String> =
         g.outputs.iter().map(|o| format!("%{}{}", g.name_of(o.value), annot(&output_notes(g, &o.role)))).collect();
-    let _ = writeln!(out, "output {}", outs.join(", "));
-    out
+    let _ = writeln!(out, "{indent}output {}", outs.join(", "));
 }
 
 /// `%name` of a value an annotation names, or `#id` when it does not exist (a broken JSON graph
@@ -242,6 +256,25 @@ struct Parser {
     names: HashMap<String, ValueId>,
     lines: Vec<usize>,
     saw_output: bool,
+    /// Parsing a fused node's body: the `graph` line is implied, `}` ends it.
+    body: bool,
+}
+
+/// The index of the `}` line that closes the body opened just before `lines[from]`.
+fn closing_brace(lines: &[(usize, &str)], from: usize) -> Option<usize> {
+    let mut depth = 1usize;
+    for (i, &(_, l)) in lines.iter().enumerate().skip(from) {
+        let t = l.split('#').next().unwrap_or("").trim();
+        if t == "}" {
+            depth -= 1;
+            if depth == 0 {
+                return Some(i);
+            }
+        } else if t.starts_with('%') && t.ends_with('{') {
+            depth += 1;
+        }
+    }
+    None
 }
 
 /// A cursor over one line.
@@ -551,17 +584,40 @@ impl Cursor {
 
 impl Parser {
     fn run(&mut self, src: &str) -> PResult<Graph> {
-        let mut last_line = 1;
-        for (i, line) in src.lines().enumerate() {
-            let mut c = Cursor::new(i + 1, line);
+        let lines: Vec<(usize, &str)> = src.lines().enumerate().map(|(i, l)| (i + 1, l)).collect();
+        self.run_lines(&lines)
+    }
+
+    /// Parses numbered lines (a whole file, or a fused node's body between its braces).
+    fn run_lines(&mut self, lines: &[(usize, &str)]) -> PResult<Graph> {
+        let mut last_line = lines.first().map_or(1, |l| l.0);
+        let mut i = 0;
+        while i < lines.len() {
+            let (line_no, line) = lines[i];
+            i += 1;
+            let mut c = Cursor::new(line_no, line);
             if c.at_end() {
                 continue;
             }
-            last_line = i + 1;
-            self.item(&mut c)?;
+            last_line = line_no;
+            let opens_body = self.item(&mut c)?;
             if !c.at_end() {
                 let found = c.describe_next();
                 return Err(c.err(format!("unexpected {found} after the end of the item")));
+            }
+            if opens_body {
+                let end = closing_brace(lines, i).ok_or_else(|| {
+                    c.err("this fused node's body is not closed: expected a line holding only `}`")
+                })?;
+                let node = self.graph.as_mut().and_then(|g| g.nodes.last_mut()).expect("item() pushed the node");
+                let mut sub = Parser {
+                    graph: Some(Graph::new(node.attrs.str("kernel").unwrap_or("kernel"))),
+                    ..Parser::default()
+                };
+                sub.body = true;
+                let body = sub.run_lines(&lines[i..end])?;
+                node.body = Some(Box::new(body));
+                i = end + 1;
             }
         }
         let eof = |message: &str| Diagnostic { line: last_line, col: 1, len: 1, message: message.into() };
@@ -605,19 +661,27 @@ impl Parser {
         })
     }
 
-    fn item(&mut self, c: &mut Cursor) -> PResult<()> {
+    /// One line; true when it is a node that opens a body (`... {`).
+    fn item(&mut self, c: &mut Cursor) -> PResult<bool> {
         if self.saw_output {
             return Err(c.err("nothing may follow the `output` line"));
         }
         if c.peek() == Some('%') {
             return self.node(c);
         }
+        self.keyword_item(c).map(|()| false)
+    }
+
+    fn keyword_item(&mut self, c: &mut Cursor) -> PResult<()> {
         let (start, kw) = c.ident("`graph`, `mesh`, `param`, `input`, `state`, `output` or a `%value` definition")?;
         if self.graph.is_none() && kw != "graph" {
             return Err(c.err_at(start, kw.len(), format!("expected `graph NAME` as the first line, found `{kw}`")));
         }
         match kw.as_str() {
             "graph" => {
+                if self.body {
+                    return Err(c.err_at(start, kw.len(), "a fused node's body has no `graph` line"));
+                }
                 if self.graph.is_some() {
                     return Err(c.err_at(start, kw.len(), "a file holds one graph: `graph` appears twice"));
                 }
@@ -701,7 +765,7 @@ impl Parser {
         }
     }
 
-    fn node(&mut self, c: &mut Cursor) -> PResult<()> {
+    fn node(&mut self, c: &mut Cursor) -> PResult<bool> {
         if self.graph.is_none() {
             return Err(c.err("expected `graph NAME` as the first line"));
         }
@@ -749,6 +813,14 @@ impl Parser {
             }
         }
         let (phase, origin, layer) = self.node_notes(c)?;
+        let opens_body = c.eat('{');
+        if opens_body != (op == Op::Fused) {
+            return Err(if opens_body {
+                c.err_at(c.pos - 1, 1, format!("only a `fused` node has a body; `{opname}` takes none"))
+            } else {
+                c.err("a `fused` node's body follows on the next lines: end this line with `{`")
+            });
+        }
         let mut outputs = Vec::new();
         for (s, name, ty, sharding) in results {
             outputs.push(self.define(c, s, name, ty, sharding)?);
@@ -757,8 +829,8 @@ impl Parser {
         for &o in &outputs {
             g.values[o.index()].layer = layer;
         }
-        g.nodes.push(Node { op, inputs, attrs, outputs, phase, origin });
-        Ok(())
+        g.nodes.push(Node { op, inputs, attrs, outputs, phase, origin, body: None });
+        Ok(opens_body)
     }
 
     /// Runs `note` on each annotation of an optional `[note, ...]` list.

@@ -38,7 +38,7 @@
 //! Each [`VerifyError`] names the node and carries its printed `.tir` line.
 
 use crate::graph::{Graph, ValueId};
-use crate::ops::InferCtx;
+use crate::ops::{InferCtx, Op};
 use crate::text::{is_value_name, print_node};
 use crate::types::{checked_numel, TensorType, MAX_TENSOR_BYTES};
 use std::collections::HashSet;
@@ -166,6 +166,23 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
         }
         let declared: Vec<&TensorType> = n.outputs.iter().map(|&o| g.ty(o)).collect();
         let show = |tys: &[&TensorType]| tys.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+        match (&n.body, n.op) {
+            (None, Op::Fused) => {
+                err(Some(i), line, "a `fused` node needs a body".into());
+                continue;
+            }
+            (Some(_), op) if op != Op::Fused => {
+                err(Some(i), line, format!("only a `fused` node has a body, not `{}`", op.name()));
+                continue;
+            }
+            (Some(body), _) => {
+                if let Err(m) = fused_body(body, &tys, &declared) {
+                    err(Some(i), line, m);
+                }
+                continue;
+            }
+            (None, _) => {}
+        }
         match (info.infer)(&InferCtx { inputs: &tys, attrs: &n.attrs, mesh: &g.mesh }) {
             Err(m) => err(Some(i), line, m),
             Ok(want) if want.iter().collect::<Vec<_>>() != declared => err(
@@ -217,6 +234,33 @@ pub fn verify(g: &Graph) -> Result<(), VerifyErrors> {
     } else {
         Err(VerifyErrors(errs))
     }
+}
+
+/// A fused node's body: a verified single-device graph of local ops whose arguments take the
+/// node's operand types and whose outputs are its declared result types, in order.
+fn fused_body(body: &Graph, inputs: &[&TensorType], declared: &[&TensorType]) -> Result<(), String> {
+    if let Err(e) = verify(body) {
+        return Err(format!("its body does not verify: {e}"));
+    }
+    if !body.mesh.axes.is_empty() {
+        return Err("a fused body runs on one device: it declares no mesh".into());
+    }
+    if let Some(n) = body.nodes.iter().find(|n| n.op.is_collective() || n.body.is_some()) {
+        return Err(format!("a fused body holds only local ops, not `{}`", print_node(body, n)));
+    }
+    let args: Vec<&TensorType> = body.args.iter().map(|a| body.ty(a.value)).collect();
+    if args != inputs {
+        return Err(format!("its body takes ({}) but the node's operands are ({})", join(&args), join(inputs)));
+    }
+    let outs: Vec<&TensorType> = body.output_values().map(|o| body.ty(o)).collect();
+    if outs != declared {
+        return Err(format!("its body gives ({}) but the node declares ({})", join(&outs), join(declared)));
+    }
+    Ok(())
+}
+
+fn join(tys: &[&TensorType]) -> String {
+    tys.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn arg_line(g: &Graph, a: &crate::graph::Arg) -> String {

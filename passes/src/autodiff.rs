@@ -312,6 +312,9 @@ impl Ad {
                 return Err(format!("`{}` is a backward op; second derivatives are not supported", n.op.name()));
             }
             Op::Split => return Err("internal: `split` has several results; see Ad::split_adjoint".into()),
+            Op::Fused => {
+                return Err("a fused kernel has no adjoint: differentiate before fusion (fusion runs last)".into())
+            }
         })
     }
 

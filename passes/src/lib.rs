@@ -4,7 +4,8 @@
 //! e-graph whose language is private to this crate, then localized to a per-rank program),
 //! [`autodiff`] (reverse mode over the whole op table, collectives included), [`train_step`]
 //! (the whole step: forward, backward, gradient synchronisation and ZeRO over `dp`, clipping,
-//! AdamW), [`cost`] and [`plan`]. Coming (DESIGN.md): fusion and memory planning. Every pass
+//! AdamW), [`fusion`] (kernels of the per-rank program), [`cost`] and [`plan`]. Coming
+//! (DESIGN.md): memory planning. Every pass
 //! takes verified IR and returns verified IR; each pass's doc states what holds after it, with a
 //! before/after example that is also a golden test under `tests/passes/<pass>/`.
 //!
@@ -13,6 +14,7 @@
 pub mod analysis;
 pub mod autodiff;
 pub mod cost;
+pub mod fusion;
 pub mod pipeline;
 pub mod plan;
 pub mod sharding;

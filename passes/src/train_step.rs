@@ -213,6 +213,7 @@ fn regather_for_backward(g: Graph) -> Result<(Graph, Renumbering), String> {
                 outputs: vec![id],
                 phase: Phase::Backward,
                 origin: origin.clone(),
+                body: None,
             });
             prev = Some(id);
         }

@@ -303,6 +303,7 @@ pub(crate) fn eval<T: Real>(
         Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll => {
             return Err("collectives are executed by the SPMD driver".into())
         }
+        Op::Fused => return Err("a fused node runs its body (the SPMD driver does)".into()),
     })
 }
 

@@ -124,7 +124,14 @@ impl<'g, T: Real> Machine<'g, T> {
         Ok(Machine { g, vals })
     }
 
-    fn run(mut self) -> Result<Vec<Vec<Tensor>>, InterpError> {
+    fn run(self) -> Result<Vec<Vec<Tensor>>, InterpError> {
+        let g = self.g;
+        let vals = self.run_vals()?;
+        Ok(vals.iter().map(|outs| g.output_values().zip(outs).map(|(o, v)| to_tensor(g.ty(o), v)).collect()).collect())
+    }
+
+    /// Every rank's outputs, as values.
+    fn run_vals(mut self) -> Result<Vec<Vec<Val<T>>>, InterpError> {
         let g = self.g;
         let mut last_use = vec![usize::MAX; g.values.len()];
         for (i, n) in g.nodes.iter().enumerate() {
@@ -150,12 +157,8 @@ impl<'g, T: Real> Machine<'g, T> {
         }
         Ok(self
             .vals
-            .iter()
-            .map(|vals| {
-                g.output_values()
-                    .map(|o| to_tensor(g.ty(o), vals[o.index()].as_ref().expect("outputs are kept")))
-                    .collect()
-            })
+            .iter_mut()
+            .map(|vals| g.output_values().map(|o| vals[o.index()].take().expect("outputs are kept")).collect())
             .collect())
     }
 
@@ -169,6 +172,20 @@ impl<'g, T: Real> Machine<'g, T> {
 
     fn local(&self, i: usize) -> Vec<Result<Vec<Val<T>>, InterpError>> {
         let n = &self.g.nodes[i];
+        if let Some(body) = &n.body {
+            // A kernel: its body is a single-device graph of local ops, run on each rank alone.
+            return (0..self.vals.len())
+                .map(|rank| {
+                    let mut vals = vec![None; body.values.len()];
+                    for (a, &v) in body.args.iter().zip(&n.inputs) {
+                        vals[a.value.index()] = Some(self.operand(rank, v).clone());
+                    }
+                    let inner = Machine { g: body, vals: vec![vals] };
+                    let mut outs = inner.run_vals().map_err(|e| self.fail(rank, i, format!("in its body: {e}")))?;
+                    Ok(outs.pop().unwrap_or_default())
+                })
+                .collect();
+        }
         let tys: Vec<&TensorType> = n.inputs.iter().map(|&v| self.g.ty(v)).collect();
         let outs: Vec<&TensorType> = n.outputs.iter().map(|&v| self.g.ty(v)).collect();
         (0..self.vals.len())

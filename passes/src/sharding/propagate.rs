@@ -96,7 +96,8 @@ pub fn split_inputs(g: &Graph, node: &Node, d: usize, n: usize) -> Option<Vec<Op
         | Op::RmsNormGrad
         | Op::RmsNormGammaGrad
         | Op::EmbeddingGrad
-        | Op::CrossEntropyGrad => None,
+        | Op::CrossEntropyGrad
+        | Op::Fused => None,
     }
 }
 
