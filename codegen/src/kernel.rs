@@ -144,7 +144,18 @@ fn is_column_op(g: &Graph, n: &Node) -> bool {
     let r = g.ty(n.inputs.first().copied().unwrap_or(ValueId(0))).rank();
     match n.op {
         Op::LayerNormGammaGrad | Op::RmsNormGammaGrad => true,
-        Op::ReduceSum => r >= 2 && g.ty(n.output()).rank() == 1 && g.ty(n.output()).shape[0] == g.ty(n.inputs[0]).shape[r - 1],
+        Op::ReduceSum => {
+            let mut dims: Vec<usize> = n
+                .attrs
+                .ints("dims")
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|&d| shardc_ir::ops::normalize_dim(d, r).ok())
+                .collect();
+            dims.sort_unstable();
+            dims.dedup();
+            r >= 2 && dims == (0..r - 1).collect::<Vec<_>>()
+        }
         _ => false,
     }
 }
@@ -514,9 +525,14 @@ impl<'g> Emitter<'g> {
     }
 
     fn load(&mut self, v: ValueId, col: &str) -> R<String> {
+        let at = self.offset(v, col)?;
+        self.load_at(v, &at)
+    }
+
+    /// Buffer `v`'s element at offset `at`, widened to f32.
+    fn load_at(&mut self, v: ValueId, at: &str) -> R<String> {
         let buf = self.buffers.get(&v).cloned().ok_or("internal: value is not a buffer")?;
         let t = self.g.ty(v).clone();
-        let at = self.offset(v, col)?;
         let x = self.emit(&format!("memref.load {buf}[{at}] : {}", memref(&t)));
         Ok(match t.dtype {
             DType::F32 => x,
@@ -682,8 +698,8 @@ impl<'g> Emitter<'g> {
                 let p = self.iop("remui", &q, &ti);
                 let pos = self.load_int(n.inputs[1], &p)?;
                 let pi = self.emit(&format!("arith.index_cast {pos} : index to i64"));
-                let pf = self.emit(&format!("arith.sitofp {pi} : i64 to f32"));
-                let pf = if n.attrs.bool_or("inverse", false) { self.un("arith.negf", &pf) } else { pf };
+                let pf = self.emit(&format!("arith.sitofp {pi} : i64 to f64"));
+                let pf = if n.attrs.bool_or("inverse", false) { self.emit(&format!("arith.negf {pf} : f64")) } else { pf };
                 self.set_row(&key("pos"), pf);
             }
             Op::Full => {}
@@ -710,8 +726,20 @@ impl<'g> Emitter<'g> {
             return Ok(x);
         }
         if self.buffers.contains_key(&v) && !self.producer.contains_key(&v) {
-            let c0 = self.index(0);
-            return self.load(v, &c0);
+            // A per-row operand ([rows] or [rows, 1]) is indexed by the row, not broadcast.
+            let rows = match self.form {
+                Form::Rows { rows, .. } => rows,
+                _ => 0,
+            };
+            let numel = self.g.ty(v).numel();
+            let at = if numel == 1 {
+                self.index(0)
+            } else if numel == rows {
+                "%w".to_string()
+            } else {
+                return Err(format!("%{} is not per-row here", self.g.name_of(v)));
+            };
+            return self.load_at(v, &at);
         }
         if let Some(&p) = self.producer.get(&v) {
             if self.g.nodes[p].op == Op::Full {
@@ -853,14 +881,19 @@ impl<'g> Emitter<'g> {
                 let partner_hi = self.iop("addi", col, &hc);
                 let partner_lo = self.iop("subi", col, &hc);
                 let partner = self.emit(&format!("arith.select {first}, {partner_hi}, {partner_lo} : index"));
-                // inv_freq(i) = theta^(-2i/D) = exp(i * (-2 ln theta / D)).
+                // inv_freq(i) = theta^(-2i/D) = exp(i * (-2 ln theta / D)); the angle and its
+                // sine and cosine in f64: positions run to many thousands of radians, where
+                // f32 angles are off by 1e-4.
                 let ii = self.emit(&format!("arith.index_cast {i} : index to i64"));
-                let fi = self.emit(&format!("arith.sitofp {ii} : i64 to f32"));
-                let k = self.fconst(-2.0 * theta.ln() / cols as f64);
-                let e = self.bin("mulf", &fi, &k);
-                let inv = self.un("math.exp", &e);
-                let ang = self.bin("mulf", &pos, &inv);
-                let (c, s) = (self.un("math.cos", &ang), self.un("math.sin", &ang));
+                let fi = self.emit(&format!("arith.sitofp {ii} : i64 to f64"));
+                let k = self.emit(&format!("arith.constant 0x{:016X} : f64", (-2.0 * theta.ln() / cols as f64).to_bits()));
+                let e = self.emit(&format!("arith.mulf {fi}, {k} : f64"));
+                let inv = self.emit(&format!("math.exp {e} : f64"));
+                let ang = self.emit(&format!("arith.mulf {pos}, {inv} : f64"));
+                let c64 = self.emit(&format!("math.cos {ang} : f64"));
+                let s64 = self.emit(&format!("math.sin {ang} : f64"));
+                let c = self.emit(&format!("arith.truncf {c64} : f64 to f32"));
+                let s = self.emit(&format!("arith.truncf {s64} : f64 to f32"));
                 let x = self.elem(n.inputs[0], col)?;
                 let xp = self.elem(n.inputs[0], &partner)?;
                 let xc = self.bin("mulf", &x, &c);
@@ -872,7 +905,7 @@ impl<'g> Emitter<'g> {
             Op::ReduceSum | Op::ReduceMean | Op::ReduceMax | Op::CrossEntropy => {
                 return self
                     .lookup_row(&format!("v{}", n.output().0))
-                    .ok_or_else(|| format!("internal: `{}` is read before its loop", n.op.name()));
+                    .ok_or_else(|| format!("internal: `{}` is read before its loop (at {col}; row scopes {:?})", n.op.name(), self.row_vals));
             }
             _ => {
                 let ins: Vec<String> = n.inputs.iter().map(|&v| self.elem(v, col)).collect::<R<Vec<String>>>()?;
