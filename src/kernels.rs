@@ -39,7 +39,8 @@ pub fn emit(step: &Graph, dir: &Path) -> Result<()> {
     });
     write("kernels.json".into(), &serde_json::to_string_pretty(&doc)?)?;
     let regs = kernels.iter().flat_map(|k| k.ptxas.iter().map(|r| r.registers)).max();
-    let spills: u32 = kernels.iter().flat_map(|k| k.ptxas.iter().map(|r| r.spill_stores_bytes + r.spill_loads_bytes)).sum();
+    let spills: u32 =
+        kernels.iter().flat_map(|k| k.ptxas.iter().map(|r| r.spill_stores_bytes + r.spill_loads_bytes)).sum();
     eprintln!(
         "wrote {} kernels to {} (.mlir, .sm_80.ptx, .sm_90.ptx, kernels.json){}",
         kernels.len(),

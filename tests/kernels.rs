@@ -81,8 +81,7 @@ fn check_with(
     let kernels: Vec<&shardc_ir::Node> = fused.nodes.iter().filter(|n| n.op == Op::Fused).collect();
     assert!(!kernels.is_empty(), "nothing fused in\n{src}");
     let (descs, so) = shardc_codegen::lower_host(&fused).unwrap_or_else(|e| panic!("{e}"));
-    let table: Vec<(&str, usize)> =
-        descs.iter().map(|d| (d.name.as_str(), d.inputs.len() + d.outputs.len())).collect();
+    let table: Vec<(&str, usize)> = descs.iter().map(|d| (d.name.as_str(), d.inputs.len() + d.outputs.len())).collect();
     let lib = shardc_runtime::host_kernels::HostKernels::load(&so, &table).expect("the library loads");
     let mut rng = Rng(seed);
     let mut forms = Vec::new();

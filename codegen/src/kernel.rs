@@ -342,6 +342,13 @@ impl<'g> Emitter<'g> {
         self.indent = 6;
         self.row = "%w".into();
         let g = self.g;
+        // Each operand's offset of this row, once, before any loop reads it.
+        for a in &g.args {
+            if g.ty(a.value).dtype.is_float() {
+                let c0 = self.index(0);
+                self.offset(a.value, &c0)?;
+            }
+        }
         // Row-wise ops in order: their statistics, and row-shaped values.
         for i in 0..g.nodes.len() {
             self.row_stats(i, cols)?;
@@ -355,10 +362,10 @@ impl<'g> Emitter<'g> {
         }
         if !full.is_empty() {
             let (c0, cn, c1) = (self.index(0), self.index(cols), self.index(1));
+            let base = self.iop("muli", "%w", &cn);
             self.line(&format!("scf.for %c = {c0} to {cn} step {c1} {{"));
             self.indent += 2;
             self.elem_vals.push(HashMap::new());
-            let base = self.iop("muli", "%w", &cn);
             let at = self.iop("addi", &base, "%c");
             for o in full {
                 let v = self.elem(o, "%c")?;
@@ -407,7 +414,8 @@ impl<'g> Emitter<'g> {
             1 => format!("{res} = "),
             n => format!("{res}:{n} = "),
         };
-        let iter_part = if sums.is_empty() { String::new() } else { format!(" iter_args({}) -> ({tys})", iters.join(", ")) };
+        let iter_part =
+            if sums.is_empty() { String::new() } else { format!(" iter_args({}) -> ({tys})", iters.join(", ")) };
         self.line(&format!("{head}scf.for %r = {c0} to {rn} step {c1}{iter_part} {{"));
         self.indent += 2;
         self.elem_vals.push(HashMap::new());
@@ -506,9 +514,15 @@ impl<'g> Emitter<'g> {
         for d in (0..ss.saturating_sub(1)).rev() {
             let extent = space[d];
             let e = self.index(extent);
-            let idx = self.iop("remui", &rem, &e);
-            rem = self.iop("divui", &rem, &e);
             let od = d as isize - (ss as isize - rs as isize);
+            let used = od >= 0 && shape[od as usize] == extent && extent > 1;
+            if extent == 1 || (!used && space[..d].iter().all(|&x| x == 1)) {
+                continue;
+            }
+            let idx = if d == 0 { rem.clone() } else { self.iop("remui", &rem, &e) };
+            if d > 0 {
+                rem = self.iop("divui", &rem, &e);
+            }
             if od >= 0 && shape[od as usize] == extent && extent > 1 {
                 let s = self.index(strides[od as usize]);
                 let p = self.iop("muli", &idx, &s);
@@ -699,7 +713,8 @@ impl<'g> Emitter<'g> {
                 let pos = self.load_int(n.inputs[1], &p)?;
                 let pi = self.emit(&format!("arith.index_cast {pos} : index to i64"));
                 let pf = self.emit(&format!("arith.sitofp {pi} : i64 to f64"));
-                let pf = if n.attrs.bool_or("inverse", false) { self.emit(&format!("arith.negf {pf} : f64")) } else { pf };
+                let pf =
+                    if n.attrs.bool_or("inverse", false) { self.emit(&format!("arith.negf {pf} : f64")) } else { pf };
                 self.set_row(&key("pos"), pf);
             }
             Op::Full => {}
@@ -778,7 +793,10 @@ impl<'g> Emitter<'g> {
         let iters: Vec<String> = accs.iter().zip(init).map(|(a, i)| format!("{a} = {i}")).collect();
         let tys = vec!["f32"; N].join(", ");
         let name = if N == 1 { res.clone() } else { format!("{res}:{N}") };
-        self.line(&format!("{name} = scf.for {col} = {c0} to {end} step {c1} iter_args({}) -> ({tys}) {{", iters.join(", ")));
+        self.line(&format!(
+            "{name} = scf.for {col} = {c0} to {end} step {c1} iter_args({}) -> ({tys}) {{",
+            iters.join(", ")
+        ));
         self.indent += 2;
         self.elem_vals.push(HashMap::new());
         self.row_vals.push(HashMap::new());
@@ -886,7 +904,8 @@ impl<'g> Emitter<'g> {
                 // f32 angles are off by 1e-4.
                 let ii = self.emit(&format!("arith.index_cast {i} : index to i64"));
                 let fi = self.emit(&format!("arith.sitofp {ii} : i64 to f64"));
-                let k = self.emit(&format!("arith.constant 0x{:016X} : f64", (-2.0 * theta.ln() / cols as f64).to_bits()));
+                let k =
+                    self.emit(&format!("arith.constant 0x{:016X} : f64", (-2.0 * theta.ln() / cols as f64).to_bits()));
                 let e = self.emit(&format!("arith.mulf {fi}, {k} : f64"));
                 let inv = self.emit(&format!("math.exp {e} : f64"));
                 let ang = self.emit(&format!("arith.mulf {pos}, {inv} : f64"));
@@ -903,9 +922,13 @@ impl<'g> Emitter<'g> {
                 self.emit(&format!("arith.select {first}, {minus}, {plus} : f32"))
             }
             Op::ReduceSum | Op::ReduceMean | Op::ReduceMax | Op::CrossEntropy => {
-                return self
-                    .lookup_row(&format!("v{}", n.output().0))
-                    .ok_or_else(|| format!("internal: `{}` is read before its loop (at {col}; row scopes {:?})", n.op.name(), self.row_vals));
+                return self.lookup_row(&format!("v{}", n.output().0)).ok_or_else(|| {
+                    format!(
+                        "internal: `{}` is read before its loop (at {col}; row scopes {:?})",
+                        n.op.name(),
+                        self.row_vals
+                    )
+                });
             }
             _ => {
                 let ins: Vec<String> = n.inputs.iter().map(|&v| self.elem(v, col)).collect::<R<Vec<String>>>()?;

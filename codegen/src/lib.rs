@@ -87,7 +87,6 @@ pub fn describe_all(program: &shardc_ir::Graph) -> Result<Vec<KernelDesc>, kerne
 /// assembles each PTX file and reports registers and spills. `ptxas_required` turns a missing
 /// ptxas into an error.
 pub fn lower_gpu(program: &shardc_ir::Graph, ptxas_required: bool) -> Result<Vec<LoweredKernel>, KernelsError> {
-    let mlir = Mlir::new();
     let libdevice = find_libdevice().map_err(KernelsError::Toolchain)?;
     let ptxas = find_ptxas();
     if ptxas.is_none() && ptxas_required {
@@ -97,30 +96,55 @@ pub fn lower_gpu(program: &shardc_ir::Graph, ptxas_required: bool) -> Result<Vec
             kernel: "any".into(),
         }));
     }
-    let mut out = Vec::new();
-    for desc in describe_all(program)? {
-        let ops = desc.ops.join(", ");
-        let module = desc.module();
-        let mut ptx = Vec::new();
-        let mut reports = Vec::new();
-        for (arch, features) in GPU_ARCHS {
-            let text = mlir.lower_ptx(&module, &desc.name, arch, features, &libdevice).map_err(|source| {
-                KernelsError::Lower { kernel: desc.name.clone(), ops: ops.clone(), source }
+    let descs = describe_all(program)?;
+    // Kernels are independent: one MLIR context per thread, kernels dealt out round-robin.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(descs.len().max(1));
+    let results: Vec<Vec<(usize, Result<LoweredKernel, KernelsError>)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (descs, libdevice, ptxas) = (&descs, &libdevice, &ptxas);
+                s.spawn(move || {
+                    let mlir = Mlir::new();
+                    (t..descs.len())
+                        .step_by(threads)
+                        .map(|i| (i, lower_one(&mlir, &descs[i], libdevice, ptxas.as_deref())))
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a lowering thread panicked")).collect()
+    });
+    let mut all: Vec<(usize, Result<LoweredKernel, KernelsError>)> = results.into_iter().flatten().collect();
+    all.sort_by_key(|(i, _)| *i);
+    all.into_iter().map(|(_, r)| r).collect()
+}
+
+fn lower_one(
+    mlir: &Mlir,
+    desc: &KernelDesc,
+    libdevice: &std::path::Path,
+    ptxas: Option<&std::path::Path>,
+) -> Result<LoweredKernel, KernelsError> {
+    let ops = desc.ops.join(", ");
+    let module = desc.module();
+    let mut ptx = Vec::new();
+    let mut reports = Vec::new();
+    for (arch, features) in GPU_ARCHS {
+        let text = mlir
+            .lower_ptx(&module, &desc.name, arch, features, libdevice)
+            .map_err(|source| KernelsError::Lower { kernel: desc.name.clone(), ops: ops.clone(), source })?;
+        if let Some(p) = ptxas {
+            let r = assemble(p, &text, arch).map_err(|message| KernelsError::Ptxas {
+                kernel: desc.name.clone(),
+                ops: ops.clone(),
+                arch: arch.to_string(),
+                message,
             })?;
-            if let Some(p) = &ptxas {
-                let r = assemble(p, &text, arch).map_err(|message| KernelsError::Ptxas {
-                    kernel: desc.name.clone(),
-                    ops: ops.clone(),
-                    arch: arch.to_string(),
-                    message,
-                })?;
-                reports.push(r);
-            }
-            ptx.push((arch.to_string(), text));
+            reports.push(r);
         }
-        out.push(LoweredKernel { desc, ptx, ptxas: reports });
+        ptx.push((arch.to_string(), text));
     }
-    Ok(out)
+    Ok(LoweredKernel { desc: desc.clone(), ptx, ptxas: reports })
 }
 
 /// A shared library (bytes of an ELF `.so`) holding every kernel's host function, for this
@@ -131,17 +155,28 @@ pub fn lower_host(program: &shardc_ir::Graph) -> Result<(Vec<KernelDesc>, Vec<u8
     let module = format!("module {{\n{}}}\n", descs.iter().map(|d| d.function.as_str()).collect::<String>());
     let names: Vec<&str> = descs.iter().map(|d| d.name.as_str()).collect();
     let all_ops = || descs.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(", ");
-    let object = mlir
-        .lower_host_object(&module, &names)
-        .map_err(|source| KernelsError::Lower { kernel: "host library".into(), ops: all_ops(), source })?;
-    let so = mlir::link_shared(&object)
-        .map_err(|source| KernelsError::Lower { kernel: "host library".into(), ops: all_ops(), source })?;
+    let object = mlir.lower_host_object(&module, &names).map_err(|source| KernelsError::Lower {
+        kernel: "host library".into(),
+        ops: all_ops(),
+        source,
+    })?;
+    let so = mlir::link_shared(&object).map_err(|source| KernelsError::Lower {
+        kernel: "host library".into(),
+        ops: all_ops(),
+        source,
+    })?;
     Ok((descs, so))
 }
 
 /// `ptxas -arch=ARCH -v`: registers, spills and stack of the one kernel, or ptxas's errors.
 fn assemble(ptxas: &std::path::Path, ptx: &str, arch: &str) -> Result<PtxasReport, String> {
-    let dir = std::env::temp_dir().join(format!("shardc-ptxas-{}-{arch}", std::process::id()));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "shardc-ptxas-{}-{arch}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let file = dir.join("k.ptx");
     std::fs::write(&file, ptx).map_err(|e| e.to_string())?;

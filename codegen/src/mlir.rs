@@ -12,10 +12,12 @@
 
 use melior::dialect::DialectRegistry;
 use melior::ir::attribute::{ArrayAttribute, AttributeLike};
-use melior::ir::operation::OperationLike;
+use melior::ir::operation::{OperationLike, OperationMutLike, WalkOrder, WalkResult};
 use melior::ir::{BlockLike, Module};
 use melior::pass::PassManager;
-use melior::utility::{parse_pass_pipeline, register_all_dialects, register_all_llvm_translations, register_all_passes};
+use melior::utility::{
+    parse_pass_pipeline, register_all_dialects, register_all_llvm_translations, register_all_passes,
+};
 use melior::{Context, ExecutionEngine};
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -36,9 +38,7 @@ pub enum LowerError {
     Pipeline { pipeline: String, diagnostics: String },
     #[error("the {target} lowering produced no {what}; expected kernel `{kernel}`")]
     Missing { target: String, what: String, kernel: String },
-    #[error(
-        "libdevice.10.bc not found (looked in {0}); run scripts/setup.sh, or set SHARDC_LIBDEVICE to the file"
-    )]
+    #[error("libdevice.10.bc not found (looked in {0}); run scripts/setup.sh, or set SHARDC_LIBDEVICE to the file")]
     NoLibdevice(String),
     #[error("the PTX of `{kernel}` calls `{symbol}`, which nothing defines (is libdevice linked?)")]
     UnresolvedExtern { kernel: String, symbol: String },
@@ -94,11 +94,10 @@ impl Mlir {
 
     fn run(&self, module: &mut Module, pipeline: &str) -> Result<(), LowerError> {
         let pm = PassManager::new(&self.context);
-        let fail = |m: &Self| LowerError::Pipeline { pipeline: pipeline.to_string(), diagnostics: m.take_diagnostics() };
-        parse_pass_pipeline(pm.as_operation_pass_manager(), pipeline).map_err(|e| LowerError::Pipeline {
-            pipeline: pipeline.to_string(),
-            diagnostics: e.to_string(),
-        })?;
+        let fail =
+            |m: &Self| LowerError::Pipeline { pipeline: pipeline.to_string(), diagnostics: m.take_diagnostics() };
+        parse_pass_pipeline(pm.as_operation_pass_manager(), pipeline)
+            .map_err(|e| LowerError::Pipeline { pipeline: pipeline.to_string(), diagnostics: e.to_string() })?;
         pm.run(module).map_err(|_| fail(self))
     }
 
@@ -112,10 +111,23 @@ impl Mlir {
         libdevice: &Path,
     ) -> Result<String, LowerError> {
         let mut module = self.parse(description)?;
-        let pipeline = format!(
+        let outline = format!(
             "builtin.module(func.func(scf-parallel-loop-tiling{{parallel-loop-tile-sizes={GPU_TILE} \
              no-min-max-bounds=true}},gpu-map-parallel-loops,convert-parallel-loops-to-gpu,canonicalize,\
-             gpu-launch-sink-index-computations),gpu-kernel-outlining,lower-affine,canonicalize,cse,\
+             gpu-launch-sink-index-computations),gpu-kernel-outlining)"
+        );
+        self.run(&mut module, &outline)?;
+        // Outlining records the block size as `known_block_size`, which becomes `.maxntid 128`;
+        // ptxas then aims at full occupancy (2048 threads per SM: 32 registers) and spills the
+        // row kernels on sm_80. The runtime launches blocks of GPU_TILE anyway: drop the hint.
+        module.as_operation_mut().walk_mut(WalkOrder::PreOrder, |mut op| {
+            if op.name().as_string_ref().as_str().ok() == Some("gpu.func") {
+                let _ = op.remove_attribute("known_block_size");
+            }
+            WalkResult::Advance
+        });
+        let pipeline = format!(
+            "builtin.module(lower-affine,canonicalize,cse,\
              nvvm-attach-target{{chip={chip} features={features} O=3 l={}}},gpu.module(convert-scf-to-cf,\
              convert-gpu-to-nvvm{{use-bare-ptr-memref-call-conv=1}},canonicalize,cse),\
              reconcile-unrealized-casts,gpu-module-to-binary{{format=isa}})",
@@ -135,9 +147,8 @@ impl Mlir {
                 let objects: ArrayAttribute =
                     o.attribute("objects").ok().and_then(|a| a.try_into().ok()).ok_or_else(|| missing("GPU object"))?;
                 let object = objects.element(0).map_err(|_| missing("GPU object"))?;
-                let text = unsafe {
-                    melior::StringRef::from_raw(mlir_sys::mlirGPUObjectAttrGetObject(object.to_raw()))
-                };
+                let text =
+                    unsafe { melior::StringRef::from_raw(mlir_sys::mlirGPUObjectAttrGetObject(object.to_raw())) };
                 ptx = Some(text.as_str().map_err(|_| missing("UTF-8 PTX"))?.to_string());
             }
             op = o.next_in_block();
@@ -218,7 +229,8 @@ fn tempdir() -> std::io::Result<PathBuf> {
 fn unresolved_extern(ptx: &str) -> Option<String> {
     ptx.lines().find_map(|l| {
         let rest = l.trim_start().strip_prefix(".extern .func")?;
-        let name = rest.split(|c: char| c == '(' || c.is_whitespace()).find(|s| !s.is_empty() && !s.starts_with('.'))?;
+        let name =
+            rest.split(|c: char| c == '(' || c.is_whitespace()).find(|s| !s.is_empty() && !s.starts_with('.'))?;
         Some(name.to_string())
     })
 }
@@ -230,7 +242,8 @@ pub fn find_libdevice() -> Result<PathBuf, LowerError> {
     if let Ok(p) = std::env::var("SHARDC_LIBDEVICE") {
         return Ok(PathBuf::from(p));
     }
-    let mut candidates: Vec<PathBuf> = toolchain_dirs().into_iter().map(|d| d.join("py/nvidia/cu13/nvvm/libdevice/libdevice.10.bc")).collect();
+    let mut candidates: Vec<PathBuf> =
+        toolchain_dirs().into_iter().map(|d| d.join("py/nvidia/cu13/nvvm/libdevice/libdevice.10.bc")).collect();
     candidates.push("/usr/local/cuda/nvvm/libdevice/libdevice.10.bc".into());
     for c in candidates {
         if c.is_file() {
@@ -246,7 +259,8 @@ pub fn find_ptxas() -> Option<PathBuf> {
     if let Ok(p) = std::env::var("SHARDC_PTXAS") {
         return Some(PathBuf::from(p));
     }
-    let mut candidates: Vec<PathBuf> = toolchain_dirs().into_iter().map(|d| d.join("py/nvidia/cu13/bin/ptxas")).collect();
+    let mut candidates: Vec<PathBuf> =
+        toolchain_dirs().into_iter().map(|d| d.join("py/nvidia/cu13/bin/ptxas")).collect();
     candidates.push("/usr/local/cuda/bin/ptxas".into());
     candidates.into_iter().find(|c| c.is_file())
 }

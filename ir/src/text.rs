@@ -606,9 +606,8 @@ impl Parser {
                 return Err(c.err(format!("unexpected {found} after the end of the item")));
             }
             if opens_body {
-                let end = closing_brace(lines, i).ok_or_else(|| {
-                    c.err("this fused node's body is not closed: expected a line holding only `}`")
-                })?;
+                let end = closing_brace(lines, i)
+                    .ok_or_else(|| c.err("this fused node's body is not closed: expected a line holding only `}`"))?;
                 let node = self.graph.as_mut().and_then(|g| g.nodes.last_mut()).expect("item() pushed the node");
                 let mut sub = Parser {
                     graph: Some(Graph::new(node.attrs.str("kernel").unwrap_or("kernel"))),

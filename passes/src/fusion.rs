@@ -104,12 +104,8 @@ pub fn family(g: &Graph, n: &Node) -> Option<Family> {
 }
 
 fn reduced_dims(n: &Node, rank: usize) -> Option<Vec<usize>> {
-    let mut dims: Vec<usize> = n
-        .attrs
-        .ints("dims")?
-        .iter()
-        .map(|&d| shardc_ir::ops::normalize_dim(d, rank).ok())
-        .collect::<Option<_>>()?;
+    let mut dims: Vec<usize> =
+        n.attrs.ints("dims")?.iter().map(|&d| shardc_ir::ops::normalize_dim(d, rank).ok()).collect::<Option<_>>()?;
     dims.sort_unstable();
     dims.dedup();
     Some(dims)
@@ -411,11 +407,7 @@ fn kernel_node(
             } else {
                 let id = body.fresh_value(g.name_of(v).to_string(), g.ty(v).clone());
                 body.values[id.index()].layer = g.layer(v);
-                body.args.push(shardc_ir::Arg {
-                    kind: shardc_ir::ArgKind::Input,
-                    value: id,
-                    role: Default::default(),
-                });
+                body.args.push(shardc_ir::Arg { kind: shardc_ir::ArgKind::Input, value: id, role: Default::default() });
                 map.insert(v, id);
                 operands.push(v);
             }
@@ -482,8 +474,5 @@ fn drop_dead_constants(g: &mut Graph) {
 
 /// The types of a kernel's operands and results, for listings.
 pub fn kernel_signature(n: &Node, g: &Graph) -> (Vec<TensorType>, Vec<TensorType>) {
-    (
-        n.inputs.iter().map(|&v| g.ty(v).clone()).collect(),
-        n.outputs.iter().map(|&v| g.ty(v).clone()).collect(),
-    )
+    (n.inputs.iter().map(|&v| g.ty(v).clone()).collect(), n.outputs.iter().map(|&v| g.ty(v).clone()).collect())
 }

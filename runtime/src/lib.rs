@@ -13,7 +13,7 @@
 //! compiler: a bundle is self-contained.
 
 pub mod checkpoint;
-pub mod host_kernels;
 pub mod data;
+pub mod host_kernels;
 pub mod init;
 pub mod train;
