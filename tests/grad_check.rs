@@ -163,3 +163,11 @@ fn second_derivatives_are_refused_clearly() {
     let e = differentiate(&g, g.outputs[0].value, &[g.args[0].value]).err().unwrap();
     assert!(e.to_string().contains("second derivatives are not supported"), "{e}");
 }
+
+#[test]
+fn fused_kernels_are_refused_clearly() {
+    let src = "graph g\ninput %x: f32[3]\n%y: f32[3] = fused(%x) {kernel = \"k0_exp\"} {\n  input %a: f32[3]\n  %b: f32[3] = exp(%a)\n  output %b\n}\n%l: f32[] = reduce_sum(%y) {dims = [0]}\noutput %l\n";
+    let g = parse(src).unwrap();
+    let e = differentiate(&g, g.outputs[0].value, &[g.args[0].value]).err().unwrap();
+    assert!(e.to_string().contains("differentiate before fusion"), "{e}");
+}

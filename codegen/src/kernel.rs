@@ -28,9 +28,24 @@ pub const FLAT_CHUNK: usize = 64;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "form", rename_all = "snake_case")]
 pub enum Form {
-    Flat { elements: usize, chunk: usize },
-    Rows { rows: usize, cols: usize },
-    Columns { rows: usize, cols: usize },
+    Flat {
+        elements: usize,
+        chunk: usize,
+    },
+    /// Independent flat pieces (a bucket of parameters' AdamW updates), one after another in
+    /// the work items: piece k covers `ceil(elements[k] / chunk)` of them.
+    MultiTensor {
+        elements: Vec<usize>,
+        chunk: usize,
+    },
+    Rows {
+        rows: usize,
+        cols: usize,
+    },
+    Columns {
+        rows: usize,
+        cols: usize,
+    },
 }
 
 /// One kernel, described once.
@@ -79,6 +94,7 @@ pub fn describe(node: &Node) -> Result<KernelDesc, KernelError> {
     let text = e.function(&name).map_err(&fail)?;
     let work_items = match form {
         Form::Flat { elements, chunk } => elements.div_ceil(chunk),
+        Form::MultiTensor { ref elements, chunk } => elements.iter().map(|n| n.div_ceil(chunk)).sum(),
         Form::Rows { rows, .. } => rows,
         Form::Columns { cols, .. } => cols,
     };
@@ -121,8 +137,66 @@ fn choose_form(body: &Graph) -> Result<Form, String> {
     if all_flat {
         return Ok(Form::Flat { elements: numel, chunk: FLAT_CHUNK });
     }
+    // Flat pieces of several sizes (a multi-tensor bucket): one after another.
+    if row.is_none() {
+        if let Some(pieces) = pieces(body).filter(|p| p.len() > 1) {
+            return Ok(Form::MultiTensor { elements: pieces.iter().map(|p| p.0).collect(), chunk: FLAT_CHUNK });
+        }
+    }
     let cols = *shape.last().unwrap_or(&1);
     Ok(Form::Rows { rows: numel / cols.max(1), cols })
+}
+
+/// The independent pieces of a body, each as (elements, its results in output order), in
+/// order of first result, or `None` when a piece is not flat (a value of another size than
+/// its piece's results, other than a scalar). Values are connected through the tensors nodes
+/// read, never through scalars: a work item computes every scalar it reads itself (constants,
+/// AdamW's bias corrections, the clipping coefficient), so they tie no pieces together and
+/// the updates of a bucket of parameters come apart. Scalar results form one piece.
+fn pieces(body: &Graph) -> Option<Vec<(usize, Vec<ValueId>)>> {
+    let mut parent: Vec<usize> = (0..body.values.len()).collect();
+    fn find(p: &mut [usize], x: usize) -> usize {
+        let mut r = x;
+        while p[r] != r {
+            r = p[r];
+        }
+        let mut y = x;
+        while p[y] != r {
+            let next = p[y];
+            p[y] = r;
+            y = next;
+        }
+        r
+    }
+    let tensor = |v: &ValueId| body.ty(*v).numel() > 1;
+    for n in &body.nodes {
+        let first = n.output().index();
+        for &v in n.outputs.iter().chain(n.inputs.iter().filter(|v| tensor(v))) {
+            let (a, b) = (find(&mut parent, first), find(&mut parent, v.index()));
+            parent[a] = b;
+        }
+    }
+    // (root, elements, results); every scalar result goes to the piece keyed `usize::MAX`.
+    let mut out: Vec<(usize, usize, Vec<ValueId>)> = Vec::new();
+    for o in body.output_values() {
+        let n = body.ty(o).numel();
+        let root = if n == 1 { usize::MAX } else { find(&mut parent, o.index()) };
+        match out.iter_mut().find(|p| p.0 == root) {
+            Some(p) => {
+                p.1 = p.1.max(n);
+                p.2.push(o);
+            }
+            None => out.push((root, n, vec![o])),
+        }
+    }
+    let elements: HashMap<usize, usize> = out.iter().map(|p| (p.0, p.1)).collect();
+    for v in (0..body.values.len()).filter(|&v| body.values[v].ty.numel() > 1) {
+        let root = find(&mut parent, v);
+        if elements.get(&root).is_some_and(|&e| e != body.values[v].ty.numel()) {
+            return None;
+        }
+    }
+    Some(out.into_iter().map(|(_, n, os)| (n, os)).collect())
 }
 
 fn is_row_op(g: &Graph, n: &Node) -> bool {
@@ -291,6 +365,7 @@ impl<'g> Emitter<'g> {
         self.indent = 4;
         match self.form.clone() {
             Form::Flat { elements, chunk } => self.flat(elements, chunk, &outs)?,
+            Form::MultiTensor { chunk, .. } => self.multi_tensor(chunk)?,
             Form::Rows { rows: _, cols } => self.rows(cols, &outs)?,
             Form::Columns { rows, cols: _ } => self.columns(rows, &outs)?,
         }
@@ -338,6 +413,43 @@ impl<'g> Emitter<'g> {
         Ok(())
     }
 
+    /// Piece after piece: the work items of piece k start at the sum of the earlier pieces'
+    /// chunk counts; each work item runs only its piece's code.
+    fn multi_tensor(&mut self, chunk: usize) -> R<()> {
+        self.indent = 6;
+        let mut first = 0usize;
+        for (elements, outs) in pieces(self.g).ok_or("a multi-tensor kernel's pieces are not flat")? {
+            let chunks = elements.div_ceil(chunk);
+            let (lo, hi) = (self.index(first), self.index(first + chunks));
+            let ge = self.emit(&format!("arith.cmpi uge, %w, {lo} : index"));
+            let lt = self.emit(&format!("arith.cmpi ult, %w, {hi} : index"));
+            let inside = self.emit(&format!("arith.andi {ge}, {lt} : i1"));
+            self.line(&format!("scf.if {inside} {{"));
+            self.indent += 2;
+            let (ch, n) = (self.index(chunk), self.index(elements));
+            let local = self.iop("subi", "%w", &lo);
+            let start = self.iop("muli", &local, &ch);
+            let end0 = self.iop("addi", &start, &ch);
+            let end = self.iop("minsi", &end0, &n);
+            let c1 = self.index(1);
+            self.line(&format!("scf.for %i{first} = {start} to {end} step {c1} {{"));
+            self.indent += 2;
+            self.elem_vals.push(HashMap::new());
+            let i = format!("%i{first}");
+            for &o in &outs {
+                let v = self.elem(o, &i)?;
+                self.store(o, &v, &i);
+            }
+            self.elem_vals.pop();
+            self.indent -= 2;
+            self.line("}");
+            self.indent -= 2;
+            self.line("}");
+            first += chunks;
+        }
+        Ok(())
+    }
+
     fn rows(&mut self, cols: usize, outs: &[ValueId]) -> R<()> {
         self.indent = 6;
         self.row = "%w".into();
@@ -382,6 +494,7 @@ impl<'g> Emitter<'g> {
         match self.form {
             Form::Rows { rows, .. } => rows * cols,
             Form::Flat { elements, .. } => elements,
+            Form::MultiTensor { .. } => 0,
             Form::Columns { rows, cols } => rows * cols,
         }
     }
@@ -454,7 +567,7 @@ impl<'g> Emitter<'g> {
             return Ok(self.index(0));
         }
         match self.form.clone() {
-            Form::Flat { .. } => Ok(col.to_string()),
+            Form::Flat { .. } | Form::MultiTensor { .. } => Ok(col.to_string()),
             Form::Rows { rows, cols } | Form::Columns { rows, cols } => {
                 let space = self.space_shape(rows, cols)?;
                 let key = format!("rowbase:{}:{}", v.0, self.row);

@@ -149,7 +149,8 @@ pub fn differentiate(g: &Graph, loss: ValueId, wrt: &[ValueId]) -> Result<Differ
 /// True for the ops autodiff can propagate gradients through (everything but constants, masks
 /// and the backward ops themselves).
 pub fn is_differentiable(op: Op) -> bool {
-    !is_constant(op) && !is_backward_op(op)
+    // A fused kernel exists only after the step is differentiated (fusion runs last).
+    !is_constant(op) && !is_backward_op(op) && op != Op::Fused
 }
 
 /// The ops autodiff itself emits; differentiating them again would need second derivatives.

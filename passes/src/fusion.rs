@@ -37,8 +37,15 @@
 //! The results of a group are the values used after it (or returned by the program);
 //! everything else stays in registers.
 //!
-//! Not yet: horizontal (sibling) fusion of independent groups, such as AdamW over all of a
-//! rank's parameters in one launch; each parameter's update is one kernel today.
+//! ## Multi-tensor kernels
+//! Then, horizontally (Apex's and PyTorch's multi-tensor AdamW): independent *flat* groups
+//! (elementwise, reading only tensors of their shape and scalars) of the optimizer phase, and
+//! the casts of parameters to the compute dtype, are bucketed in program order into kernels of
+//! up to [`MAX_TENSORS`] tensors and [`BUCKET_ELEMENTS`] elements; a group joins an open bucket
+//! when no path runs between them. One launch then updates a whole bucket of parameters.
+//!
+//! Not yet: sibling fusion of other independent groups (two reductions of one input), and the
+//! per-parameter sums of squares of gradient clipping as one multi-tensor reduction.
 //!
 //! Before (`tests/passes/fusion/`):
 //! ```text
@@ -124,6 +131,8 @@ struct Group {
     space: Vec<usize>,
     has_row: bool,
     has_column: bool,
+    /// Several independent tensors (multi-tensor fusion): the space is the first one's.
+    multi: bool,
 }
 
 /// What [`fuse`] did, for `compile`'s summary line.
@@ -151,6 +160,7 @@ pub fn fuse(g: &Graph) -> (Graph, FusionSummary) {
             space: sp,
             has_row: fam == Family::Row,
             has_column: fam == Family::Column,
+            multi: false,
         });
         group_of[i] = Some(gid);
         let mut candidates: Vec<usize> = n
@@ -163,7 +173,7 @@ pub fn fuse(g: &Graph) -> (Graph, FusionSummary) {
         candidates.dedup();
         for h in candidates {
             let cur = group_of[i].expect("just set");
-            if h == cur || groups[h].members.is_empty() {
+            if h == cur || groups[h].members.is_empty() || groups[h].multi {
                 continue;
             }
             let (a, b) = (&groups[h], &groups[cur]);
@@ -195,7 +205,89 @@ pub fn fuse(g: &Graph) -> (Graph, FusionSummary) {
             dst.has_column |= col;
         }
     }
+    horizontal(g, &producer, &mut group_of, &mut groups);
     build(g, &producer, &group_of, &groups)
+}
+
+/// Most tensors one multi-tensor kernel updates.
+pub const MAX_TENSORS: usize = 32;
+
+/// Most elements one multi-tensor kernel covers (a bucket, as DDP's and ZeRO's are).
+pub const BUCKET_ELEMENTS: usize = 1 << 24;
+
+/// Is the group elementwise over its space, reading only tensors of that shape and scalars
+/// (what a flat kernel indexes directly)?
+fn is_flat(g: &Graph, producer: &HashMap<ValueId, usize>, group: &Group) -> bool {
+    let inside: HashSet<usize> = group.members.iter().copied().collect();
+    !group.has_row
+        && !group.has_column
+        && group.members.iter().all(|&m| {
+            g.nodes[m].inputs.iter().all(|v| {
+                producer.get(v).is_some_and(|p| inside.contains(p) || g.nodes[*p].op == Op::Full) || {
+                    let t = g.ty(*v);
+                    t.numel() == 1 || t.shape.as_slice() == group.space.as_slice()
+                }
+            })
+        })
+}
+
+/// Multi-tensor fusion (horizontal, as Apex's and PyTorch's fused AdamW do): independent flat
+/// groups of the optimizer phase (each parameter's AdamW update, its clipping), and the casts
+/// of parameters to the compute dtype, are bucketed into kernels of up to [`MAX_TENSORS`]
+/// tensors and [`BUCKET_ELEMENTS`] elements, in program order. A group joins the open bucket
+/// when no path runs between them (rule 3) and the caps hold.
+fn horizontal(g: &Graph, producer: &HashMap<ValueId, usize>, group_of: &mut [Option<usize>], groups: &mut [Group]) {
+    let reads_only_args = |grp: &Group| {
+        grp.members.iter().all(|&m| {
+            g.nodes[m]
+                .inputs
+                .iter()
+                .all(|v| producer.get(v).is_none_or(|&p| grp.members.contains(&p) || g.nodes[p].op == Op::Full))
+        })
+    };
+    let mut order: Vec<usize> = (0..groups.len()).filter(|&h| !groups[h].members.is_empty()).collect();
+    order.sort_by_key(|&h| groups[h].members[0]);
+    let candidates: Vec<usize> = order
+        .into_iter()
+        .filter(|&h| {
+            let grp = &groups[h];
+            let phase = g.nodes[grp.members[0]].phase;
+            is_flat(g, producer, grp) && (phase == shardc_ir::Phase::Optimizer || reads_only_args(grp))
+        })
+        .collect();
+    // (bucket group, tensors, elements)
+    let mut open: Vec<(usize, usize, usize)> = Vec::new();
+    for h in candidates {
+        let phase = g.nodes[groups[h].members[0]].phase;
+        let n: usize = groups[h].space.iter().product();
+        let fits = |&(b, tensors, elements): &(usize, usize, usize)| {
+            g.nodes[groups[b].members[0]].phase == phase
+                && tensors < MAX_TENSORS
+                && elements + n <= BUCKET_ELEMENTS
+                && groups[b].members.len() + groups[h].members.len() <= MAX_TENSORS * MAX_OPS
+        };
+        let slot = open.iter().position(|b| fits(b) && !creates_cycle(g, producer, group_of, groups, b.0, h));
+        match slot {
+            Some(k) => {
+                let b = open[k].0;
+                let moved = std::mem::take(&mut groups[h].members);
+                for &m in &moved {
+                    group_of[m] = Some(b);
+                }
+                groups[b].members.extend(moved);
+                groups[b].members.sort_unstable();
+                groups[b].multi = true;
+                open[k].1 += 1;
+                open[k].2 += n;
+            }
+            None => open.push((h, 1, n)),
+        }
+        // Only the most recent buckets stay open: a bucket's kernel runs where its first
+        // member was, so reaching far back would hold results (and memory) longer.
+        if open.len() > 2 {
+            open.remove(0);
+        }
+    }
 }
 
 /// Would putting group `a` and group `b` into one kernel make a cycle? True when an operand of
@@ -334,7 +426,13 @@ fn build(
                             || users.get(v).is_some_and(|us| us.iter().any(|u| !inside.contains(u)))
                     })
                     .collect();
-                let name = format!("k{kernel_no}_{}", kernel_label(g, ms));
+                let label = kernel_label(g, ms);
+                let name = if groups[h].multi {
+                    let what = if g.nodes[ms[0]].phase == shardc_ir::Phase::Optimizer { "adamw" } else { &label };
+                    format!("k{kernel_no}_multi_tensor_{what}")
+                } else {
+                    format!("k{kernel_no}_{label}")
+                };
                 kernel_no += 1;
                 summary.kernels += 1;
                 summary.fused_ops += ms.len();
