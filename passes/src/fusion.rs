@@ -47,7 +47,7 @@
 //! Not yet: sibling fusion of other independent groups (two reductions of one input), and the
 //! per-parameter sums of squares of gradient clipping as one multi-tensor reduction.
 //!
-//! Before (`tests/passes/fusion/`):
+//! Before (`tests/passes/fuse/layer-norm.tir`, run as the `fuse` pass of a pipeline):
 //! ```text
 //! %s: f32[4, 8] = add(%x, %r)
 //! %y: f32[4, 8] = layer_norm(%s, %g, %b) {eps = 1e-5}

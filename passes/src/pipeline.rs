@@ -13,6 +13,8 @@
 //! - `shard`: the sharding pass ([`crate::sharding`]) on a forward graph whose mesh has the
 //!   axis: `tp=AXIS` (default `tp`), `sp=0|1` (sequence parallelism), with the bundled H100
 //!   device model. The result is the per-rank forward program.
+//! - `fuse`: the fusion pass ([`crate::fusion`]) on a per-rank program: memory-bound ops become
+//!   `fused` kernels (no options).
 
 use crate::autodiff::differentiate;
 use crate::train_step::{AdamW, DataParallel};
@@ -26,7 +28,7 @@ pub struct PassSpec {
     pub options: BTreeMap<String, String>,
 }
 
-const PASSES: &[&str] = &["autodiff", "train-step", "shard"];
+const PASSES: &[&str] = &["autodiff", "train-step", "shard", "fuse"];
 
 /// Parses a pipeline string; errors name the offending part.
 pub fn parse_pipeline(text: &str) -> Result<Vec<PassSpec>, String> {
@@ -140,6 +142,10 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
             let opts = tp_options(spec, g, axis)?;
             let device = crate::cost::DeviceModel::h100();
             Ok(crate::sharding::shard_forward(g, &opts, &device).map_err(|e| e.to_string())?.graph)
+        }
+        "fuse" => {
+            check_options(spec, &[])?;
+            Ok(crate::fusion::fuse(g).0)
         }
         other => Err(format!("unknown pass `{other}`")),
     }
