@@ -39,7 +39,8 @@ pub enum Command {
     /// Why a value has its sharding, and which rule put each adjacent collective there.
     Explain(ExplainArgs),
     /// Run compiler passes on a .tir graph (IR in, IR out), e.g. --passes autodiff,
-    /// --passes 'shard{sp=1}' or --passes 'train-step{dp=dp zero=1 tp=tp}'.
+    /// --passes 'shard{sp=1}', --passes 'train-step{dp=dp zero=1 tp=tp}' or
+    /// --passes 'train-step{dp=dp zero=1}, fuse' (the step with its fused kernels).
     Opt(OptArgs),
     /// List the IR's ops with their operands and attributes.
     Ops,

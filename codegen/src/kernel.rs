@@ -3,7 +3,7 @@
 //!
 //! Every buffer is a flat `memref<N x T>` (the body's operands, then its results); indices are
 //! computed here, so broadcasting is explicit arithmetic and the bare-pointer ABI
-//! ([`crate::mlir`]) holds on both targets. Three forms, chosen from the body:
+//! ([`crate::mlir`]) holds on both targets. Four forms, chosen from the body:
 //! - **flat**: elementwise only, every operand either whole (the kernel's shape) or a scalar:
 //!   a work item is a chunk of [`FLAT_CHUNK`] consecutive elements (vectorizable on the host).
 //! - **rows**: the kernel's shape `[..., C]` as rows of `C`; a work item is one row, walked by
@@ -12,6 +12,10 @@
 //!   recomputed inline wherever a loop reads them (never stored unless they are results).
 //! - **columns**: a reduction over every leading dim (bias gradients); a work item is one column,
 //!   walking the rows.
+//! - **multi-tensor**: independent flat pieces of different sizes (fusion's buckets of AdamW
+//!   updates or parameter casts), laid end to end: piece k owns `ceil(elements_k / chunk)`
+//!   consecutive work items, so one launch covers the bucket (Apex's multi-tensor apply, with
+//!   the tensor table resolved at compile time).
 //!
 //! Numerics: loads widen to f32, every op computes in f32 and rounds to its result's dtype
 //! (bf16 values are rounded where the interpreter rounds them), stores narrow.
