@@ -403,3 +403,21 @@ fn multi_tensor_adamw_over_a_bucket_of_parameters() {
     let forms = check_with(&src, ROW, none, |name| if name.starts_with('v') { (0.0, 4.0) } else { (-2.0, 2.0) }, 13);
     assert_eq!(forms, vec![format!("MultiTensor {{ elements: {sizes:?}, chunk: 64 }}")], "one launch for the bucket");
 }
+
+/// A body codegen cannot describe (a matmul belongs to the GEMM library, not to a kernel) is an
+/// error naming the kernel and its fused ops, from both lowerings; never a silent fallback.
+#[test]
+fn a_kernel_that_cannot_be_lowered_is_an_error_naming_it() {
+    let src = "graph bad\ninput %x: f32[4, 4]\ninput %w: f32[4, 4]\n\
+               %y: f32[4, 4] = fused(%x, %w) {kernel = \"k7_odd\"} {\n  input %x: f32[4, 4]\n  input %w: f32[4, 4]\n\
+               %e: f32[4, 4] = exp(%x)\n  %y: f32[4, 4] = matmul(%e, %w)\n  output %y\n}\noutput %y\n";
+    let g = shardc_ir::text::parse(src).unwrap();
+    shardc_ir::verify::verify(&g).unwrap();
+    for e in [
+        shardc_codegen::lower_host(&g).err().map(|e| e.to_string()),
+        shardc_codegen::lower_gpu(&g, false).err().map(|e| e.to_string()),
+    ] {
+        let e = e.expect("lowering a matmul inside a kernel must fail");
+        assert!(e.contains("k7_odd") && e.contains("exp, matmul"), "{e}");
+    }
+}

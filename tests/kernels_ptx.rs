@@ -75,3 +75,35 @@ fn every_kernel_assembles_for_both_architectures_without_spills() {
         let _ = std::fs::remove_file(&tir);
     }
 }
+
+/// ptxas rejecting a kernel's PTX stops `compile --emit-kernels` with an error naming the
+/// kernel, its fused ops, the architecture and ptxas's own message; nothing is written as if
+/// it had worked.
+#[test]
+fn a_kernel_ptxas_rejects_is_an_error_naming_it() {
+    let dir = std::env::temp_dir().join(format!("shardc-ptxas-reject-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("ptxas");
+    std::fs::write(&fake, "#!/bin/sh\necho \"ptxas fatal   : Unresolved extern function '__nv_fake'\" >&2\nexit 255\n")
+        .unwrap();
+    std::process::Command::new("chmod").args(["+x", fake.to_str().unwrap()]).status().unwrap();
+    let kernels = dir.join("kernels");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args([
+            "compile",
+            root().join("examples/mlp.tir").to_str().unwrap(),
+            "--emit-kernels",
+            kernels.to_str().unwrap(),
+        ])
+        .env("SHARDC_PTXAS", &fake)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("kernel `k0_") && err.contains("ptxas rejected the sm_80 PTX") && err.contains("__nv_fake"),
+        "{err}"
+    );
+    assert!(!kernels.join("kernels.json").exists(), "a failed lowering wrote kernels.json");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

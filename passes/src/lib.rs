@@ -15,6 +15,7 @@ pub mod analysis;
 pub mod autodiff;
 pub mod cost;
 pub mod fusion;
+pub mod memory;
 pub mod pipeline;
 pub mod plan;
 pub mod sharding;
