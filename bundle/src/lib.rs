@@ -56,11 +56,16 @@ pub struct BufferSlot {
     pub last: u32,
 }
 
-/// The memory planner's result for one rank.
+/// The memory planner's result for one rank: a slot per value that has storage (values
+/// sharing storage, such as views and in-place results, have slots at the same offset).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryPlan {
     pub arena_bytes: u64,
     pub slots: Vec<BufferSlot>,
+    /// `update` results not written in place: (result, argument) pairs the runtime copies into
+    /// the argument's storage at the end of the step.
+    #[serde(default)]
+    pub copy_back: Vec<(shardc_ir::ValueId, shardc_ir::ValueId)>,
 }
 
 /// What a kernel's code is, for the runtime that loads it.

@@ -217,3 +217,47 @@ fn assemble(ptxas: &std::path::Path, ptx: &str, arch: &str) -> Result<PtxasRepor
         stack_frame_bytes: num_before("bytes stack frame"),
     })
 }
+
+/// A per-rank step compiled for the host: the fused program, its memory plan (in the bundle's
+/// form), the shared library of its kernels, and each kernel's (name, work items).
+pub struct HostStep {
+    pub program: Graph,
+    pub memory: shardc_bundle::MemoryPlan,
+    pub library: Vec<u8>,
+    pub kernels: Vec<(String, usize)>,
+}
+
+/// The memory planner's result in the bundle's form: a slot per value with storage.
+pub fn bundle_memory_plan(program: &Graph, plan: &shardc_passes::memory::MemoryPlan) -> shardc_bundle::MemoryPlan {
+    let mut slots: Vec<shardc_bundle::BufferSlot> = plan
+        .storage_of
+        .iter()
+        .map(|(&v, &s)| {
+            let st = &plan.storages[s];
+            shardc_bundle::BufferSlot {
+                value: v,
+                offset: st.offset as u64,
+                bytes: program.ty(v).size_bytes() as u64,
+                first: st.first as u32,
+                last: st.last as u32,
+            }
+        })
+        .collect();
+    slots.sort_by_key(|s| s.value);
+    shardc_bundle::MemoryPlan { arena_bytes: plan.arena_bytes as u64, slots, copy_back: plan.copy_back.clone() }
+}
+
+/// Fuses a per-rank step (unless it is fused already), plans its memory and lowers its
+/// kernels to host code.
+pub fn compile_host(step: &Graph) -> Result<HostStep, KernelsError> {
+    let program = if step.nodes.iter().any(|n| n.op == shardc_ir::Op::Fused) {
+        step.clone()
+    } else {
+        shardc_passes::fusion::fuse(step).0
+    };
+    let plan = shardc_passes::memory::plan_memory(&program);
+    let memory = bundle_memory_plan(&program, &plan);
+    let (descs, library) = lower_host(&program)?;
+    let kernels = descs.iter().map(|d| (d.name.clone(), d.work_items)).collect();
+    Ok(HostStep { program, memory, library, kernels })
+}

@@ -11,12 +11,14 @@
 //! 1. **Lifetimes**: a value is born at its node and dies at its last reader; arguments live the
 //!    whole step; program outputs live to its end.
 //! 2. **Sharing** (one storage for several values, by union of lifetimes):
-//!    - views: a `reshape` result is its operand's bytes (row-major, no copy);
+//!    - views: a `reshape` result is its operand's bytes (row-major, no copy), and so is an
+//!      `identity` (Megatron's f: a no-op in the forward);
 //!    - in place: an elementwise node (an elementwise op, or a `fused` node whose body is only
 //!      elementwise ops) writes a result into an operand's storage when the operand dies there,
-//!      has the result's shape and dtype, and the result depends on it inside the node (so the
-//!      work item that writes element i is the one that read it: never across the pieces of a
-//!      multi-tensor kernel);
+//!      has the result's shape and dtype, is not a scalar, and the result depends on it inside
+//!      the node (so the work item that writes element i is the one that read it: never across
+//!      the pieces of a multi-tensor kernel; a scalar operand is read by every work item, so a
+//!      scalar result never takes its place);
 //!    - donation: an `update` result (a parameter's or moment's next value) is written into its
 //!      argument's storage when the argument is not read after the update's node starts;
 //!      otherwise the runtime copies it back at the end of the step ([`MemoryPlan::copy_back`]).
@@ -260,6 +262,7 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
                 let inplace_ok = arg_last < t
                     || (arg_last == t
                         && elementwise(n)
+                        && ty.numel() > 1
                         && n.inputs
                             .iter()
                             .enumerate()
@@ -272,8 +275,8 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
                 }
                 copy_back.push((y, arg));
             }
-            // A view of its operand.
-            if n.op == Op::Reshape {
+            // A view of its operand (`identity` is Megatron's f: nothing in the forward).
+            if matches!(n.op, Op::Reshape | Op::Identity) {
                 let s = root[&n.inputs[0]];
                 storages[s].shared_by.push(y);
                 storages[s].last = storages[s].last.max(born(y, t).1);
@@ -281,7 +284,7 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
                 continue;
             }
             // In place over an operand that dies here (not an argument: those persist).
-            if elementwise(n) {
+            if elementwise(n) && ty.numel() > 1 {
                 let victim = n.inputs.iter().enumerate().find(|&(k, &x)| {
                     let s = root[&x];
                     s >= persistent
@@ -425,5 +428,17 @@ mod tests {
         let off = |n: &str| p.offset_of(g.find(n).unwrap());
         assert_eq!(off("c"), off("b"));
         assert_eq!(off("d"), off("a"));
+    }
+
+    #[test]
+    fn scalar_results_never_overwrite_a_scalar_every_work_item_reads() {
+        // issue-11: a multi-tensor kernel's clipping coefficient was written over the gradient
+        // norm's sum of squares while other pieces still read it.
+        let (g, p) = plan(
+            "graph g\ninput %s: f32[]\ninput %x: f32[8]\n\
+             %c: f32[], %y: f32[8] = fused(%s, %x) {kernel = \"k0_multi\"} {\n  input %s: f32[]\n  input %x: f32[8]\n\
+             %c: f32[] = sqrt(%s)\n  %y: f32[8] = mul(%x, %c)\n  output %c, %y\n}\noutput %c, %y\n",
+        );
+        assert_ne!(p.offset_of(g.find("c").unwrap()), p.offset_of(g.find("s").unwrap()));
     }
 }

@@ -1,8 +1,10 @@
 //! Executes compiled training steps.
 //!
 //! Today: token files and batches ([`data`]), parameter initialisation ([`init`]), the host
-//! training loop's state ([`train`]) and checkpoints ([`checkpoint`]); the reference interpreter
-//! in `shardc-ir` executes graphs on the host.
+//! training loop's state ([`train`]), checkpoints ([`checkpoint`]), codegen's host kernels
+//! ([`host_kernels`]), the host executor ([`exec`]: a compiled program on rank threads in the
+//! planned arena) and the in-process communicator ([`comm`]); the reference interpreter in
+//! `shardc-ir` is the oracle.
 //!
 //! Where this crate is going (DESIGN.md): a device-independent executor (schedule, memory
 //! arena, checkpoints, data loading, metrics) over two traits, `Device` (Host, Cuda) and
@@ -13,7 +15,9 @@
 //! compiler: a bundle is self-contained.
 
 pub mod checkpoint;
+pub mod comm;
 pub mod data;
+pub mod exec;
 pub mod host_kernels;
 pub mod init;
 pub mod train;

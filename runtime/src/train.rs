@@ -7,6 +7,7 @@
 //! next value of argument `%a`). It keeps parameters and moments between steps (by argument name,
 //! the checkpoint key) and feeds each `update` back as the next step's argument.
 
+use crate::exec::{Arena, ExecError, ExecStats, HostProgram};
 use shardc_ir::interp::{run_spmd, InterpError, Precision};
 use shardc_ir::{ArgRole, DType, Graph, Mesh, OutputRole, Tensor, TensorType};
 use std::collections::HashMap;
@@ -31,6 +32,8 @@ pub enum TrainError {
     Ranks { expected: usize, found: usize },
     #[error(transparent)]
     Interp(#[from] InterpError),
+    #[error(transparent)]
+    Exec(#[from] ExecError),
     #[error("step {step}: the loss is {loss}; training diverged (try a lower --lr or --grad-clip 1.0)")]
     NonFinite { step: usize, loss: f64 },
 }
@@ -49,14 +52,24 @@ pub fn dp_shards(mesh: &Mesh, tokens: &[i64], targets: &[i64]) -> Vec<(Vec<i64>,
         .collect()
 }
 
+/// What runs the step.
+enum Engine {
+    /// The reference interpreter, in f32 or f64 storage.
+    Interp(Precision),
+    /// The compiled program on the host executor; parameters and moments live in each rank's
+    /// arena (`values` is refreshed from it after every step).
+    Host { program: Box<HostProgram>, arenas: Vec<Arena>, threads: usize, stats: Vec<ExecStats> },
+}
+
 /// Parameters and optimizer state, stepped by a training-step graph. An SPMD step graph (one
-/// with a mesh) keeps one state per rank and runs every rank on the reference interpreter.
+/// with a mesh) keeps one state per rank and runs every rank on the reference interpreter, or
+/// (made with [`Trainer::new_host`]) on the host executor.
 pub struct Trainer {
     graph: Graph,
     params: Vec<String>,
     /// Per rank: parameters and moments by argument name.
     values: Vec<HashMap<String, Tensor>>,
-    precision: Precision,
+    engine: Engine,
     /// Argument names of the step's inputs: tokens, targets, learning rate, step number.
     inputs: [String; 4],
     loss: usize,
@@ -125,7 +138,69 @@ impl Trainer {
         let loss = sig.output(&OutputRole::Loss).ok_or_else(|| TrainError::NotAStepGraph("`loss` output".into()))?;
         let grad_norm =
             sig.output(&OutputRole::GradNorm).ok_or_else(|| TrainError::NotAStepGraph("`grad-norm` output".into()))?;
-        Ok(Trainer { graph, params, values, precision, inputs, loss, grad_norm, carried })
+        Ok(Trainer { graph, params, values, engine: Engine::Interp(precision), inputs, loss, grad_norm, carried })
+    }
+
+    /// A trainer running a compiled program on the host executor with `threads` threads in
+    /// all; `initial` as for [`Trainer::new_spmd`].
+    pub fn new_host(
+        program: HostProgram,
+        initial: Vec<HashMap<String, Tensor>>,
+        threads: usize,
+    ) -> Result<Self, TrainError> {
+        let mut t = Self::new_spmd(program.program().clone(), initial, Precision::F32)?;
+        let mut arenas: Vec<Arena> = (0..t.values.len()).map(|_| program.arena()).collect();
+        for (arena, values) in arenas.iter_mut().zip(&t.values) {
+            for (name, tensor) in values {
+                let v = t.graph.find(name).expect("values are arguments of the graph");
+                program.write(arena, v, tensor)?;
+            }
+        }
+        t.engine = Engine::Host { program: Box::new(program), arenas, threads: threads.max(1), stats: Vec::new() };
+        Ok(t)
+    }
+
+    /// The host executor's statistics of the last step, per rank (empty on the interpreter).
+    pub fn exec_stats(&self) -> &[ExecStats] {
+        match &self.engine {
+            Engine::Host { stats, .. } => stats,
+            Engine::Interp(_) => &[],
+        }
+    }
+
+    /// The arena size per rank, on the host executor.
+    pub fn arena_bytes(&self) -> Option<usize> {
+        match &self.engine {
+            Engine::Host { program, .. } => Some(program.arena_bytes()),
+            Engine::Interp(_) => None,
+        }
+    }
+
+    fn step_host(&mut self, batches: Vec<(Vec<i64>, Vec<i64>)>, lr: f64, step: usize) -> Result<StepStats, TrainError> {
+        let Engine::Host { program, arenas, threads, stats } = &mut self.engine else { unreachable!("host engine") };
+        let g = &self.graph;
+        let [tok, tgt, lr_name, step_name] = &self.inputs;
+        let id = |name: &String| g.find(name).expect("checked in new");
+        let tok_ty = g.ty(id(tok)).clone();
+        for (arena, (tokens, targets)) in arenas.iter_mut().zip(batches) {
+            program.write(arena, id(tok), &Tensor::int(DType::I64, tok_ty.shape.clone(), tokens))?;
+            program.write(arena, id(tgt), &Tensor::int(DType::I64, tok_ty.shape.clone(), targets))?;
+            program.write(arena, id(lr_name), &Tensor::f64(DType::F32, vec![], vec![lr]))?;
+            program.write(arena, id(step_name), &Tensor::f64(DType::F32, vec![], vec![step as f64]))?;
+        }
+        *stats = program.run(arenas, *threads)?;
+        let out = |k: usize| program.read(&arenas[0], g.outputs[k].value).scalar().unwrap_or(f64::NAN);
+        let (loss, grad_norm) = (out(self.loss), out(self.grad_norm));
+        // Parameters and moments: their storage holds the updated values now.
+        for (values, arena) in self.values.iter_mut().zip(arenas.iter()) {
+            for (name, t) in values.iter_mut() {
+                *t = program.read(arena, g.find(name).expect("values are arguments"));
+            }
+        }
+        if !loss.is_finite() {
+            return Err(TrainError::NonFinite { step, loss });
+        }
+        Ok(StepStats { loss, grad_norm })
     }
 
     /// A trainer for the step a bundle holds (see [`Trainer::new_spmd`]).
@@ -151,6 +226,10 @@ impl Trainer {
         lr: f64,
         step: usize,
     ) -> Result<StepStats, TrainError> {
+        let precision = match self.engine {
+            Engine::Interp(p) => p,
+            Engine::Host { .. } => return self.step_host(batches, lr, step),
+        };
         let [tok, tgt, lr_name, step_name] = &self.inputs;
         let tok_ty = self.graph.ty(self.graph.find(tok).expect("checked in new")).clone();
         let mut inputs = std::mem::take(&mut self.values);
@@ -160,7 +239,7 @@ impl Trainer {
             rank.insert(lr_name.clone(), Tensor::f64(DType::F32, vec![], vec![lr]));
             rank.insert(step_name.clone(), Tensor::f64(DType::F32, vec![], vec![step as f64]));
         }
-        let result = run_spmd(&self.graph, &inputs, self.precision);
+        let result = run_spmd(&self.graph, &inputs, precision);
         let restore = |mut inputs: Vec<HashMap<String, Tensor>>| {
             for rank in &mut inputs {
                 self.inputs.iter().for_each(|k| {

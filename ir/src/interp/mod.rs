@@ -288,3 +288,42 @@ fn to_tensor<T: Real>(ty: &TensorType, v: &Val<T>) -> Tensor {
     };
     Tensor { dtype: ty.dtype, shape: ty.shape.clone(), data }
 }
+
+/// Evaluates one local (non-collective) node of `g` on host tensors, in f32 storage: what a
+/// runtime uses for the few ops it has no native kernel for. `coord(axis)` is the executing
+/// rank's coordinate on a mesh axis. Returns the node's results in order.
+pub fn eval_node(
+    g: &Graph,
+    node: &crate::Node,
+    inputs: &[&Tensor],
+    coord: impl Fn(&str) -> Option<usize>,
+) -> Result<Vec<Tensor>, String> {
+    if node.op.is_collective() {
+        return Err(format!("`{}` is a collective: the runtime's communicator runs it", node.op.name()));
+    }
+    let vals: Vec<Val<f32>> = inputs
+        .iter()
+        .map(|t| match &t.data {
+            Data::I64(v) => Some(Val::I(v.clone())),
+            data => f32::unwrap(data).map(|v| Val::F(v.into_iter().map(|x| x.round_to(t.dtype)).collect())),
+        })
+        .collect::<Option<_>>()
+        .ok_or("an operand's storage does not match its dtype")?;
+    let tys: Vec<&TensorType> = node.inputs.iter().map(|&v| g.ty(v)).collect();
+    let outs: Vec<&TensorType> = node.outputs.iter().map(|&v| g.ty(v)).collect();
+    let results = match &node.body {
+        Some(body) => {
+            let mut slots = vec![None; body.values.len()];
+            for (a, v) in body.args.iter().zip(vals) {
+                slots[a.value.index()] = Some(v);
+            }
+            let inner = Machine::<f32> { g: body, vals: vec![slots] };
+            inner.run_vals().map_err(|e| e.to_string())?.pop().unwrap_or_default()
+        }
+        None => {
+            let refs: Vec<&Val<f32>> = vals.iter().collect();
+            kernels::eval_results(node.op, &node.attrs, &refs, &tys, &outs, coord)?
+        }
+    };
+    Ok(outs.iter().zip(&results).map(|(ty, v)| to_tensor(ty, v)).collect())
+}

@@ -1,0 +1,129 @@
+//! The in-process communicator: ranks are threads of this process, collectives meet at an
+//! abortable barrier and read each other's contributions.
+//!
+//! A collective is an [`InProcess::exchange`]: every rank of the world posts its bytes, all
+//! wait, each reads what it needs from its group's posts, all wait again (so a post is not
+//! overwritten while a peer still reads it). Every rank calls the collectives of the program
+//! in the same order (SPMD), so the world-wide barrier is the collective's rendezvous; a rank
+//! that fails aborts the barrier and the others return [`CommError::PeerFailed`] instead of
+//! waiting forever.
+
+use std::sync::{Condvar, Mutex, RwLock};
+
+/// Why a collective did not complete.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommError {
+    #[error("rank {0} failed, so this collective cannot complete")]
+    PeerFailed(usize),
+}
+
+struct BarrierState {
+    waiting: usize,
+    generation: u64,
+    failed: Option<usize>,
+}
+
+/// Ranks as threads: posts per rank and a barrier that a failing rank can abort.
+pub struct InProcess {
+    world: usize,
+    state: Mutex<BarrierState>,
+    wake: Condvar,
+    posts: Vec<RwLock<Vec<u8>>>,
+}
+
+impl InProcess {
+    pub fn new(world: usize) -> Self {
+        InProcess {
+            world,
+            state: Mutex::new(BarrierState { waiting: 0, generation: 0, failed: None }),
+            wake: Condvar::new(),
+            posts: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
+        }
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Waits until every rank arrives, or a rank fails.
+    fn barrier(&self) -> Result<(), CommError> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = s.failed {
+            return Err(CommError::PeerFailed(r));
+        }
+        s.waiting += 1;
+        if s.waiting == self.world {
+            s.waiting = 0;
+            s.generation += 1;
+            self.wake.notify_all();
+            return Ok(());
+        }
+        let generation = s.generation;
+        while s.generation == generation && s.failed.is_none() {
+            s = self.wake.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        match s.failed {
+            Some(r) if s.generation == generation => Err(CommError::PeerFailed(r)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Rank `rank` failed: every rank waiting now or later gets [`CommError::PeerFailed`].
+    pub fn abort(&self, rank: usize) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.failed.get_or_insert(rank);
+        self.wake.notify_all();
+    }
+
+    /// One collective step: posts `mine`, then calls `read` with every rank's post (indexed by
+    /// rank), then waits until every rank has read.
+    pub fn exchange<R>(&self, rank: usize, mine: &[u8], read: impl FnOnce(&[&[u8]]) -> R) -> Result<R, CommError> {
+        {
+            let mut post = self.posts[rank].write().unwrap_or_else(|p| p.into_inner());
+            post.clear();
+            post.extend_from_slice(mine);
+        }
+        self.barrier()?;
+        let result = {
+            let guards: Vec<_> = self.posts.iter().map(|p| p.read().unwrap_or_else(|p| p.into_inner())).collect();
+            let views: Vec<&[u8]> = guards.iter().map(|g| g.as_slice()).collect();
+            read(&views)
+        };
+        self.barrier()?;
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rank_reads_every_post() {
+        let comm = InProcess::new(3);
+        let sums: Vec<u32> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|r| {
+                    let comm = &comm;
+                    s.spawn(move || {
+                        comm.exchange(r, &[r as u8 + 1], |all| all.iter().map(|p| p[0] as u32).sum()).unwrap()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(sums, vec![6, 6, 6]);
+    }
+
+    #[test]
+    fn a_failed_rank_releases_the_others() {
+        let comm = InProcess::new(2);
+        let r = std::thread::scope(|s| {
+            let h = s.spawn(|| comm.exchange(0, &[1], |_| ()));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            comm.abort(1);
+            h.join().unwrap()
+        });
+        assert_eq!(r, Err(CommError::PeerFailed(1)));
+    }
+}

@@ -1,0 +1,649 @@
+//! The host executor: runs a compiled per-rank program on every rank of its mesh, one thread
+//! per rank, every value in the memory plan's arena (one allocation per rank, made once).
+//!
+//! What runs where: `fused` nodes call codegen's host kernels ([`HostKernels`]); `matmul` is a
+//! GEMM (`matrixmultiply`, rows split over the rank's threads as the interpreter splits them);
+//! collectives go through the in-process communicator ([`InProcess`]); `reshape` and `identity`
+//! are views (the planner gives them their operand's bytes); `transpose` and `take_shard` are
+//! copies; the remaining ops of a step (embedding lookups and their gradients, norm weight
+//! gradients, integer masks, constants: a few per layer) run through the reference
+//! interpreter's kernel for that op ([`shardc_ir::interp::eval_node`]), reading and writing the
+//! arena, and are counted as such in [`ExecStats`].
+//!
+//! Safety: operands and results are byte ranges of one arena. Rust code only touches them
+//! through safe slices split at disjoint ranges (a plan that overlaps a node's operand and
+//! result where that is not allowed is refused when the executor is made); generated kernels
+//! get raw pointers, as their ABI says.
+
+use crate::comm::{CommError, InProcess};
+use crate::host_kernels::{HostKernelError, HostKernels};
+use shardc_ir::{DType, Data, Graph, Node, Op, Tensor, TensorType, ValueId};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+/// Why the executor could not be made or a step could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("the bundle's memory plan is unusable: {0}")]
+    Plan(String),
+    #[error("rank {rank}, node {node} (`{op}`): {message}")]
+    Node { rank: usize, node: usize, op: String, message: String },
+    #[error("rank {rank}: {source}")]
+    Comm { rank: usize, source: CommError },
+    #[error(transparent)]
+    Kernel(#[from] HostKernelError),
+    #[error("`%{name}`: {message}")]
+    Value { name: String, message: String },
+}
+
+/// Where the time of a step went, per rank (for `shardc run --report`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ExecStats {
+    /// (what, calls, time): `kernel NAME-family`, `gemm`, `collective KIND`, `copy`, `interpreter OP`.
+    pub entries: Vec<(String, usize, Duration)>,
+}
+
+impl ExecStats {
+    fn add(&mut self, what: &str, t: Duration) {
+        match self.entries.iter_mut().find(|e| e.0 == what) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += t;
+            }
+            None => self.entries.push((what.to_string(), 1, t)),
+        }
+    }
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([u8; 64]);
+
+/// One rank's memory: the planned arena, 64-byte aligned.
+pub struct Arena {
+    lines: Vec<Line>,
+}
+
+impl Arena {
+    fn new(bytes: usize) -> Self {
+        Arena { lines: vec![Line([0; 64]); bytes.div_ceil(64)] }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `Line` is 64 plain bytes with no padding; the slice covers exactly the Vec.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const u8, self.lines.len() * 64) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `bytes`, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut u8, self.lines.len() * 64) }
+    }
+}
+
+/// A read-only range and a disjoint writable range of one buffer.
+fn split(buf: &mut [u8], src: Range<usize>, dst: Range<usize>) -> Option<(&[u8], &mut [u8])> {
+    if src.start >= dst.end {
+        let (lo, hi) = buf.split_at_mut(src.start);
+        Some((&hi[..src.len()], &mut lo[dst]))
+    } else if dst.start >= src.end {
+        let (lo, hi) = buf.split_at_mut(dst.start);
+        Some((&lo[src], &mut hi[..dst.len()]))
+    } else {
+        None
+    }
+}
+
+fn elem(d: DType) -> usize {
+    d.size_bytes()
+}
+
+/// A value's bytes as a host tensor (bf16/f16 widened to f32, integers to i64).
+pub fn decode(ty: &TensorType, b: &[u8]) -> Tensor {
+    let data = match ty.dtype {
+        DType::F32 => Data::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()),
+        DType::Bf16 => Data::F32(
+            b.chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f32())
+                .collect(),
+        ),
+        DType::F16 => Data::F32(
+            b.chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes(c.try_into().unwrap())).to_f32())
+                .collect(),
+        ),
+        DType::I32 => Data::I64(b.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()),
+        DType::I64 => Data::I64(b.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()),
+    };
+    Tensor { dtype: ty.dtype, shape: ty.shape.clone(), data }
+}
+
+/// Writes a host tensor into a value's bytes, in the value's dtype.
+pub fn encode(ty: &TensorType, t: &Tensor, out: &mut [u8]) -> Result<(), String> {
+    if t.shape != ty.shape || t.data.len() != ty.numel() {
+        return Err(format!("expected {ty}, got {}", t.ty()));
+    }
+    let floats = |f: &mut dyn FnMut(usize, f64)| match &t.data {
+        Data::F32(v) => v.iter().enumerate().for_each(|(i, &x)| f(i, x as f64)),
+        Data::F64(v) => v.iter().enumerate().for_each(|(i, &x)| f(i, x)),
+        Data::I64(v) => v.iter().enumerate().for_each(|(i, &x)| f(i, x as f64)),
+    };
+    match ty.dtype {
+        DType::F32 => floats(&mut |i, x| out[4 * i..4 * i + 4].copy_from_slice(&(x as f32).to_le_bytes())),
+        DType::Bf16 => floats(&mut |i, x| {
+            out[2 * i..2 * i + 2].copy_from_slice(&half::bf16::from_f32(x as f32).to_bits().to_le_bytes())
+        }),
+        DType::F16 => floats(&mut |i, x| {
+            out[2 * i..2 * i + 2].copy_from_slice(&half::f16::from_f32(x as f32).to_bits().to_le_bytes())
+        }),
+        DType::I32 | DType::I64 => {
+            let Data::I64(v) = &t.data else { return Err(format!("expected integers for {ty}")) };
+            for (i, &x) in v.iter().enumerate() {
+                if ty.dtype == DType::I32 {
+                    out[4 * i..4 * i + 4].copy_from_slice(&(x as i32).to_le_bytes());
+                } else {
+                    out[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Values of a floating or integer buffer as f64 (for reductions across ranks).
+fn to_f64(d: DType, b: &[u8]) -> Vec<f64> {
+    match decode(&TensorType { dtype: d, shape: vec![b.len() / elem(d)] }, b).data {
+        Data::F32(v) => v.into_iter().map(|x| x as f64).collect(),
+        Data::F64(v) => v,
+        Data::I64(v) => v.into_iter().map(|x| x as f64).collect(),
+    }
+}
+
+/// f64 sums back into a buffer of dtype `d`, rounded as the interpreter rounds (to f32, then
+/// to the dtype).
+fn from_f64(d: DType, v: &[f64], out: &mut [u8]) {
+    let ty = TensorType { dtype: d, shape: vec![v.len()] };
+    let t = if d.is_float() {
+        Tensor { dtype: d, shape: ty.shape.clone(), data: Data::F32(v.iter().map(|&x| x as f32).collect()) }
+    } else {
+        Tensor { dtype: d, shape: ty.shape.clone(), data: Data::I64(v.iter().map(|&x| x as i64).collect()) }
+    };
+    encode(&ty, &t, out).expect("sizes match by construction");
+}
+
+/// Chunk `k` of `n` along `dim` of a row-major buffer of `shape`, elements of `es` bytes.
+fn chunk(b: &[u8], shape: &[usize], es: usize, dim: usize, n: usize, k: usize, out: &mut [u8]) {
+    let outer: usize = shape[..dim].iter().product();
+    let row = shape[dim..].iter().product::<usize>() * es;
+    let piece = row / n;
+    for o in 0..outer {
+        out[o * piece..(o + 1) * piece].copy_from_slice(&b[o * row + k * piece..o * row + (k + 1) * piece]);
+    }
+}
+
+/// Concatenation along `dim` of equal parts of `shape` (the gathered result).
+fn concat(parts: &[&[u8]], shape: &[usize], es: usize, dim: usize, out: &mut [u8]) {
+    let outer: usize = shape[..dim].iter().product();
+    let row = shape[dim..].iter().product::<usize>() * es;
+    let n = parts.len();
+    for o in 0..outer {
+        for (p, part) in parts.iter().enumerate() {
+            out[(o * n + p) * row..(o * n + p + 1) * row].copy_from_slice(&part[o * row..(o + 1) * row]);
+        }
+    }
+}
+
+/// Offsets (in elements) of each batch entry of `inp`'s batch dims broadcast to `out`'s.
+fn batch_offsets(out: &[usize], inp: &[usize]) -> Vec<usize> {
+    let pad = out.len() - inp.len();
+    let total: usize = out.iter().product();
+    let mut strides = vec![0usize; out.len()];
+    let mut s = 1;
+    for d in (0..inp.len()).rev() {
+        strides[d + pad] = if inp[d] == 1 { 0 } else { s };
+        s *= inp[d];
+    }
+    (0..total)
+        .map(|mut i| {
+            let mut off = 0;
+            for d in (0..out.len()).rev() {
+                off += (i % out[d]) * strides[d];
+                i /= out[d];
+            }
+            off
+        })
+        .collect()
+}
+
+/// A per-rank program ready to run: the program, its arena layout and its kernels.
+pub struct HostProgram {
+    program: Graph,
+    offset: Vec<Option<usize>>,
+    arena_bytes: usize,
+    copy_back: Vec<(ValueId, ValueId)>,
+    kernels: HostKernels,
+    /// Work items of each kernel.
+    work_items: HashMap<String, usize>,
+}
+
+impl HostProgram {
+    /// `memory` must place every argument and every top-level result of `program`;
+    /// `kernels` holds each `fused` node's host function with its work item count in
+    /// `work_items`.
+    pub fn new(
+        program: Graph,
+        memory: &shardc_bundle::MemoryPlan,
+        kernels: HostKernels,
+        work_items: HashMap<String, usize>,
+    ) -> Result<Self, ExecError> {
+        let arena_bytes = memory.arena_bytes as usize;
+        let mut offset = vec![None; program.values.len()];
+        for s in &memory.slots {
+            let i = s.value.index();
+            if i >= offset.len() {
+                return Err(ExecError::Plan(format!("a slot names value {i}, which the program does not have")));
+            }
+            offset[i] = Some(s.offset as usize);
+        }
+        let need =
+            program.args.iter().map(|a| a.value).chain(program.nodes.iter().flat_map(|n| n.outputs.iter().copied()));
+        for v in need {
+            let off = offset[v.index()]
+                .ok_or_else(|| ExecError::Plan(format!("`%{}` has no place in the arena", program.name_of(v))))?;
+            if off + program.ty(v).size_bytes() > arena_bytes {
+                return Err(ExecError::Plan(format!("`%{}` ends past the arena", program.name_of(v))));
+            }
+        }
+        for n in &program.nodes {
+            if n.op == Op::Fused {
+                let name = n.attrs.str("kernel").unwrap_or_default();
+                if !work_items.contains_key(name) {
+                    return Err(ExecError::Plan(format!("kernel `{name}` has no host code in the bundle")));
+                }
+            }
+        }
+        Ok(HostProgram { program, offset, arena_bytes, copy_back: memory.copy_back.clone(), kernels, work_items })
+    }
+
+    pub fn program(&self) -> &Graph {
+        &self.program
+    }
+
+    pub fn arena_bytes(&self) -> usize {
+        self.arena_bytes
+    }
+
+    fn range(&self, v: ValueId) -> Range<usize> {
+        let off = self.offset[v.index()].expect("checked in new");
+        off..off + self.program.ty(v).size_bytes()
+    }
+
+    /// A fresh arena for one rank.
+    pub fn arena(&self) -> Arena {
+        Arena::new(self.arena_bytes)
+    }
+
+    /// Writes `t` into value `v` of a rank's arena.
+    pub fn write(&self, arena: &mut Arena, v: ValueId, t: &Tensor) -> Result<(), ExecError> {
+        let r = self.range(v);
+        encode(self.program.ty(v), t, &mut arena.bytes_mut()[r])
+            .map_err(|message| ExecError::Value { name: self.program.name_of(v).to_string(), message })
+    }
+
+    /// Reads value `v` of a rank's arena.
+    pub fn read(&self, arena: &Arena, v: ValueId) -> Tensor {
+        decode(self.program.ty(v), &arena.bytes()[self.range(v)])
+    }
+
+    /// Runs the program once on every rank (`arenas[r]` is rank r's), with `threads` threads
+    /// in all; returns each rank's statistics.
+    pub fn run(&self, arenas: &mut [Arena], threads: usize) -> Result<Vec<ExecStats>, ExecError> {
+        let world = self.program.mesh.world_size();
+        if arenas.len() != world {
+            return Err(ExecError::Plan(format!("{} arenas for {world} ranks", arenas.len())));
+        }
+        let comm = InProcess::new(world);
+        let per_rank = (threads / world).max(1);
+        let results: Vec<Result<ExecStats, ExecError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = arenas
+                .iter_mut()
+                .enumerate()
+                .map(|(rank, arena)| {
+                    let comm = &comm;
+                    s.spawn(move || {
+                        let r = self.run_rank(rank, arena, comm, per_rank);
+                        if r.is_err() {
+                            comm.abort(rank);
+                        }
+                        r
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("a rank thread panicked")).collect()
+        });
+        // Report the failure that started it, not the peers that stopped because of it.
+        let mut out = Vec::with_capacity(world);
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(s) => out.push(s),
+                Err(ExecError::Comm { .. }) if first_err.is_some() => {}
+                Err(e @ ExecError::Comm { .. }) => first_err = first_err.or(Some(e)),
+                Err(e) => {
+                    if matches!(first_err, None | Some(ExecError::Comm { .. })) {
+                        first_err = Some(e);
+                    }
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    fn run_rank(
+        &self,
+        rank: usize,
+        arena: &mut Arena,
+        comm: &InProcess,
+        threads: usize,
+    ) -> Result<ExecStats, ExecError> {
+        let g = &self.program;
+        let mut stats = ExecStats::default();
+        for (i, n) in g.nodes.iter().enumerate() {
+            let t = Instant::now();
+            let fail = |message: String| ExecError::Node { rank, node: i, op: n.op.name().to_string(), message };
+            let what: String = match n.op {
+                Op::Fused => {
+                    let name = n.attrs.str("kernel").unwrap_or_default();
+                    let base = arena.bytes_mut().as_mut_ptr();
+                    let ptrs: Vec<*mut u8> = n
+                        .inputs
+                        .iter()
+                        .chain(&n.outputs)
+                        // SAFETY: every range was checked to lie inside the arena in `new`.
+                        .map(|&v| unsafe { base.add(self.range(v).start) })
+                        .collect();
+                    // SAFETY: the buffers are the kernel's operands and results, of the sizes
+                    // and dtypes it was compiled for (the program's types).
+                    unsafe { self.kernels.run(name, self.work_items[name], &ptrs, threads) }?;
+                    format!("kernel {}", kernel_family(n))
+                }
+                Op::Reshape | Op::Identity => {
+                    let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
+                    if src != dst {
+                        let (a, b) =
+                            split(arena.bytes_mut(), src, dst).ok_or_else(|| fail("overlapping view".into()))?;
+                        b.copy_from_slice(a);
+                    }
+                    "copy".into()
+                }
+                Op::MatMul => {
+                    self.gemm(n, arena, threads).map_err(fail)?;
+                    "gemm".into()
+                }
+                Op::Transpose => {
+                    self.transpose(n, arena).map_err(fail)?;
+                    "copy".into()
+                }
+                Op::TakeShard => {
+                    let x = g.ty(n.inputs[0]);
+                    let dim = shardc_ir::ops::normalize_dim(n.attrs.int("dim").unwrap_or(0), x.rank()).map_err(fail)?;
+                    let axis = n.attrs.str("axis").unwrap_or_default();
+                    let (k, size) = (g.mesh.coord(rank, axis), g.mesh.axis_size(axis));
+                    let (Some(k), Some(size)) = (k, size) else { return Err(fail(format!("no mesh axis `{axis}`"))) };
+                    let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
+                    let (a, b) = split(arena.bytes_mut(), src, dst).ok_or_else(|| fail("overlapping shard".into()))?;
+                    chunk(a, &x.shape, elem(x.dtype), dim, size, k, b);
+                    "copy".into()
+                }
+                Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll => {
+                    self.collective(rank, n, arena, comm).map_err(|e| match e {
+                        Ok(message) => fail(message),
+                        Err(source) => ExecError::Comm { rank, source },
+                    })?;
+                    format!("collective {}", n.op.name())
+                }
+                _ => {
+                    let ins: Vec<Tensor> = n.inputs.iter().map(|&v| self.read(arena, v)).collect();
+                    let refs: Vec<&Tensor> = ins.iter().collect();
+                    let outs =
+                        shardc_ir::interp::eval_node(g, n, &refs, |axis| g.mesh.coord(rank, axis)).map_err(fail)?;
+                    for (&o, t) in n.outputs.iter().zip(&outs) {
+                        self.write(arena, o, t)?;
+                    }
+                    format!("interpreter {}", n.op.name())
+                }
+            };
+            stats.add(&what, t.elapsed());
+        }
+        for &(result, arg) in &self.copy_back {
+            let (src, dst) = (self.range(result), self.range(arg));
+            let (a, b) = split(arena.bytes_mut(), src, dst)
+                .ok_or_else(|| ExecError::Plan("an update overlaps the argument it is copied to".into()))?;
+            b.copy_from_slice(a);
+        }
+        Ok(stats)
+    }
+
+    fn gemm(&self, n: &Node, arena: &mut Arena, threads: usize) -> Result<(), String> {
+        let g = &self.program;
+        let (ta, tb, out) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]), g.ty(n.output()));
+        let (tra, trb) = (n.attrs.bool_or("transpose_a", false), n.attrs.bool_or("transpose_b", false));
+        let (ra, rb, ro) = (ta.rank(), tb.rank(), out.rank());
+        let (m, nn) = (out.shape[ro - 2], out.shape[ro - 1]);
+        let k = if tra { ta.shape[ra - 2] } else { ta.shape[ra - 1] };
+        let (a_cols, b_cols) = (ta.shape[ra - 1], tb.shape[rb - 1]);
+        let (rsa, csa) = if tra { (1, a_cols as isize) } else { (a_cols as isize, 1) };
+        let (rsb, csb) = if trb { (1, b_cols as isize) } else { (b_cols as isize, 1) };
+        let batch = &out.shape[..ro - 2];
+        let a_mat = ta.shape[ra - 2] * ta.shape[ra - 1];
+        let b_mat = tb.shape[rb - 2] * tb.shape[rb - 1];
+        let a_off = batch_offsets(batch, &ta.shape[..ra - 2]);
+        let b_off = batch_offsets(batch, &tb.shape[..rb - 2]);
+        let f32_of = |v: ValueId| -> Vec<f32> {
+            match self.read(arena, v).data {
+                Data::F32(x) => x,
+                _ => Vec::new(),
+            }
+        };
+        // Operands as f32: borrowed from the arena when they are f32, widened copies otherwise.
+        let (a, b) = (f32_of(n.inputs[0]), f32_of(n.inputs[1]));
+        if a.len() != ta.numel() || b.len() != tb.numel() {
+            return Err(format!("matmul of {} and {} is not a floating product", ta, tb));
+        }
+        let mut c = vec![0f32; out.numel()];
+        let one = |bi: usize, cm: &mut [f32], r0: usize, rows: usize| {
+            let (ao, bo) = (a_off[bi] * a_mat, b_off[bi] * b_mat);
+            // SAFETY: the strides and sizes describe matrices inside `a`, `b` (their static
+            // shapes) and the `rows x nn` block `cm`; `cm` is distinct from both.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    k,
+                    nn,
+                    1.0,
+                    a[ao..].as_ptr().offset(r0 as isize * rsa),
+                    rsa,
+                    csa,
+                    b[bo..].as_ptr(),
+                    rsb,
+                    csb,
+                    0.0,
+                    cm.as_mut_ptr(),
+                    nn as isize,
+                    1,
+                )
+            }
+        };
+        let batches = batch.iter().product::<usize>();
+        if m * nn > 0 {
+            if threads > 1 && batches >= threads {
+                let per = batches.div_ceil(threads);
+                std::thread::scope(|s| {
+                    for (t, part) in c.chunks_mut(per * m * nn).enumerate() {
+                        let one = &one;
+                        s.spawn(move || {
+                            for (j, cm) in part.chunks_mut(m * nn).enumerate() {
+                                one(t * per + j, cm, 0, m);
+                            }
+                        });
+                    }
+                });
+            } else if threads > 1 && batches == 1 && m >= 64 {
+                let rows = m.div_ceil(threads.min(m / 32));
+                std::thread::scope(|s| {
+                    for (t, part) in c.chunks_mut(rows * nn).enumerate() {
+                        let one = &one;
+                        s.spawn(move || one(0, part, t * rows, part.len() / nn));
+                    }
+                });
+            } else {
+                for (bi, cm) in c.chunks_mut(m * nn).enumerate() {
+                    one(bi, cm, 0, m);
+                }
+            }
+        }
+        let t = Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Data::F32(c) };
+        encode(out, &t, &mut arena.bytes_mut()[self.range(n.output())])
+    }
+
+    fn transpose(&self, n: &Node, arena: &mut Arena) -> Result<(), String> {
+        let g = &self.program;
+        let (x, out) = (g.ty(n.inputs[0]), g.ty(n.output()));
+        let perm: Vec<usize> = n
+            .attrs
+            .ints("perm")
+            .ok_or("no perm")?
+            .iter()
+            .map(|&p| shardc_ir::ops::normalize_dim(p, x.rank()))
+            .collect::<Result<_, _>>()?;
+        let es = elem(x.dtype);
+        let mut in_strides = vec![1usize; x.rank()];
+        for d in (0..x.rank().saturating_sub(1)).rev() {
+            in_strides[d] = in_strides[d + 1] * x.shape[d + 1];
+        }
+        let step: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+        let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
+        let (a, b) = split(arena.bytes_mut(), src, dst).ok_or("overlapping transpose")?;
+        let r = out.rank();
+        let mut idx = vec![0usize; r];
+        let mut off = 0usize;
+        for o in 0..out.numel() {
+            b[o * es..(o + 1) * es].copy_from_slice(&a[off * es..(off + 1) * es]);
+            for d in (0..r).rev() {
+                idx[d] += 1;
+                off += step[d];
+                if idx[d] < out.shape[d] {
+                    break;
+                }
+                off -= step[d] * idx[d];
+                idx[d] = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// A collective: `Err(Ok(message))` for a malformed node, `Err(Err(_))` when a peer failed.
+    fn collective(
+        &self,
+        rank: usize,
+        n: &Node,
+        arena: &mut Arena,
+        comm: &InProcess,
+    ) -> Result<(), Result<String, CommError>> {
+        let g = &self.program;
+        let (x, out) = (g.ty(n.inputs[0]), g.ty(n.output()));
+        let axis = n.attrs.str("axis").unwrap_or_default();
+        let group = g.mesh.group(rank, axis).ok_or_else(|| Ok(format!("no mesh axis `{axis}`")))?;
+        let me = group.iter().position(|&r| r == rank).expect("a rank is in its own group");
+        let dim = |name: &str| shardc_ir::ops::normalize_dim(n.attrs.int(name).unwrap_or(0), x.rank()).map_err(Ok);
+        let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
+        let es = elem(x.dtype);
+        let mine = arena.bytes()[src].to_vec();
+        let result: Vec<u8> = match n.op {
+            Op::AllReduce | Op::ReduceScatter => {
+                let max = n.op == Op::AllReduce && n.attrs.str("reduce") == Some("max");
+                let d = if n.op == Op::ReduceScatter { Some(dim("dim")?) } else { None };
+                comm.exchange(rank, &mine, |all| {
+                    let mut acc = to_f64(x.dtype, all[group[0]]);
+                    for &r in &group[1..] {
+                        for (a, b) in acc.iter_mut().zip(to_f64(x.dtype, all[r])) {
+                            *a = if max { a.max(b) } else { *a + b };
+                        }
+                    }
+                    let mut full = vec![0u8; x.size_bytes()];
+                    from_f64(x.dtype, &acc, &mut full);
+                    match d {
+                        None => full,
+                        Some(d) => {
+                            let mut part = vec![0u8; out.size_bytes()];
+                            chunk(&full, &x.shape, es, d, group.len(), me, &mut part);
+                            part
+                        }
+                    }
+                })
+                .map_err(Err)?
+            }
+            Op::AllGather => {
+                let d = dim("dim")?;
+                comm.exchange(rank, &mine, |all| {
+                    let parts: Vec<&[u8]> = group.iter().map(|&r| all[r]).collect();
+                    let mut full = vec![0u8; out.size_bytes()];
+                    concat(&parts, &x.shape, es, d, &mut full);
+                    full
+                })
+                .map_err(Err)?
+            }
+            Op::AllToAll => {
+                let (s, c) = (dim("split_dim")?, dim("concat_dim")?);
+                comm.exchange(rank, &mine, |all| {
+                    let mut piece_shape = x.shape.to_vec();
+                    piece_shape[s] /= group.len();
+                    let piece_bytes = x.size_bytes() / group.len();
+                    let pieces: Vec<Vec<u8>> = group
+                        .iter()
+                        .map(|&r| {
+                            let mut p = vec![0u8; piece_bytes];
+                            chunk(all[r], &x.shape, es, s, group.len(), me, &mut p);
+                            p
+                        })
+                        .collect();
+                    let refs: Vec<&[u8]> = pieces.iter().map(|p| p.as_slice()).collect();
+                    let mut full = vec![0u8; out.size_bytes()];
+                    concat(&refs, &piece_shape, es, c, &mut full);
+                    full
+                })
+                .map_err(Err)?
+            }
+            _ => return Err(Ok("not a collective".into())),
+        };
+        arena.bytes_mut()[dst].copy_from_slice(&result);
+        Ok(())
+    }
+}
+
+/// The family a kernel's time is reported under: its first row/column op, or `elementwise`.
+fn kernel_family(n: &Node) -> String {
+    let Some(body) = n.body.as_deref() else { return "?".into() };
+    let main = body.nodes.iter().find(|m| {
+        !matches!(
+            m.op,
+            Op::Add
+                | Op::Sub
+                | Op::Mul
+                | Op::Div
+                | Op::Maximum
+                | Op::Neg
+                | Op::Exp
+                | Op::Log
+                | Op::Sqrt
+                | Op::Rsqrt
+                | Op::Tanh
+                | Op::Cast
+                | Op::Full
+        )
+    });
+    main.map_or("elementwise", |m| m.op.name()).to_string()
+}
