@@ -140,6 +140,15 @@ pub enum DataOrder {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// The compiled step: fused kernels lowered through MLIR to host code, GEMMs, in-process
+    /// collectives, one planned arena per rank.
+    Host,
+    /// The reference interpreter (the oracle the compiled step is checked against).
+    Interp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TrainPrecision {
     /// Everything in f32 (exact comparisons with PyTorch's f32).
     F32,
@@ -182,6 +191,16 @@ pub struct TrainArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = DataOrder::Random)]
     pub data_order: DataOrder,
+    /// What runs the step: the compiled step on the host, or the reference interpreter.
+    #[arg(long, value_enum, default_value_t = Engine::Host)]
+    pub engine: Engine,
+    /// Threads for the host engine, over all ranks (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// After training, print where the host engine's time went (per kernel family, GEMMs,
+    /// collectives, copies, interpreted ops) and each rank's arena size.
+    #[arg(long)]
+    pub report: bool,
     /// Arithmetic of the step.
     #[arg(long, value_enum, default_value_t = TrainPrecision::F32)]
     pub precision: TrainPrecision,

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod commands;
 pub mod compile;
+pub mod host;
 pub mod kernels;
 pub mod model;
 pub mod parallel;

@@ -225,7 +225,22 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         bail!("the checkpoint is at step {start} already; ask for more --steps than that");
     }
     let mesh = step.graph.mesh.clone();
-    let mut trainer = Trainer::new_spmd(step.graph, initial, Precision::F32)?;
+    let mut trainer = match a.engine {
+        crate::cli::Engine::Interp => Trainer::new_spmd(step.graph, initial, Precision::F32)?,
+        crate::cli::Engine::Host => {
+            let loaded = crate::host::load(&step.graph)?;
+            if !a.json {
+                eprintln!(
+                    "compiled {} kernels for the host in {:.1} s; arena {} per rank",
+                    loaded.kernels,
+                    loaded.compile_seconds,
+                    crate::plan::gib(loaded.program.arena_bytes())
+                );
+            }
+            let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            Trainer::new_host(loaded.program, initial, threads)?
+        }
+    };
     let min_lr = a.min_lr.unwrap_or(a.lr / 10.0);
     let interrupted = Arc::new(AtomicBool::new(false));
     {
@@ -257,6 +272,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         tokens_per_step: a.run.batch * a.run.seq,
     };
     let (mut first_loss, mut last_loss) = (None, 0.0);
+    let mut report = Report::default();
     for k in start..a.steps {
         if interrupted.load(Ordering::SeqCst) {
             progress.finish();
@@ -279,6 +295,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         // (tensor-parallel ranks of one dp group see the same rows).
         let shards = dp_shards(&mesh, &x, &y);
         let s = trainer.step_spmd(shards, lr, k + 1)?;
+        report.add(trainer.exec_stats());
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;
         if a.json {
@@ -300,6 +317,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             eprintln!("saved {}", path.display());
         }
     }
+    if a.report {
+        report.print(trainer.arena_bytes(), a.json);
+    }
     if !a.json {
         let secs = progress.start.elapsed().as_secs_f64();
         println!(
@@ -311,4 +331,72 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Where the host engine's time went, summed over steps, per rank.
+#[derive(Default)]
+struct Report {
+    steps: usize,
+    /// Per rank: (what, calls, seconds).
+    ranks: Vec<Vec<(String, usize, f64)>>,
+}
+
+impl Report {
+    fn add(&mut self, stats: &[shardc_runtime::exec::ExecStats]) {
+        if stats.is_empty() {
+            return;
+        }
+        self.steps += 1;
+        self.ranks.resize(stats.len(), Vec::new());
+        for (acc, s) in self.ranks.iter_mut().zip(stats) {
+            for (what, calls, t) in &s.entries {
+                match acc.iter_mut().find(|e| &e.0 == what) {
+                    Some(e) => {
+                        e.1 += calls;
+                        e.2 += t.as_secs_f64();
+                    }
+                    None => acc.push((what.clone(), *calls, t.as_secs_f64())),
+                }
+            }
+        }
+    }
+
+    fn print(&self, arena: Option<usize>, json: bool) {
+        if self.steps == 0 {
+            eprintln!("--report: the interpreter engine keeps no timings (use --engine host)");
+            return;
+        }
+        if json {
+            let ranks: Vec<serde_json::Value> = self
+                .ranks
+                .iter()
+                .enumerate()
+                .map(|(r, entries)| {
+                    serde_json::json!({
+                        "rank": r,
+                        "arena_bytes": arena,
+                        "seconds_per_step": entries.iter().map(|(w, c, t)| (w.clone(), serde_json::json!({"calls_per_step": *c / self.steps, "seconds": t / self.steps as f64}))).collect::<serde_json::Map<_, _>>(),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({"report": {"steps": self.steps, "ranks": ranks}}));
+            return;
+        }
+        let mut rows = self.ranks[0].clone();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let total: f64 = rows.iter().map(|r| r.2).sum();
+        eprintln!(
+            "host engine, rank 0, per step (mean of {} steps; arena {} bytes per rank):",
+            self.steps,
+            crate::commands::thousands(arena.unwrap_or(0))
+        );
+        for (what, calls, t) in rows {
+            eprintln!(
+                "  {what:<36} {:>5} calls {:>9.2} ms {:>5.1}%",
+                calls / self.steps,
+                t / self.steps as f64 * 1e3,
+                100.0 * t / total.max(1e-12)
+            );
+        }
+    }
 }

@@ -301,6 +301,20 @@ fn cross_entropy_and_its_gradient() {
 }
 
 #[test]
+fn cross_entropy_gradient_of_a_batch_of_sequences() {
+    // Logits [B, T, V] with per-row operands [B, T] (targets, the loss's gradient): what one
+    // device's step fuses (issue-11).
+    for b in [false, true] {
+        let t = dt(b);
+        let src = format!(
+            "graph ce\ninput %x: {t}[2, 7, 97]\ninput %y: i64[2, 7]\ninput %dl: {t}[2, 7]\n\
+             %d: {t}[2, 7, 97] = cross_entropy_grad(%x, %y, %dl)\noutput %d\n"
+        );
+        check(&src, tol(b, ROW, true), |_| 97, 14);
+    }
+}
+
+#[test]
 fn vocab_parallel_cross_entropy_pieces() {
     // What tensor parallelism makes of cross-entropy before its all-reduces: a local max, the
     // shifted exponentials' sum, and the row-wise arithmetic on them.

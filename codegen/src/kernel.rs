@@ -459,8 +459,17 @@ impl<'g> Emitter<'g> {
         self.row = "%w".into();
         let g = self.g;
         // Each operand's offset of this row, once, before any loop reads it.
+        // (Per-row operands, `[rows]`-shaped, are read by the row instead: `row_or_load`.)
+        let rows = match self.form {
+            Form::Rows { rows, .. } => rows,
+            _ => 0,
+        };
+        let space = self.space_shape(rows, cols)?;
         for a in &g.args {
-            if g.ty(a.value).dtype.is_float() {
+            let t = g.ty(a.value);
+            let broadcasts = t.rank() <= space.len()
+                && t.shape.iter().rev().zip(space.iter().rev()).all(|(&d, &s)| d == s || d == 1);
+            if t.dtype.is_float() && broadcasts {
                 let c0 = self.index(0);
                 self.offset(a.value, &c0)?;
             }
