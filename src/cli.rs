@@ -34,8 +34,13 @@ pub enum Command {
     /// What every rank holds and does for one training step: collectives, memory per device,
     /// communication, FLOPs and a predicted step time, read off the compiled step.
     Plan(PlanArgs),
-    /// Compile a model's training step for a mesh and write the per-rank program (.tir).
+    /// Compile a model's training step for a mesh and write the per-rank program (.tir), or
+    /// with `-o step.shardc` the bundle `shardc run` executes.
     Compile(CompileArgs),
+    /// Train with a compiled bundle on this machine's CPU (ranks as threads).
+    Run(RunArgs),
+    /// What a bundle holds: program, kernels, memory plan, plan, model.
+    Inspect(InspectArgs),
     /// Why a value has its sharding, and which rule put each adjacent collective there.
     Explain(ExplainArgs),
     /// Run compiler passes on a .tir graph (IR in, IR out), e.g. --passes autodiff,
@@ -161,6 +166,31 @@ pub enum TrainPrecision {
 pub struct TrainArgs {
     #[command(flatten)]
     pub run: ModelAndData,
+    #[command(flatten)]
+    pub lp: LoopArgs,
+    /// Decoupled weight decay (applied to parameters of rank >= 2 only).
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables clipping.
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Arithmetic of the step.
+    #[arg(long, value_enum, default_value_t = TrainPrecision::F32)]
+    pub precision: TrainPrecision,
+    #[command(flatten)]
+    pub par: ParallelArgs,
+}
+
+/// The training loop's options, shared by `train` and `run` (the optimizer's constants are part
+/// of the compiled step; the schedule, data and checkpoints are the loop's).
+#[derive(Debug, Args)]
+pub struct LoopArgs {
     /// Optimizer steps to run (in total, counting the steps of a resumed checkpoint).
     #[arg(long)]
     pub steps: usize,
@@ -174,18 +204,6 @@ pub struct TrainArgs {
     /// --warmup 0 gives a constant rate.
     #[arg(long)]
     pub min_lr: Option<f64>,
-    /// Decoupled weight decay (applied to parameters of rank >= 2 only).
-    #[arg(long, default_value_t = 0.1)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.9)]
-    pub beta1: f64,
-    #[arg(long, default_value_t = 0.95)]
-    pub beta2: f64,
-    #[arg(long, default_value_t = 1e-8)]
-    pub eps: f64,
-    /// Clip the global gradient norm to this; 0 disables clipping.
-    #[arg(long, default_value_t = 1.0)]
-    pub grad_clip: f64,
     /// Seed for initialisation (models without weights) and random data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -198,12 +216,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// After training, print where the host engine's time went (per kernel family, GEMMs,
-    /// collectives, copies, interpreted ops) and each rank's arena size.
+    /// collectives, copies, interpreted ops) and each rank's arena size (with --json: one
+    /// `{"report": ...}` line).
     #[arg(long)]
     pub report: bool,
-    /// Arithmetic of the step.
-    #[arg(long, value_enum, default_value_t = TrainPrecision::F32)]
-    pub precision: TrainPrecision,
     /// Print one JSON object per step on stdout and nothing else there.
     #[arg(long)]
     pub json: bool,
@@ -217,8 +233,31 @@ pub struct TrainArgs {
     /// Continue from the checkpoint in this directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A bundle written by `shardc compile ... -o step.shardc`.
+    pub bundle: PathBuf,
+    /// Token file: llm.c format (magic 20240520) or raw uint16.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Start from these weights instead of GPT-2-style random initialisation: a Hugging Face
+    /// model directory (config.json + model.safetensors), or a safetensors file of whole
+    /// parameters under the program's names (a checkpoint of `train` or `run`).
+    #[arg(long)]
+    pub weights: Option<PathBuf>,
     #[command(flatten)]
-    pub par: ParallelArgs,
+    pub lp: LoopArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A bundle written by `shardc compile ... -o step.shardc`.
+    pub bundle: PathBuf,
+    /// One JSON document instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How a training step is spread over devices; shared by every command that compiles one.

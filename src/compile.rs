@@ -121,6 +121,9 @@ pub fn compile(a: &CompileArgs) -> Result<()> {
         }
         crate::kernels::emit(&c.step.graph, dir)?;
     }
+    if let Some(path) = a.output.as_ref().filter(|p| p.extension().is_some_and(|e| e == "shardc")) {
+        return write_bundle(&c, a, path, fused);
+    }
     let annotated;
     let g = match a.stage {
         CompileStage::Step => &c.step.graph,
@@ -312,5 +315,47 @@ pub fn explain(a: &ExplainArgs) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// `shardc compile ... -o step.shardc`: the compiled step as a bundle (program, memory plan,
+/// kernels for the host and both GPU architectures, plan JSON, model config).
+fn write_bundle(c: &Compiled, a: &CompileArgs, path: &std::path::Path, fused: bool) -> Result<()> {
+    if a.stage != CompileStage::Step || !fused {
+        bail!("a bundle holds the fused training step: drop --stage and --no-fusion, or write a .tir file");
+    }
+    let t = std::time::Instant::now();
+    let budget = parallel::budget(&a.step.par, &c.device)?;
+    let params_total = c.forward.param_count();
+    let input = shardc_passes::strategy::plan_input(&c.forward, params_total, &c.setup, c.sharded.as_ref(), c.compute);
+    let p = plan_step(&c.step, &input, &c.device);
+    let report = crate::plan::Report {
+        forward: &c.forward,
+        batch: a.step.batch,
+        seq: c.seq,
+        compute: c.compute,
+        setup: &c.setup,
+        budget,
+    }
+    .json(p, c.sharded.as_ref(), None);
+    let config = a.step.model.join("config.json");
+    let model = shardc_bundle::ModelInfo {
+        name: c.forward.name.clone(),
+        config_json: std::fs::read_to_string(&config).ok().filter(|_| a.step.model.is_dir()),
+    };
+    let bundle = shardc_codegen::bundle_compiled(&c.step.graph, model, Some(serde_json::to_value(&report)?), false)?;
+    bundle.write(path)?;
+    let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    let arena = bundle.header.memory_plan.as_ref().map_or(0, |m| m.arena_bytes);
+    eprintln!(
+        "wrote {}: the training step of {} on {} ({} kernels for the host, sm_80 and sm_90; arena {} bytes per rank; {} bytes) in {:.1} s",
+        path.display(),
+        c.forward.name,
+        c.setup.describe(),
+        bundle.header.kernels.len(),
+        crate::commands::thousands(arena as usize),
+        crate::commands::thousands(size as usize),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod commands;
 pub mod compile;
 pub mod host;
+pub mod inspect;
 pub mod kernels;
 pub mod model;
 pub mod parallel;
@@ -24,6 +25,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(c) => commands::data(c),
         Command::Plan(a) => plan::plan(a),
         Command::Compile(a) => compile::compile(a),
+        Command::Run(a) => train::run(a),
+        Command::Inspect(a) => inspect::inspect(a),
         Command::Explain(a) => compile::explain(a),
         Command::Opt(a) => commands::opt(a),
         Command::Ops => commands::ops(),

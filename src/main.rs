@@ -1,6 +1,12 @@
 use clap::Parser;
 
 fn main() {
+    // `shardc plan ... | head` should end quietly when the reader stops, as Unix tools do,
+    // not panic on a broken pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = shardc::cli::Cli::parse();
     if let Err(e) = shardc::run(cli) {
         // Rendered diagnostics already start with "error:".

@@ -34,19 +34,11 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     let fits = p.memory_per_device.total as u64 <= budget;
     match args.format {
         PlanFormat::Json => {
-            let report = PlanReport {
-                schema_version: PLAN_SCHEMA_VERSION,
-                model: forward.name.clone(),
-                batch: a.batch,
-                seq,
-                precision: if compute == shardc_ir::DType::F32 { PlanPrecision::F32 } else { PlanPrecision::Bf16Mixed },
-                setup: plan_setup(&setup),
-                plan: p,
-                memory_budget: budget,
-                fits_memory_budget: fits,
-                search: sharded.as_ref().map(|s| s.stats.clone()),
-                auto: ranked.as_ref().map(|r| r.iter().take(AUTO_SHOWN).map(candidate).collect()),
-            };
+            let report = Report { forward: &forward, batch: a.batch, seq, compute, setup: &setup, budget }.json(
+                p,
+                sharded.as_ref(),
+                ranked.as_deref(),
+            );
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         PlanFormat::Text => {
@@ -67,6 +59,45 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What a plan report says besides the plan itself.
+pub struct Report<'a> {
+    pub forward: &'a shardc_ir::Graph,
+    pub batch: usize,
+    pub seq: usize,
+    pub compute: shardc_ir::DType,
+    pub setup: &'a Strategy,
+    pub budget: u64,
+}
+
+impl Report<'_> {
+    /// The versioned JSON form (`shardc plan --format json`, and the bundle's copy).
+    pub fn json(
+        &self,
+        p: shardc_passes::plan::Plan,
+        sharded: Option<&shardc_passes::sharding::Sharded>,
+        ranked: Option<&[Candidate]>,
+    ) -> PlanReport {
+        let fits = p.memory_per_device.total as u64 <= self.budget;
+        PlanReport {
+            schema_version: PLAN_SCHEMA_VERSION,
+            model: self.forward.name.clone(),
+            batch: self.batch,
+            seq: self.seq,
+            precision: if self.compute == shardc_ir::DType::F32 {
+                PlanPrecision::F32
+            } else {
+                PlanPrecision::Bf16Mixed
+            },
+            setup: plan_setup(self.setup),
+            plan: p,
+            memory_budget: self.budget,
+            fits_memory_budget: fits,
+            search: sharded.map(|s| s.stats.clone()),
+            auto: ranked.map(|r| r.iter().take(AUTO_SHOWN).map(candidate).collect()),
+        }
+    }
 }
 
 /// How many `--auto` candidates the plan shows.

@@ -5,7 +5,7 @@
 //! learning rate are pure functions of the step number (and the seed), so a run resumed from a
 //! checkpoint continues exactly the loss curve it would have had.
 
-use crate::cli::{DataOrder, TrainArgs};
+use crate::cli::{DataOrder, LoopArgs, RunArgs, TrainArgs};
 use crate::commands::thousands;
 use crate::model::{load_model, LoadedModel};
 use crate::parallel::{self, Strategy};
@@ -24,15 +24,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn validate(a: &TrainArgs) -> Result<()> {
-    let checks: [(bool, &str); 8] = [
-        (a.steps >= 1, "--steps must be at least 1"),
+    validate_loop(&a.lp)?;
+    let checks: [(bool, &str); 4] = [
         (a.run.batch >= 1 && a.run.seq >= 1, "--batch and --seq must be at least 1"),
-        (a.lr > 0.0 && a.lr.is_finite(), "--lr must be a positive number"),
-        (a.min_lr.is_none_or(|m| m >= 0.0 && m <= a.lr), "--min-lr must be between 0 and --lr"),
         ((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2), "--beta1 and --beta2 must be in [0, 1)"),
         (a.eps > 0.0, "--eps must be positive"),
         (a.weight_decay >= 0.0 && a.grad_clip >= 0.0, "--weight-decay and --grad-clip must not be negative"),
-        (a.save_every == 0 || a.checkpoint.is_some(), "--save-every needs --checkpoint DIR"),
     ];
     for (ok, msg) in checks {
         if !ok {
@@ -42,19 +39,42 @@ fn validate(a: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
+fn validate_loop(lp: &LoopArgs) -> Result<()> {
+    let checks: [(bool, &str); 4] = [
+        (lp.steps >= 1, "--steps must be at least 1"),
+        (lp.lr > 0.0 && lp.lr.is_finite(), "--lr must be a positive number"),
+        (lp.min_lr.is_none_or(|m| m >= 0.0 && m <= lp.lr), "--min-lr must be between 0 and --lr"),
+        (lp.save_every == 0 || lp.checkpoint.is_some(), "--save-every needs --checkpoint DIR"),
+    ];
+    for (ok, msg) in checks {
+        if !ok {
+            bail!("{msg}");
+        }
+    }
+    Ok(())
+}
+
+/// A training run: the loop's options and the global batch shape.
+struct Job<'a> {
+    lp: &'a LoopArgs,
+    batch: usize,
+    seq: usize,
+    data_path: &'a Path,
+}
+
 /// Row starts of the batch for 0-based step `k`.
-fn batch_starts(a: &TrainArgs, data: &TokenFile, k: usize) -> Vec<usize> {
-    match a.data_order {
+fn batch_starts(a: &Job, data: &TokenFile, k: usize) -> Vec<usize> {
+    match a.lp.data_order {
         DataOrder::Sequential => {
-            let k = k % data.num_batches(a.run.batch, a.run.seq);
-            (0..a.run.batch).map(|b| (k * a.run.batch + b) * a.run.seq).collect()
+            let k = k % data.num_batches(a.batch, a.seq);
+            (0..a.batch).map(|b| (k * a.batch + b) * a.seq).collect()
         }
         DataOrder::Random => {
-            let span = data.len() - a.run.seq; // windows need seq + 1 tokens
-            (0..a.run.batch)
+            let span = data.len() - a.seq; // windows need seq + 1 tokens
+            (0..a.batch)
                 .map(|b| {
                     let mut rng = Rng::new(
-                        a.seed
+                        a.lp.seed
                             ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                             ^ (b as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
                     );
@@ -65,26 +85,26 @@ fn batch_starts(a: &TrainArgs, data: &TokenFile, k: usize) -> Vec<usize> {
     }
 }
 
-fn batch(a: &TrainArgs, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
-    let (mut x, mut y) = (Vec::with_capacity(a.run.batch * a.run.seq), Vec::with_capacity(a.run.batch * a.run.seq));
+fn batch(a: &Job, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
+    let (mut x, mut y) = (Vec::with_capacity(a.batch * a.seq), Vec::with_capacity(a.batch * a.seq));
     for s in batch_starts(a, data, k) {
-        x.extend(data.tokens[s..s + a.run.seq].iter().map(|&t| t as i64));
-        y.extend(data.tokens[s + 1..s + a.run.seq + 1].iter().map(|&t| t as i64));
+        x.extend(data.tokens[s..s + a.seq].iter().map(|&t| t as i64));
+        y.extend(data.tokens[s + 1..s + a.seq + 1].iter().map(|&t| t as i64));
     }
     (x, y)
 }
 
 /// What a checkpoint must agree on with the run that resumes it.
-fn run_identity(a: &TrainArgs, graph_name: &str, setup: &Strategy) -> BTreeMap<String, String> {
+fn run_identity(a: &Job, graph_name: &str, mesh: &str, zero: &str, sp: bool) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("graph".to_string(), graph_name.to_string()),
-        ("batch".to_string(), a.run.batch.to_string()),
-        ("seq".to_string(), a.run.seq.to_string()),
-        ("data_order".to_string(), format!("{:?}", a.data_order).to_lowercase()),
-        ("seed".to_string(), a.seed.to_string()),
-        ("mesh".to_string(), setup.mesh().to_string()),
-        ("zero".to_string(), setup.zero.to_string()),
-        ("sequence_parallel".to_string(), setup.sp.to_string()),
+        ("batch".to_string(), a.batch.to_string()),
+        ("seq".to_string(), a.seq.to_string()),
+        ("data_order".to_string(), format!("{:?}", a.lp.data_order).to_lowercase()),
+        ("seed".to_string(), a.lp.seed.to_string()),
+        ("mesh".to_string(), mesh.to_string()),
+        ("zero".to_string(), zero.to_string()),
+        ("sequence_parallel".to_string(), sp.to_string()),
     ])
 }
 
@@ -92,15 +112,15 @@ fn run_identity(a: &TrainArgs, graph_name: &str, setup: &Strategy) -> BTreeMap<S
 fn save(
     dir: &Path,
     trainer: &Trainer,
-    a: &TrainArgs,
+    a: &Job,
     identity: &BTreeMap<String, String>,
     step: usize,
     data: &TokenFile,
 ) -> Result<PathBuf> {
     let mut meta = identity.clone();
     meta.insert("step".into(), step.to_string());
-    let position = match a.data_order {
-        DataOrder::Sequential => (step % data.num_batches(a.run.batch, a.run.seq)) * a.run.batch * a.run.seq,
+    let position = match a.lp.data_order {
+        DataOrder::Sequential => (step % data.num_batches(a.batch, a.seq)) * a.batch * a.seq,
         DataOrder::Random => 0,
     };
     meta.insert("data_position".into(), position.to_string());
@@ -154,7 +174,7 @@ impl Progress {
 /// checked against each other.
 fn model_and_data(a: &TrainArgs, setup: &Strategy, compute: shardc_ir::DType) -> Result<(LoadedModel, TokenFile)> {
     let local_batch = a.run.batch / setup.dp;
-    let mut model = load_model(&a.run.model, local_batch, a.run.seq, compute, None, a.seed)?;
+    let mut model = load_model(&a.run.model, local_batch, a.run.seq, compute, None, a.lp.seed)?;
     if a.par.pad_vocab_to_multiple_of.is_some() {
         crate::model::pad_vocab(
             &mut model,
@@ -163,7 +183,7 @@ fn model_and_data(a: &TrainArgs, setup: &Strategy, compute: shardc_ir::DType) ->
             a.run.seq,
             compute,
             a.par.pad_vocab_to_multiple_of.map(|m| m * setup.tp),
-            a.seed,
+            a.lp.seed,
         )?;
     }
     let data = TokenFile::open(&a.run.data)?;
@@ -195,7 +215,7 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let compute = a.precision.compute_dtype();
     let job = parallel::Job { model: &a.run.model, batch: a.run.batch, seq: a.run.seq, compute };
     let (setup, ranked) = parallel::resolve(&a.par, job, &device)?;
-    if let (Some(r), false) = (&ranked, a.json) {
+    if let (Some(r), false) = (&ranked, a.lp.json) {
         eprintln!(
             "--auto chose {} (predicted {:.3} ms per step on {})",
             r[0].strategy.describe(),
@@ -203,7 +223,6 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             device.name
         );
     }
-    let ranks = setup.dp * setup.tp;
     let (model, data) = model_and_data(a, &setup, compute)?;
     let opt =
         AdamW { beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay, grad_clip: a.grad_clip };
@@ -211,37 +230,155 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     g.mesh = setup.mesh();
     let (dp, tp) = (setup.data_parallel(), setup.tensor_parallel());
     let (step, _) = build_parallel_step(&g, &opt, dp.as_ref(), tp.as_ref(), &device)?;
-    let graph_name = model.graph.name.clone();
-    let identity = run_identity(a, &graph_name, &setup);
-    let (initial, start, origin) = match &a.resume {
-        Some(dir) => {
-            let r = checkpoint::load(dir, &step.graph, &identity)?;
-            let at = format!("checkpoint {} at step {}", dir.join(CHECKPOINT_FILE).display(), r.step);
-            (r.states, r.step, at)
-        }
+    let j = Job { lp: &a.lp, batch: a.run.batch, seq: a.run.seq, data_path: &a.run.data };
+    let identity = run_identity(&j, &model.graph.name, &setup.mesh().to_string(), &setup.zero.to_string(), setup.sp);
+    let (initial, start, origin) = match &a.lp.resume {
+        Some(dir) => resume(dir, &step.graph, &identity)?,
         None => (checkpoint::rank_states(&step.graph, &model.params), 0, model.weights_from.clone()),
     };
-    if start >= a.steps {
-        bail!("the checkpoint is at step {start} already; ask for more --steps than that");
-    }
-    let mesh = step.graph.mesh.clone();
-    let mut trainer = match a.engine {
+    let ranks = setup.dp * setup.tp;
+    let what = format!(
+        "{}{} ({} parameters from {origin})",
+        model.graph.name,
+        if ranks > 1 { format!(" on {ranks} simulated ranks ({})", setup.describe()) } else { String::new() },
+        thousands(model.graph.param_count()),
+    );
+    let trainer = match a.lp.engine {
         crate::cli::Engine::Interp => Trainer::new_spmd(step.graph, initial, Precision::F32)?,
         crate::cli::Engine::Host => {
             let loaded = crate::host::load(&step.graph)?;
-            if !a.json {
+            if !a.lp.json {
                 eprintln!(
-                    "compiled {} kernels for the host in {:.1} s; arena {} per rank",
+                    "compiled {} kernels for the host in {:.1} s; arena {} bytes per rank",
                     loaded.kernels,
                     loaded.compile_seconds,
-                    crate::plan::gib(loaded.program.arena_bytes())
+                    thousands(loaded.program.arena_bytes())
                 );
             }
-            let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            Trainer::new_host(loaded.program, initial, threads)?
+            Trainer::new_host(loaded.program, initial, threads(&a.lp))?
         }
     };
-    let min_lr = a.min_lr.unwrap_or(a.lr / 10.0);
+    train_loop(&j, trainer, &data, &identity, start, &what)
+}
+
+fn threads(lp: &LoopArgs) -> usize {
+    lp.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+type RankStates = Vec<std::collections::HashMap<String, shardc_ir::Tensor>>;
+
+fn resume(
+    dir: &Path,
+    step: &shardc_ir::Graph,
+    identity: &BTreeMap<String, String>,
+) -> Result<(RankStates, usize, String)> {
+    let r = checkpoint::load(dir, step, identity)?;
+    let at = format!("checkpoint {} at step {}", dir.join(CHECKPOINT_FILE).display(), r.step);
+    Ok((r.states, r.step, at))
+}
+
+/// `shardc run BUNDLE`: the training loop over a compiled bundle.
+pub fn run(a: &RunArgs) -> Result<()> {
+    validate_loop(&a.lp)?;
+    let t = Instant::now();
+    let bundle = shardc_bundle::Bundle::read(&a.bundle)?;
+    let g = &bundle.header.program;
+    let sig = g.signature();
+    let tokens = sig.arg(&shardc_ir::ArgRole::Tokens).ok_or_else(|| {
+        anyhow::anyhow!("{}: the bundle's program has no `tokens` input; it is not a training step", a.bundle.display())
+    })?;
+    let shape = g.ty(tokens).shape.clone();
+    let dp = g.mesh.axis_size("dp").unwrap_or(1);
+    let (batch, seq) = (shape[0] * dp, shape[1]);
+    let setup = bundle.header.plan_json.as_ref().and_then(|p| p.get("setup").cloned());
+    let zero =
+        setup.as_ref().and_then(|s| s.get("zero")).and_then(|z| z.as_str().map(String::from).or(Some(z.to_string())));
+    let sp = setup.as_ref().and_then(|s| s.get("sequence_parallel")).and_then(|b| b.as_bool()).unwrap_or(false);
+    let zero = match zero {
+        Some(z) => serde_json::from_value::<shardc_ir::ZeroStage>(serde_json::Value::String(z.clone()))
+            .map(|s| s.to_string())
+            .unwrap_or(z),
+        None => "0".into(),
+    };
+    let j = Job { lp: &a.lp, batch, seq, data_path: &a.data };
+    let data = TokenFile::open(&a.data)?;
+    if data.len() < seq + 1 || data.num_batches(batch, seq) == 0 {
+        bail!(
+            "{}: {} tokens are too few for one batch of {batch} x {seq} (needs {})",
+            a.data.display(),
+            data.len(),
+            batch * seq + 1
+        );
+    }
+    let identity = run_identity(&j, &bundle.header.model.name, &g.mesh.to_string(), &zero, sp);
+    let (initial, start, origin) = match (&a.lp.resume, &a.weights) {
+        (Some(_), Some(_)) => bail!("--resume continues a checkpoint's weights; drop --weights"),
+        (Some(dir), None) => resume(dir, g, &identity)?,
+        (None, Some(w)) => {
+            let params: std::collections::HashSet<&str> = sig.params().map(|(p, _)| g.name_of(p)).collect();
+            // A Hugging Face model directory (its checkpoint's names mapped by the importer), or
+            // a safetensors file under the program's parameter names (a shardc checkpoint).
+            let tensors: std::collections::HashMap<String, shardc_ir::Tensor> = if w.is_dir() {
+                let opts = shardc_ir::import::BuildOptions::f32(1, 1, false);
+                shardc_ir::import::import_dir(w, opts)?
+                    .weights
+                    .ok_or_else(|| anyhow::anyhow!("{}: holds no model.safetensors", w.display()))?
+            } else {
+                shardc_ir::import::weights::read_tensors(w)?.into_iter().collect()
+            };
+            let whole: std::collections::HashMap<String, shardc_ir::Tensor> =
+                tensors.into_iter().filter(|(k, _)| params.contains(k.as_str())).collect();
+            if let Some(missing) = params.iter().find(|p| !whole.contains_key(**p)) {
+                bail!("{}: has no tensor `{missing}` (the bundle's model needs every parameter by name)", w.display());
+            }
+            (checkpoint::rank_states(g, &whole), 0, w.display().to_string())
+        }
+        (None, None) => (
+            checkpoint::rank_states(g, &shardc_runtime::init::init_whole_params(g, a.lp.seed)),
+            0,
+            format!("GPT-2-style random initialisation (seed {})", a.lp.seed),
+        ),
+    };
+    let what = format!(
+        "{} from {} ({} ranks, {} parameters from {origin})",
+        bundle.header.model.name,
+        a.bundle.display(),
+        g.mesh.world_size(),
+        thousands(sig.params().map(|(p, l)| l.full_shape(&g.ty(p).shape, &g.mesh).iter().product::<usize>()).sum())
+    );
+    let trainer = match a.lp.engine {
+        crate::cli::Engine::Interp => Trainer::from_bundle(&bundle, initial, Precision::F32)?,
+        crate::cli::Engine::Host => {
+            let program = shardc_runtime::exec::HostProgram::from_bundle(&bundle)?;
+            Trainer::new_host(program, initial, threads(&a.lp))?
+        }
+    };
+    if !a.lp.json {
+        eprintln!(
+            "loaded {} in {:.2} s ({} kernels)",
+            a.bundle.display(),
+            t.elapsed().as_secs_f64(),
+            bundle.header.kernels.len()
+        );
+    }
+    train_loop(&j, trainer, &data, &identity, start, &what)
+}
+
+/// The training loop shared by `train` and `run`: progress, JSON lines, checkpoints, Ctrl-C.
+fn train_loop(
+    a: &Job,
+    mut trainer: Trainer,
+    data: &TokenFile,
+    identity: &BTreeMap<String, String>,
+    start: usize,
+    what: &str,
+) -> Result<()> {
+    let lp = a.lp;
+    if start >= lp.steps {
+        bail!("the checkpoint is at step {start} already; ask for more --steps than that");
+    }
+    let mesh = trainer.graph().mesh.clone();
+    let min_lr = lp.min_lr.unwrap_or(lp.lr / 10.0);
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();
@@ -249,36 +386,33 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         // only once); ignore that error rather than fail the run.
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     }
-    if !a.json {
+    if !lp.json {
         eprintln!(
-            "training {}{} ({} parameters from {origin}) on {} ({} tokens, {} order), {} x {} tokens per step, steps {}..{}",
-            graph_name,
-            if ranks > 1 { format!(" on {ranks} simulated ranks ({})", setup.describe()) } else { String::new() },
-            thousands(model.graph.param_count()),
-            a.run.data.display(),
+            "training {what} on {} ({} tokens, {} order), {} x {} tokens per step, steps {}..{}",
+            a.data_path.display(),
             thousands(data.len()),
-            format!("{:?}", a.data_order).to_lowercase(),
-            a.run.batch,
-            a.run.seq,
+            format!("{:?}", lp.data_order).to_lowercase(),
+            a.batch,
+            a.seq,
             start + 1,
-            a.steps
+            lp.steps
         );
     }
     let progress = Progress {
-        tty: !a.json && std::io::stderr().is_terminal(),
+        tty: !lp.json && std::io::stderr().is_terminal(),
         start: Instant::now(),
         first_step: start,
-        total: a.steps,
-        tokens_per_step: a.run.batch * a.run.seq,
+        total: lp.steps,
+        tokens_per_step: a.batch * a.seq,
     };
     let (mut first_loss, mut last_loss) = (None, 0.0);
     let mut report = Report::default();
-    for k in start..a.steps {
+    for k in start..lp.steps {
         if interrupted.load(Ordering::SeqCst) {
             progress.finish();
-            match &a.checkpoint {
+            match &lp.checkpoint {
                 Some(dir) => {
-                    let path = save(dir, &trainer, a, &identity, k, &data)?;
+                    let path = save(dir, &trainer, a, identity, k, data)?;
                     eprintln!(
                         "interrupted after step {k}; saved {} (continue with --resume {})",
                         path.display(),
@@ -289,8 +423,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             }
             std::process::exit(130);
         }
-        let (x, y) = batch(a, &data, k);
-        let lr = lr_at(k, a.lr, min_lr, a.warmup, a.steps);
+        let (x, y) = batch(a, data, k);
+        let lr = lr_at(k, lp.lr, min_lr, lp.warmup, lp.steps);
         // Rank r trains on rows d*B/dp .. (d+1)*B/dp of the global batch, d its dp coordinate
         // (tensor-parallel ranks of one dp group see the same rows).
         let shards = dp_shards(&mesh, &x, &y);
@@ -298,36 +432,36 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         report.add(trainer.exec_stats());
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;
-        if a.json {
+        if lp.json {
             let line = serde_json::json!({"step": k + 1, "loss": s.loss, "lr": lr, "grad_norm": s.grad_norm, "tokens_per_s": progress.tokens_per_s(k + 1)});
             println!("{line}");
         } else {
             progress.show(k + 1, s.loss, lr);
         }
         if let (Some(dir), true) =
-            (&a.checkpoint, a.save_every > 0 && (k + 1).is_multiple_of(a.save_every) && k + 1 < a.steps)
+            (&lp.checkpoint, lp.save_every > 0 && (k + 1).is_multiple_of(lp.save_every) && k + 1 < lp.steps)
         {
-            save(dir, &trainer, a, &identity, k + 1, &data)?;
+            save(dir, &trainer, a, identity, k + 1, data)?;
         }
     }
     progress.finish();
-    if let Some(dir) = &a.checkpoint {
-        let path = save(dir, &trainer, a, &identity, a.steps, &data)?;
-        if !a.json {
+    if let Some(dir) = &lp.checkpoint {
+        let path = save(dir, &trainer, a, identity, lp.steps, data)?;
+        if !lp.json {
             eprintln!("saved {}", path.display());
         }
     }
-    if a.report {
-        report.print(trainer.arena_bytes(), a.json);
+    if lp.report {
+        report.print(trainer.arena_bytes(), lp.json);
     }
-    if !a.json {
+    if !lp.json {
         let secs = progress.start.elapsed().as_secs_f64();
         println!(
             "trained steps {}..{} in {secs:.1} s: loss {:.4} -> {last_loss:.4}, {:.0} tokens/s",
             start + 1,
-            a.steps,
+            lp.steps,
             first_loss.unwrap_or(f64::NAN),
-            progress.tokens_per_s(a.steps)
+            progress.tokens_per_s(lp.steps)
         );
     }
     Ok(())

@@ -31,7 +31,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// The on-disk format's version; readers refuse other versions.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The file's first bytes.
 pub const MAGIC: &[u8; 8] = b"SHARDCB\0";
 
@@ -88,6 +88,69 @@ pub struct Kernel {
     pub nodes: Vec<u32>,
     /// Section indices holding its code.
     pub blobs: Vec<(BlobKind, u32)>,
+    /// The fused ops, in order (what `shardc inspect` lists).
+    #[serde(default)]
+    pub ops: Vec<String>,
+    /// Work items of its parallel loop (the host splits them over threads; the GPU launches
+    /// `ceil(work_items / block)` blocks).
+    #[serde(default)]
+    pub work_items: u64,
+}
+
+/// The machine the host code was compiled for: a runtime refuses host code that needs CPU
+/// features its machine lacks (the code would stop with an illegal instruction).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostTarget {
+    /// `std::env::consts::ARCH` of the compiling machine.
+    pub arch: String,
+    /// The vector and matrix features (`avx2`, `fma`, `avx512f`, ...) of the compiling CPU
+    /// that generated code may use.
+    pub features: Vec<String>,
+}
+
+/// CPU features generated host code may use, as `/proc/cpuinfo` names them.
+const VECTOR_FEATURES: &[&str] = &[
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512dq",
+    "avx512bw",
+    "avx512vl",
+    "avx512cd",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512vnni",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+];
+
+impl HostTarget {
+    /// This machine: its architecture and the vector features its CPU reports.
+    pub fn current() -> HostTarget {
+        let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let have: std::collections::BTreeSet<&str> =
+            flags.lines().find(|l| l.starts_with("flags")).map(|l| l.split_whitespace().collect()).unwrap_or_default();
+        HostTarget {
+            arch: std::env::consts::ARCH.to_string(),
+            features: VECTOR_FEATURES.iter().filter(|f| have.contains(*f)).map(|f| f.to_string()).collect(),
+        }
+    }
+
+    /// What `self` (where the code was compiled) needs that `here` lacks, or `None` when code
+    /// compiled for `self` runs `here`.
+    pub fn missing_on(&self, here: &HostTarget) -> Option<String> {
+        if self.arch != here.arch {
+            return Some(format!("it was compiled for {}, this machine is {}", self.arch, here.arch));
+        }
+        let missing: Vec<&str> =
+            self.features.iter().filter(|f| !here.features.contains(f)).map(String::as_str).collect();
+        (!missing.is_empty()).then(|| format!("it may use CPU features this machine lacks: {}", missing.join(", ")))
+    }
 }
 
 /// Everything in a bundle but the section bytes.
@@ -102,6 +165,9 @@ pub struct Header {
     pub memory_plan: Option<MemoryPlan>,
     #[serde(default)]
     pub kernels: Vec<Kernel>,
+    /// What the host code (when there is some) was compiled for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_target: Option<HostTarget>,
     /// `shardc plan --format json` of this step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan_json: Option<serde_json::Value>,
@@ -161,6 +227,7 @@ impl Bundle {
                 program,
                 memory_plan: None,
                 kernels: Vec::new(),
+                host_target: None,
                 plan_json: None,
                 sections: Vec::new(),
             },
@@ -288,7 +355,13 @@ mod tests {
         .unwrap();
         let mut b = Bundle::new("0.1.0", ModelInfo { name: "g".into(), config_json: None }, g);
         let s = b.add_section("mul.mlir", b"func.func @mul() { return }".to_vec());
-        b.header.kernels.push(Kernel { name: "mul".into(), nodes: vec![0], blobs: vec![(BlobKind::Mlir, s)] });
+        b.header.kernels.push(Kernel {
+            name: "mul".into(),
+            nodes: vec![0],
+            blobs: vec![(BlobKind::Mlir, s)],
+            ops: vec!["mul".into()],
+            work_items: 1,
+        });
         b
     }
 

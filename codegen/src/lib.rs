@@ -20,6 +20,8 @@ use shardc_ir::Graph;
 pub enum CodegenError {
     #[error("the step does not verify (a compiler bug):\n{0}")]
     Unverified(String),
+    #[error(transparent)]
+    Kernels(#[from] KernelsError),
 }
 
 /// The bundle of a per-rank training step: the program (its signature included), the model it
@@ -260,4 +262,45 @@ pub fn compile_host(step: &Graph) -> Result<HostStep, KernelsError> {
     let (descs, library) = lower_host(&program)?;
     let kernels = descs.iter().map(|d| (d.name.clone(), d.work_items)).collect();
     Ok(HostStep { program, memory, library, kernels })
+}
+
+/// The bundle of a compiled per-rank step: the fused program, its memory plan, every kernel's
+/// MLIR description, PTX for each GPU architecture and the host library (for this machine's
+/// CPU), the model and, when given, the plan JSON. `ptxas_required` as in [`lower_gpu`].
+pub fn bundle_compiled(
+    step: &Graph,
+    model: ModelInfo,
+    plan_json: Option<serde_json::Value>,
+    ptxas_required: bool,
+) -> Result<Bundle, CodegenError> {
+    shardc_ir::verify::verify(step).map_err(|e| CodegenError::Unverified(e.to_string()))?;
+    let host = compile_host(step)?;
+    let gpu = lower_gpu(&host.program, ptxas_required)?;
+    let mut b = Bundle::new(env!("CARGO_PKG_VERSION"), model, host.program.clone());
+    b.header.plan_json = plan_json;
+    b.header.memory_plan = Some(host.memory);
+    b.header.host_target = Some(shardc_bundle::HostTarget::current());
+    let so = b.add_section("host/kernels.so", host.library);
+    let fused: Vec<(usize, &shardc_ir::Node)> =
+        host.program.nodes.iter().enumerate().filter(|(_, n)| n.op == shardc_ir::Op::Fused).collect();
+    for (k, (work_items, (i, _))) in gpu.iter().zip(host.kernels.iter().map(|k| k.1).zip(&fused)) {
+        let name = &k.desc.name;
+        let mut blobs = vec![(shardc_bundle::BlobKind::HostObject { symbol: name.clone() }, so)];
+        blobs.push((
+            shardc_bundle::BlobKind::Mlir,
+            b.add_section(&format!("{name}.mlir"), k.desc.module().into_bytes()),
+        ));
+        for (arch, ptx) in &k.ptx {
+            let s = b.add_section(&format!("{name}.{arch}.ptx"), ptx.clone().into_bytes());
+            blobs.push((shardc_bundle::BlobKind::Ptx { arch: arch.clone() }, s));
+        }
+        b.header.kernels.push(shardc_bundle::Kernel {
+            name: name.clone(),
+            nodes: vec![*i as u32],
+            blobs,
+            ops: k.desc.ops.clone(),
+            work_items: work_items as u64,
+        });
+    }
+    Ok(b)
 }

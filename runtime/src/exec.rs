@@ -265,6 +265,56 @@ impl HostProgram {
         Ok(HostProgram { program, offset, arena_bytes, copy_back: memory.copy_back.clone(), kernels, work_items })
     }
 
+    /// The host form of a bundle: its program, memory plan and host library. Refuses a
+    /// bundle without them, or whose host code needs CPU features this machine lacks.
+    pub fn from_bundle(bundle: &shardc_bundle::Bundle) -> Result<Self, ExecError> {
+        let h = &bundle.header;
+        let plan = h.memory_plan.as_ref().ok_or_else(|| {
+            ExecError::Plan("the bundle has no memory plan (written by an older shardc? recompile it)".into())
+        })?;
+        let here = shardc_bundle::HostTarget::current();
+        match &h.host_target {
+            None => {
+                return Err(ExecError::Plan(
+                    "the bundle has no host code; recompile it with `shardc compile -o`".into(),
+                ))
+            }
+            Some(t) => {
+                if let Some(why) = t.missing_on(&here) {
+                    return Err(ExecError::Plan(format!(
+                        "the bundle's host code cannot run here: {why}; recompile it on this machine"
+                    )));
+                }
+            }
+        }
+        let mut table = Vec::new();
+        let mut work_items = HashMap::new();
+        let mut library = None;
+        for k in &h.kernels {
+            let so = k.blobs.iter().find_map(|(kind, s)| match kind {
+                shardc_bundle::BlobKind::HostObject { .. } => Some(*s as usize),
+                _ => None,
+            });
+            let so =
+                so.ok_or_else(|| ExecError::Plan(format!("kernel `{}` has no host code in the bundle", k.name)))?;
+            if library.is_some_and(|l| l != so) {
+                return Err(ExecError::Plan("the bundle's kernels are in several host libraries".into()));
+            }
+            library = Some(so);
+            let node = k.nodes.first().and_then(|&i| h.program.nodes.get(i as usize));
+            let buffers = node
+                .map(|n| n.inputs.len() + n.outputs.len())
+                .ok_or_else(|| ExecError::Plan(format!("kernel `{}` names no node of the program", k.name)))?;
+            table.push((k.name.as_str(), buffers));
+            work_items.insert(k.name.clone(), k.work_items as usize);
+        }
+        let kernels = match library {
+            Some(s) => HostKernels::load(&bundle.sections[s], &table)?,
+            None => HostKernels::empty(),
+        };
+        HostProgram::new(h.program.clone(), plan, kernels, work_items)
+    }
+
     pub fn program(&self) -> &Graph {
         &self.program
     }

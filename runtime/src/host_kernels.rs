@@ -59,6 +59,12 @@ impl HostKernels {
         Ok(HostKernels { _lib: lib, kernels: table })
     }
 
+    /// No kernels (a program without `fused` nodes).
+    pub fn empty() -> Self {
+        let lib = libloading::os::unix::Library::this().into();
+        HostKernels { _lib: lib, kernels: HashMap::new() }
+    }
+
     /// Runs work items `lo..hi` of kernel `name` on the calling thread.
     ///
     /// # Safety

@@ -50,36 +50,54 @@ pub fn count_layers(g: &Graph) -> usize {
     g.args_of(ArgKind::Param).filter_map(|p| g.layer(p)).collect::<std::collections::BTreeSet<_>>().len()
 }
 
-/// Initial values for every parameter of `g`, GPT-2 style (see the module doc), as each
-/// parameter's role says (`init`: the importer marks biases, norm scales and the residual
-/// projections, which are scaled by 1/sqrt(2 * layers)).
+/// GPT-2-style initial values of every parameter of `g` (whole parameters, by name), from
+/// each parameter's `init` role; deterministic in `seed` and the parameter's name.
 pub fn init_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
-    let residual_std = 0.02 / (2.0 * count_layers(g).max(1) as f64).sqrt();
+    let layers = count_layers(g);
     g.signature()
         .params()
         .map(|(p, layout)| {
             let v = g.value(p);
-            let n = v.ty.numel();
-            let init = match layout.init {
-                Init::Auto if v.ty.rank() >= 2 => Init::Normal,
-                Init::Auto => Init::Ones,
-                other => other,
-            };
-            let normal = |std: f64| {
-                let mut rng = Rng::new(seed ^ name_hash(&v.name));
-                (0..n).map(|_| (std * rng.normal()) as f32).collect::<Vec<f32>>()
-            };
-            let data = match init {
-                Init::Normal | Init::Auto => normal(0.02),
-                Init::ResidualProjection => normal(residual_std),
-                Init::Zeros => vec![0.0; n],
-                Init::Ones => vec![1.0; n],
-            };
-            let mut t = Tensor::f32(v.ty.shape.clone(), data);
-            t.dtype = v.ty.dtype;
-            (v.name.clone(), t)
+            (v.name.clone(), init_one(&v.name, &v.ty.shape, v.ty.dtype, layout.init, layers, seed))
         })
         .collect()
+}
+
+/// [`init_params`] of the model a per-rank step was compiled from: every parameter whole (its
+/// full shape from its layout), the same values `init_params` gives the model's own graph.
+pub fn init_whole_params(step: &Graph, seed: u64) -> HashMap<String, Tensor> {
+    let layers = count_layers(step);
+    step.signature()
+        .params()
+        .map(|(p, layout)| {
+            let v = step.value(p);
+            let shape = layout.full_shape(&v.ty.shape, &step.mesh);
+            (v.name.clone(), init_one(&v.name, &shape, v.ty.dtype, layout.init, layers, seed))
+        })
+        .collect()
+}
+
+fn init_one(name: &str, shape: &[usize], dtype: shardc_ir::DType, init: Init, layers: usize, seed: u64) -> Tensor {
+    let residual_std = 0.02 / (2.0 * layers.max(1) as f64).sqrt();
+    let n: usize = shape.iter().product();
+    let init = match init {
+        Init::Auto if shape.len() >= 2 => Init::Normal,
+        Init::Auto => Init::Ones,
+        other => other,
+    };
+    let normal = |std: f64| {
+        let mut rng = Rng::new(seed ^ name_hash(name));
+        (0..n).map(|_| (std * rng.normal()) as f32).collect::<Vec<f32>>()
+    };
+    let data = match init {
+        Init::Normal | Init::Auto => normal(0.02),
+        Init::ResidualProjection => normal(residual_std),
+        Init::Zeros => vec![0.0; n],
+        Init::Ones => vec![1.0; n],
+    };
+    let mut t = Tensor::f32(shape.to_vec(), data);
+    t.dtype = dtype;
+    t
 }
 
 #[cfg(test)]
