@@ -32,13 +32,15 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         &device,
     );
     let fits = p.memory_per_device.total as u64 <= budget;
+    let arena = shardc_passes::plan::ArenaSummary::of_step(&step.graph);
     match args.format {
         PlanFormat::Json => {
-            let report = Report { forward: &forward, batch: a.batch, seq, compute, setup: &setup, budget }.json(
+            let mut report = Report { forward: &forward, batch: a.batch, seq, compute, setup: &setup, budget }.json(
                 p,
                 sharded.as_ref(),
                 ranked.as_deref(),
             );
+            report.memory_plan = Some(arena);
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         PlanFormat::Text => {
@@ -46,6 +48,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
                 print_auto(r, budget);
             }
             print_text(&p, a, seq, &device, &forward.name, &setup);
+            print_arena(&arena, p.memory_per_device.total);
             if let Some(s) = &sharded {
                 print_layer(s, &p);
             }
@@ -96,6 +99,7 @@ impl Report<'_> {
             fits_memory_budget: fits,
             search: sharded.map(|s| s.stats.clone()),
             auto: ranked.map(|r| r.iter().take(AUTO_SHOWN).map(candidate).collect()),
+            memory_plan: None,
         }
     }
 }
@@ -238,5 +242,30 @@ fn print_text(p: &Plan, a: &StepArgs, seq: usize, device: &DeviceModel, name: &s
     println!(
         "predicted step time: {:.3} ms (roofline compute + alpha-beta collectives, no overlap)",
         p.predicted_step_seconds * 1e3
+    );
+}
+
+/// The memory planner's arena beside the accounting above it.
+fn print_arena(m: &shardc_passes::plan::ArenaSummary, accounted: usize) {
+    let diff = 100.0 * (m.arena_bytes as f64 - accounted as f64) / accounted.max(1) as f64;
+    println!();
+    println!("memory planner (the fused per-rank program's arena, in its schedule; what `shardc run` allocates)");
+    println!(
+        "  arena              {:>16} bytes {:>12}  ({diff:+.1}% against the total above)",
+        thousands(m.arena_bytes),
+        gib(m.arena_bytes)
+    );
+    println!(
+        "  persistent         {:>16} bytes {:>12}  (parameters, optimizer state, inputs)",
+        thousands(m.persistent_bytes),
+        gib(m.persistent_bytes)
+    );
+    let parts: Vec<String> =
+        m.at_peak.iter().map(|(c, b)| format!("{} {}", c.replace('_', " "), thousands(*b))).collect();
+    println!(
+        "  live at the peak   {:>16} bytes {:>12}  ({})",
+        thousands(m.live_peak_bytes),
+        gib(m.live_peak_bytes),
+        parts.join(", ")
     );
 }

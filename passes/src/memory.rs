@@ -52,6 +52,19 @@ pub enum BufferClass {
     Temporary,
 }
 
+impl BufferClass {
+    /// The name the plan prints (as in its JSON form).
+    pub fn name(self) -> &'static str {
+        match self {
+            BufferClass::Parameter => "parameter",
+            BufferClass::OptimizerState => "optimizer_state",
+            BufferClass::Input => "input",
+            BufferClass::Activation => "activation",
+            BufferClass::Temporary => "temporary",
+        }
+    }
+}
+
 /// One storage of the arena: a value and the values sharing it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Storage {

@@ -241,4 +241,35 @@ pub struct PlanReport {
     /// With `--auto`: the best candidates, chosen first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto: Option<Vec<PlanCandidate>>,
+    /// The memory planner's arena for the fused per-rank program (what the runtime allocates).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_plan: Option<ArenaSummary>,
+}
+
+/// The memory planner's figures for one rank ([`crate::memory`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ArenaSummary {
+    /// The arena: persistent region plus the step's peak, with fragmentation.
+    pub arena_bytes: usize,
+    /// Parameters, optimizer state and step inputs, kept across steps.
+    pub persistent_bytes: usize,
+    /// The most bytes live at once (no fragmentation).
+    pub live_peak_bytes: usize,
+    /// What is live at that peak, by class.
+    pub at_peak: BTreeMap<String, usize>,
+}
+
+impl ArenaSummary {
+    /// Fuses the per-rank step (as codegen does) and plans its arena.
+    pub fn of_step(step: &Graph) -> ArenaSummary {
+        let fused = crate::fusion::fuse(step).0;
+        let m = crate::memory::plan_memory(&fused);
+        let at_peak = m.at_peak().into_iter().map(|(c, b)| (c.name().to_string(), b)).collect();
+        ArenaSummary {
+            arena_bytes: m.arena_bytes,
+            persistent_bytes: m.persistent_bytes,
+            live_peak_bytes: m.live_peak_bytes,
+            at_peak,
+        }
+    }
 }
