@@ -85,6 +85,15 @@ pub struct KernelError {
 
 /// The description of a `fused` node's kernel.
 pub fn describe(node: &Node) -> Result<KernelDesc, KernelError> {
+    describe_in_place(node, &[])
+}
+
+/// [`describe`] for a node some of whose results the memory plan writes over an operand:
+/// `in_place` holds (result index, operand index) pairs. Such a result is stored through the
+/// operand's buffer (the runtime passes the same pointer for both), so the kernel reads and
+/// writes one memref at one index, which LLVM's vectorizer can prove safe; two distinct
+/// pointers to the same bytes would make it fall back to scalar code.
+pub fn describe_in_place(node: &Node, in_place: &[(usize, usize)]) -> Result<KernelDesc, KernelError> {
     let name = node.attrs.str("kernel").unwrap_or("kernel").to_string();
     let body = node.body.as_deref();
     let ops: Vec<String> = body.map(|b| b.nodes.iter().map(|n| n.op.name().to_string()).collect()).unwrap_or_default();
@@ -95,6 +104,15 @@ pub fn describe(node: &Node) -> Result<KernelDesc, KernelError> {
     }
     let form = choose_form(body).map_err(&fail)?;
     let mut e = Emitter::new(body, form.clone());
+    for &(r, k) in in_place {
+        let (Some(o), Some(a)) = (body.output_values().nth(r), body.args.get(k)) else {
+            return Err(fail(format!("in-place pair (result {r}, operand {k}) names no such value")));
+        };
+        if body.ty(o) != body.ty(a.value) {
+            return Err(fail(format!("in-place result {r} and operand {k} differ in type")));
+        }
+        e.buffers.insert(o, format!("%in{k}"));
+    }
     let text = e.function(&name).map_err(&fail)?;
     let work_items = match form {
         Form::Flat { elements, chunk } => elements.div_ceil(chunk),
@@ -624,6 +642,13 @@ impl<'g> Emitter<'g> {
     /// Offset of row `row` (index over the space's leading dims) in a buffer of `shape`
     /// broadcast onto `space` (right-aligned; size-1 or missing dims repeat).
     fn row_base(&mut self, shape: &[usize], space: &[usize], row: &str) -> R<String> {
+        // An operand of the space's own shape starts where the results' row starts: the same
+        // `row * cols` (so LLVM sees a load and a store of one element at one address, and an
+        // in-place result does not stop the loop from vectorizing).
+        if shape == space && row == "%w" {
+            let cols = self.index(*space.last().unwrap_or(&1));
+            return Ok(self.iop("muli", row, &cols));
+        }
         let (rs, ss) = (shape.len(), space.len());
         if rs > ss {
             return Err(format!("a [{shape:?}] operand does not broadcast onto the kernel's space {space:?}"));

@@ -14,6 +14,7 @@ pub mod mlir;
 
 use shardc_bundle::{Bundle, ModelInfo};
 use shardc_ir::Graph;
+use std::collections::HashMap;
 
 /// Why a step could not be bundled.
 #[derive(Debug, thiserror::Error)]
@@ -152,9 +153,25 @@ fn lower_one(
 /// A shared library (bytes of an ELF `.so`) holding every kernel's host function, for this
 /// machine's CPU, and the descriptions it was made from.
 pub fn lower_host(program: &shardc_ir::Graph) -> Result<(Vec<KernelDesc>, Vec<u8>), KernelsError> {
-    let descs = describe_all(program)?;
+    lower_host_in_place(program, &HashMap::new())
+}
+
+/// [`lower_host`] with each kernel's in-place (result, operand) pairs, by node index (see
+/// [`kernel::describe_in_place`]).
+pub fn lower_host_in_place(
+    program: &shardc_ir::Graph,
+    in_place: &HashMap<usize, Vec<(usize, usize)>>,
+) -> Result<(Vec<KernelDesc>, Vec<u8>), KernelsError> {
+    let descs: Vec<KernelDesc> = program
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op == shardc_ir::Op::Fused)
+        .map(|(i, n)| kernel::describe_in_place(n, in_place.get(&i).map_or(&[][..], Vec::as_slice)))
+        .collect::<Result<_, _>>()?;
     let mlir = Mlir::new();
-    let module = format!("module {{\n{}}}\n", descs.iter().map(|d| d.function.as_str()).collect::<String>());
+    let functions: String = descs.iter().map(|d| d.function.as_str()).collect();
+    let module = format!("module {{\n{}{}}}\n", host_math(&functions), HOST_MATH);
     let names: Vec<&str> = descs.iter().map(|d| d.name.as_str()).collect();
     let all_ops = || descs.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(", ");
     let object = mlir.lower_host_object(&module, &names).map_err(|source| KernelsError::Lower {
@@ -249,6 +266,30 @@ pub fn bundle_memory_plan(program: &Graph, plan: &shardc_passes::memory::MemoryP
     shardc_bundle::MemoryPlan { arena_bytes: plan.arena_bytes as u64, slots, copy_back: plan.copy_back.clone() }
 }
 
+/// Per fused node (by index): the (result, operand) pairs the memory plan gives one storage.
+pub fn in_place_pairs(
+    program: &Graph,
+    plan: &shardc_passes::memory::MemoryPlan,
+) -> HashMap<usize, Vec<(usize, usize)>> {
+    let mut out = HashMap::new();
+    for (i, n) in program.nodes.iter().enumerate().filter(|(_, n)| n.op == shardc_ir::Op::Fused) {
+        let storage = |v: &shardc_ir::ValueId| plan.storage_of.get(v);
+        let pairs: Vec<(usize, usize)> = n
+            .outputs
+            .iter()
+            .enumerate()
+            .filter_map(|(r, o)| {
+                let s = storage(o)?;
+                n.inputs.iter().position(|x| storage(x) == Some(s)).map(|k| (r, k))
+            })
+            .collect();
+        if !pairs.is_empty() {
+            out.insert(i, pairs);
+        }
+    }
+    out
+}
+
 /// Fuses a per-rank step (unless it is fused already), plans its memory and lowers its
 /// kernels to host code.
 pub fn compile_host(step: &Graph) -> Result<HostStep, KernelsError> {
@@ -259,7 +300,7 @@ pub fn compile_host(step: &Graph) -> Result<HostStep, KernelsError> {
     };
     let plan = shardc_passes::memory::plan_memory(&program);
     let memory = bundle_memory_plan(&program, &plan);
-    let (descs, library) = lower_host(&program)?;
+    let (descs, library) = lower_host_in_place(&program, &in_place_pairs(&program, &plan))?;
     let kernels = descs.iter().map(|d| (d.name.clone(), d.work_items)).collect();
     Ok(HostStep { program, memory, library, kernels })
 }
@@ -303,4 +344,83 @@ pub fn bundle_compiled(
         });
     }
     Ok(b)
+}
+
+/// Host replacements for the f32 transcendentals libm would compute one element per call
+/// (what the GPU lowering gets from libdevice): `exp` by range reduction to `[-ln2/2, ln2/2]`,
+/// Cephes' degree-6 polynomial and the exponent written into the bits (relative error about
+/// 1e-7; below -87.3 it is 0, above 88.4 infinity), and `tanh` from it
+/// (`sign(x) (1 - 2 / (exp(2|x|) + 1))`, absolute error about 1e-7). Plain arithmetic, so LLVM
+/// inlines and vectorizes them.
+const HOST_MATH: &str = r#"  func.func private @__shardc_expf(%x: f32) -> f32 {
+    %lo = arith.constant -87.33654 : f32
+    %hi = arith.constant 88.37626 : f32
+    %zero = arith.constant 0.0 : f32
+    %inf = arith.constant 0x7F800000 : f32
+    %x0 = arith.maximumf %x, %lo : f32
+    %xc = arith.minimumf %x0, %hi : f32
+    %log2e = arith.constant 1.44269504 : f32
+    %t = arith.mulf %xc, %log2e : f32
+    %n = math.roundeven %t : f32
+    %ln2hi = arith.constant 0.693359375 : f32
+    %ln2lo = arith.constant -2.12194440e-4 : f32
+    %a = arith.mulf %n, %ln2hi : f32
+    %r0 = arith.subf %xc, %a : f32
+    %b = arith.mulf %n, %ln2lo : f32
+    %r = arith.subf %r0, %b : f32
+    %p0 = arith.constant 1.9875691500e-4 : f32
+    %c1 = arith.constant 1.3981999507e-3 : f32
+    %c2 = arith.constant 8.3334519073e-3 : f32
+    %c3 = arith.constant 4.1665795894e-2 : f32
+    %c4 = arith.constant 1.6666665459e-1 : f32
+    %c5 = arith.constant 5.0000001201e-1 : f32
+    %one = arith.constant 1.0 : f32
+    %p1 = math.fma %p0, %r, %c1 : f32
+    %p2 = math.fma %p1, %r, %c2 : f32
+    %p3 = math.fma %p2, %r, %c3 : f32
+    %p4 = math.fma %p3, %r, %c4 : f32
+    %p5 = math.fma %p4, %r, %c5 : f32
+    %rr = arith.mulf %r, %r : f32
+    %q = math.fma %p5, %rr, %r : f32
+    %y = arith.addf %q, %one : f32
+    %ni = arith.fptosi %n : f32 to i32
+    %bias = arith.constant 127 : i32
+    %e = arith.addi %ni, %bias : i32
+    %s23 = arith.constant 23 : i32
+    %bits = arith.shli %e, %s23 : i32
+    %scale = arith.bitcast %bits : i32 to f32
+    %v = arith.mulf %y, %scale : f32
+    %under = arith.cmpf olt, %x, %lo : f32
+    %over = arith.cmpf ogt, %x, %hi : f32
+    %v1 = arith.select %under, %zero, %v : f32
+    %v2 = arith.select %over, %inf, %v1 : f32
+    return %v2 : f32
+  }
+  func.func private @__shardc_tanhf(%x: f32) -> f32 {
+    %ax = math.absf %x : f32
+    %two = arith.constant 2.0 : f32
+    %one = arith.constant 1.0 : f32
+    %t = arith.mulf %ax, %two : f32
+    %e = func.call @__shardc_expf(%t) : (f32) -> f32
+    %d = arith.addf %e, %one : f32
+    %q = arith.divf %two, %d : f32
+    %y = arith.subf %one, %q : f32
+    %r = math.copysign %y, %x : f32
+    return %r : f32
+  }
+"#;
+
+/// The kernels' MLIR with f32 `math.exp` and `math.tanh` calling [`HOST_MATH`].
+fn host_math(functions: &str) -> String {
+    let mut out = String::with_capacity(functions.len());
+    for line in functions.lines() {
+        let replaced = ["exp", "tanh"].iter().find_map(|f| {
+            let (lhs, rest) = line.split_once(&format!(" = math.{f} "))?;
+            let operand = rest.strip_suffix(" : f32")?;
+            Some(format!("{lhs} = func.call @__shardc_{f}f({operand}) : (f32) -> f32"))
+        });
+        out.push_str(replaced.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }

@@ -418,7 +418,11 @@ impl HostProgram {
                     // SAFETY: the buffers are the kernel's operands and results, of the sizes
                     // and dtypes it was compiled for (the program's types).
                     unsafe { self.kernels.run(name, self.work_items[name], &ptrs, threads) }?;
-                    format!("kernel {}", kernel_family(n))
+                    if std::env::var_os("SHARDC_REPORT_KERNELS").is_some() {
+                        format!("kernel {name}")
+                    } else {
+                        format!("kernel {}", kernel_family(n))
+                    }
                 }
                 Op::Reshape | Op::Identity => {
                     let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
