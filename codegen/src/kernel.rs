@@ -46,11 +46,18 @@ pub enum Form {
         rows: usize,
         cols: usize,
     },
+    /// A work item sums `chunk` adjacent columns (1 on the GPU, where adjacent threads read
+    /// adjacent columns; [`HOST_COLUMN_CHUNK`] on the host, where one thread reading a cache
+    /// line per row beats one strided column per thread).
     Columns {
         rows: usize,
         cols: usize,
+        chunk: usize,
     },
 }
+
+/// Columns per work item of the host's column kernels.
+pub const HOST_COLUMN_CHUNK: usize = 16;
 
 /// One kernel, described once.
 #[derive(Clone, Debug)]
@@ -85,7 +92,7 @@ pub struct KernelError {
 
 /// The description of a `fused` node's kernel.
 pub fn describe(node: &Node) -> Result<KernelDesc, KernelError> {
-    describe_in_place(node, &[])
+    describe_in_place(node, &[], 1)
 }
 
 /// [`describe`] for a node some of whose results the memory plan writes over an operand:
@@ -93,7 +100,12 @@ pub fn describe(node: &Node) -> Result<KernelDesc, KernelError> {
 /// operand's buffer (the runtime passes the same pointer for both), so the kernel reads and
 /// writes one memref at one index, which LLVM's vectorizer can prove safe; two distinct
 /// pointers to the same bytes would make it fall back to scalar code.
-pub fn describe_in_place(node: &Node, in_place: &[(usize, usize)]) -> Result<KernelDesc, KernelError> {
+/// `column_chunk` sets the columns per work item of a column kernel (see [`Form::Columns`]).
+pub fn describe_in_place(
+    node: &Node,
+    in_place: &[(usize, usize)],
+    column_chunk: usize,
+) -> Result<KernelDesc, KernelError> {
     let name = node.attrs.str("kernel").unwrap_or("kernel").to_string();
     let body = node.body.as_deref();
     let ops: Vec<String> = body.map(|b| b.nodes.iter().map(|n| n.op.name().to_string()).collect()).unwrap_or_default();
@@ -102,7 +114,10 @@ pub fn describe_in_place(node: &Node, in_place: &[(usize, usize)]) -> Result<Ker
     if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || name.is_empty() {
         return Err(fail("kernel names are C identifiers ([A-Za-z0-9_])".into()));
     }
-    let form = choose_form(body).map_err(&fail)?;
+    let mut form = choose_form(body).map_err(&fail)?;
+    if let Form::Columns { chunk, cols, .. } = &mut form {
+        *chunk = column_chunk.clamp(1, (*cols).max(1));
+    }
     let mut e = Emitter::new(body, form.clone());
     for &(r, k) in in_place {
         let (Some(o), Some(a)) = (body.output_values().nth(r), body.args.get(k)) else {
@@ -118,7 +133,7 @@ pub fn describe_in_place(node: &Node, in_place: &[(usize, usize)]) -> Result<Ker
         Form::Flat { elements, chunk } => elements.div_ceil(chunk),
         Form::MultiTensor { ref elements, chunk } => elements.iter().map(|n| n.div_ceil(chunk)).sum(),
         Form::Rows { rows, .. } => rows,
-        Form::Columns { cols, .. } => cols,
+        Form::Columns { cols, chunk, .. } => cols.div_ceil(chunk),
     };
     Ok(KernelDesc {
         name,
@@ -137,7 +152,7 @@ fn choose_form(body: &Graph) -> Result<Form, String> {
     if let Some(n) = column {
         let s = &body.ty(n.inputs[0]).shape;
         let cols = *s.last().unwrap_or(&1);
-        return Ok(Form::Columns { rows: s.iter().product::<usize>() / cols.max(1), cols });
+        return Ok(Form::Columns { rows: s.iter().product::<usize>() / cols.max(1), cols, chunk: 1 });
     }
     // The space: the input of a row op, else the largest result.
     let row = body.nodes.iter().find(|n| is_row_op(body, n));
@@ -389,7 +404,7 @@ impl<'g> Emitter<'g> {
             Form::Flat { elements, chunk } => self.flat(elements, chunk, &outs)?,
             Form::MultiTensor { chunk, .. } => self.multi_tensor(chunk)?,
             Form::Rows { rows: _, cols } => self.rows(cols, &outs)?,
-            Form::Columns { rows, cols: _ } => self.columns(rows, &outs)?,
+            Form::Columns { rows, .. } => self.columns(rows, &outs)?,
         }
         let body = std::mem::take(&mut self.out);
         let mut text = String::new();
@@ -526,7 +541,7 @@ impl<'g> Emitter<'g> {
             Form::Rows { rows, .. } => rows * cols,
             Form::Flat { elements, .. } => elements,
             Form::MultiTensor { .. } => 0,
-            Form::Columns { rows, cols } => rows * cols,
+            Form::Columns { rows, cols, .. } => rows * cols,
         }
     }
 
@@ -546,37 +561,55 @@ impl<'g> Emitter<'g> {
                 other => return Err(format!("`{}` gives a result a column walk cannot write", other.name())),
             }
         }
-        let Form::Columns { cols, .. } = self.form else { unreachable!("columns form") };
+        let Form::Columns { cols, chunk, .. } = self.form else { unreachable!("columns form") };
         let (c0, rn, c1, cn) = (self.index(0), self.index(rows), self.index(1), self.index(cols));
-        let zeros: Vec<String> = sums.iter().map(|_| self.fconst(0.0)).collect();
+        // The columns of this work item; the last item's overhang repeats the last column
+        // (the same sums, written again), so no column is read past the end.
+        let columns: Vec<String> = if chunk == 1 {
+            vec!["%w".to_string()]
+        } else {
+            let (ck, last) = (self.index(chunk), self.index(cols - 1));
+            let first = self.iop("muli", "%w", &ck);
+            (0..chunk)
+                .map(|j| {
+                    let cj = self.index(j);
+                    let c = self.iop("addi", &first, &cj);
+                    self.iop("minui", &c, &last)
+                })
+                .collect()
+        };
+        let n_acc = sums.len() * columns.len();
+        let zeros: Vec<String> = (0..n_acc).map(|_| self.fconst(0.0)).collect();
         let res = self.fresh();
-        let accs: Vec<String> = (0..sums.len()).map(|k| format!("{res}_a{k}")).collect();
+        let accs: Vec<String> = (0..n_acc).map(|k| format!("{res}_a{k}")).collect();
         let iters: Vec<String> = accs.iter().zip(&zeros).map(|(a, z)| format!("{a} = {z}")).collect();
-        let tys = vec!["f32"; sums.len()].join(", ");
-        let head = match sums.len() {
+        let tys = vec!["f32"; n_acc].join(", ");
+        let head = match n_acc {
             0 => String::new(),
             1 => format!("{res} = "),
             n => format!("{res}:{n} = "),
         };
-        let iter_part =
-            if sums.is_empty() { String::new() } else { format!(" iter_args({}) -> ({tys})", iters.join(", ")) };
+        let iter_part = if n_acc == 0 { String::new() } else { format!(" iter_args({}) -> ({tys})", iters.join(", ")) };
         self.line(&format!("{head}scf.for %r = {c0} to {rn} step {c1}{iter_part} {{"));
         self.indent += 2;
         self.elem_vals.push(HashMap::new());
         self.row_vals.push(HashMap::new());
         self.row = "%r".into();
         let base = self.iop("muli", "%r", &cn);
-        let at = self.iop("addi", &base, "%w");
-        for &o in &full {
-            let v = self.elem(o, "%w")?;
-            self.store_at(o, &v, &at);
+        let mut next = vec![String::new(); n_acc];
+        for (j, col) in columns.iter().enumerate() {
+            let at = self.iop("addi", &base, col);
+            for &o in &full {
+                let v = self.elem(o, col)?;
+                self.store_at(o, &v, &at);
+            }
+            for (k, &(_, x)) in sums.iter().enumerate() {
+                let v = self.elem(x, col)?;
+                let a = k * columns.len() + j;
+                next[a] = self.bin("addf", &accs[a], &v);
+            }
         }
-        let mut next = Vec::new();
-        for (k, &(_, x)) in sums.iter().enumerate() {
-            let v = self.elem(x, "%w")?;
-            next.push(self.bin("addf", &accs[k], &v));
-        }
-        if !sums.is_empty() {
+        if n_acc > 0 {
             self.line(&format!("scf.yield {} : {tys}", next.join(", ")));
         }
         self.row_vals.pop();
@@ -584,9 +617,12 @@ impl<'g> Emitter<'g> {
         self.indent -= 2;
         self.line("}");
         for (k, &(o, _)) in sums.iter().enumerate() {
-            let acc = if sums.len() == 1 { res.clone() } else { format!("{res}#{k}") };
-            let r = self.round(acc, g.ty(o).dtype);
-            self.store_at(o, &r, "%w");
+            for (j, col) in columns.iter().enumerate() {
+                let a = k * columns.len() + j;
+                let acc = if n_acc == 1 { res.clone() } else { format!("{res}#{a}") };
+                let r = self.round(acc, g.ty(o).dtype);
+                self.store_at(o, &r, col);
+            }
         }
         Ok(())
     }
@@ -599,7 +635,7 @@ impl<'g> Emitter<'g> {
         }
         match self.form.clone() {
             Form::Flat { .. } | Form::MultiTensor { .. } => Ok(col.to_string()),
-            Form::Rows { rows, cols } | Form::Columns { rows, cols } => {
+            Form::Rows { rows, cols } | Form::Columns { rows, cols, .. } => {
                 let space = self.space_shape(rows, cols)?;
                 let key = format!("rowbase:{}:{}", v.0, self.row);
                 let base = match self.lookup_row(&key) {

@@ -167,7 +167,10 @@ pub fn lower_host_in_place(
         .iter()
         .enumerate()
         .filter(|(_, n)| n.op == shardc_ir::Op::Fused)
-        .map(|(i, n)| kernel::describe_in_place(n, in_place.get(&i).map_or(&[][..], Vec::as_slice)))
+        .map(|(i, n)| {
+            let pairs = in_place.get(&i).map_or(&[][..], Vec::as_slice);
+            kernel::describe_in_place(n, pairs, kernel::HOST_COLUMN_CHUNK)
+        })
         .collect::<Result<_, _>>()?;
     let mlir = Mlir::new();
     let functions: String = descs.iter().map(|d| d.function.as_str()).collect();

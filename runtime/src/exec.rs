@@ -2,7 +2,7 @@
 //! per rank, every value in the memory plan's arena (one allocation per rank, made once).
 //!
 //! What runs where: `fused` nodes call codegen's host kernels ([`HostKernels`]); `matmul` is a
-//! GEMM (`matrixmultiply`, rows split over the rank's threads as the interpreter splits them);
+//! GEMM (the `gemm` crate, on the rank's threads);
 //! collectives go through the in-process communicator ([`InProcess`]); `reshape` and `identity`
 //! are views (the planner gives them their operand's bytes); `transpose` and `take_shard` are
 //! copies; the remaining ops of a step (embedding lookups and their gradients, norm weight
@@ -481,6 +481,10 @@ impl HostProgram {
         Ok(stats)
     }
 
+    /// A (batched, broadcasting) matrix product through the `gemm` crate (chosen over
+    /// `matrixmultiply` by `cargo bench --bench gemm`). f32 operands are read in place in the
+    /// arena; bf16 ones are widened to f32 first and the result rounded back, as the
+    /// interpreter computes them.
     fn gemm(&self, n: &Node, arena: &mut Arena, threads: usize) -> Result<(), String> {
         let g = &self.program;
         let (ta, tb, out) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]), g.ty(n.output()));
@@ -496,38 +500,61 @@ impl HostProgram {
         let b_mat = tb.shape[rb - 2] * tb.shape[rb - 1];
         let a_off = batch_offsets(batch, &ta.shape[..ra - 2]);
         let b_off = batch_offsets(batch, &tb.shape[..rb - 2]);
-        let f32_of = |v: ValueId| -> Vec<f32> {
-            match self.read(arena, v).data {
-                Data::F32(x) => x,
-                _ => Vec::new(),
+        if !(ta.dtype.is_float() && tb.dtype.is_float() && out.dtype.is_float()) {
+            return Err(format!("matmul of {ta} and {tb} is not a floating product"));
+        }
+        let (ra_, rb_, rc_) = (self.range(n.inputs[0]), self.range(n.inputs[1]), self.range(n.output()));
+        let overlaps = |x: &Range<usize>| x.start < rc_.end && rc_.start < x.end;
+        if overlaps(&ra_) || overlaps(&rb_) {
+            return Err("the product's result overlaps an operand in the memory plan".into());
+        }
+        // f32 operands in place; others widened into temporaries.
+        let widen = |v: ValueId| -> Option<Vec<f32>> {
+            match g.ty(v).dtype {
+                DType::F32 => None,
+                _ => match self.read(arena, v).data {
+                    Data::F32(x) => Some(x),
+                    _ => None,
+                },
             }
         };
-        // Operands as f32: borrowed from the arena when they are f32, widened copies otherwise.
-        let (a, b) = (f32_of(n.inputs[0]), f32_of(n.inputs[1]));
-        if a.len() != ta.numel() || b.len() != tb.numel() {
-            return Err(format!("matmul of {} and {} is not a floating product", ta, tb));
-        }
-        let mut c = vec![0f32; out.numel()];
-        let one = |bi: usize, cm: &mut [f32], r0: usize, rows: usize| {
-            let (ao, bo) = (a_off[bi] * a_mat, b_off[bi] * b_mat);
-            // SAFETY: the strides and sizes describe matrices inside `a`, `b` (their static
-            // shapes) and the `rows x nn` block `cm`; `cm` is distinct from both.
+        let (wa, wb) = (widen(n.inputs[0]), widen(n.inputs[1]));
+        let mut wc = (out.dtype != DType::F32).then(|| vec![0f32; out.numel()]);
+        let base = arena.bytes_mut().as_mut_ptr();
+        // SAFETY: the ranges lie inside the arena (checked in `new`) and the result's range is
+        // disjoint from both operands' (checked above); f32 offsets are 64-byte aligned.
+        let a_ptr = wa.as_ref().map_or(unsafe { base.add(ra_.start) } as *const f32, |w| w.as_ptr());
+        let b_ptr = wb.as_ref().map_or(unsafe { base.add(rb_.start) } as *const f32, |w| w.as_ptr());
+        let c_ptr = wc.as_mut().map_or(unsafe { base.add(rc_.start) } as *mut f32, |w| w.as_mut_ptr());
+        struct Ptrs(*const f32, *const f32, *mut f32);
+        // SAFETY: threads write disjoint output matrices (one batch entry each).
+        unsafe impl Sync for Ptrs {}
+        let ptrs = Ptrs(a_ptr, b_ptr, c_ptr);
+        let one = |bi: usize, par: gemm::Parallelism| {
+            let p = &ptrs;
+            // SAFETY: batch entry `bi` of each operand and of the result lies inside its buffer
+            // (static shapes), with the strides computed above.
             unsafe {
-                matrixmultiply::sgemm(
-                    rows,
-                    k,
+                gemm::gemm(
+                    m,
                     nn,
-                    1.0,
-                    a[ao..].as_ptr().offset(r0 as isize * rsa),
-                    rsa,
-                    csa,
-                    b[bo..].as_ptr(),
-                    rsb,
-                    csb,
-                    0.0,
-                    cm.as_mut_ptr(),
-                    nn as isize,
+                    k,
+                    p.2.add(bi * m * nn),
                     1,
+                    nn as isize,
+                    false,
+                    p.0.add(a_off[bi] * a_mat),
+                    csa,
+                    rsa,
+                    p.1.add(b_off[bi] * b_mat),
+                    csb,
+                    rsb,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    par,
                 )
             }
         };
@@ -536,31 +563,27 @@ impl HostProgram {
             if threads > 1 && batches >= threads {
                 let per = batches.div_ceil(threads);
                 std::thread::scope(|s| {
-                    for (t, part) in c.chunks_mut(per * m * nn).enumerate() {
+                    for t in 0..threads {
                         let one = &one;
                         s.spawn(move || {
-                            for (j, cm) in part.chunks_mut(m * nn).enumerate() {
-                                one(t * per + j, cm, 0, m);
+                            for bi in t * per..((t + 1) * per).min(batches) {
+                                one(bi, gemm::Parallelism::None);
                             }
                         });
                     }
                 });
-            } else if threads > 1 && batches == 1 && m >= 64 {
-                let rows = m.div_ceil(threads.min(m / 32));
-                std::thread::scope(|s| {
-                    for (t, part) in c.chunks_mut(rows * nn).enumerate() {
-                        let one = &one;
-                        s.spawn(move || one(0, part, t * rows, part.len() / nn));
-                    }
-                });
             } else {
-                for (bi, cm) in c.chunks_mut(m * nn).enumerate() {
-                    one(bi, cm, 0, m);
+                let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+                for bi in 0..batches {
+                    one(bi, par);
                 }
             }
         }
-        let t = Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Data::F32(c) };
-        encode(out, &t, &mut arena.bytes_mut()[self.range(n.output())])
+        if let Some(c) = wc {
+            let t = Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Data::F32(c) };
+            encode(out, &t, &mut arena.bytes_mut()[rc_])?;
+        }
+        Ok(())
     }
 
     fn transpose(&self, n: &Node, arena: &mut Arena) -> Result<(), String> {
