@@ -530,20 +530,21 @@ impl HostProgram {
         // SAFETY: threads write disjoint output matrices (one batch entry each).
         unsafe impl Sync for Ptrs {}
         let ptrs = Ptrs(a_ptr, b_ptr, c_ptr);
-        let one = |bi: usize, par: gemm::Parallelism| {
+        // Rows r0..r0 + rows of batch entry `bi`.
+        let one = |bi: usize, r0: usize, rows: usize| {
             let p = &ptrs;
-            // SAFETY: batch entry `bi` of each operand and of the result lies inside its buffer
-            // (static shapes), with the strides computed above.
+            // SAFETY: rows r0..r0 + rows of batch entry `bi` of each operand and of the result
+            // lie inside their buffers (static shapes), with the strides computed above.
             unsafe {
                 gemm::gemm(
-                    m,
+                    rows,
                     nn,
                     k,
-                    p.2.add(bi * m * nn),
+                    p.2.add(bi * m * nn + r0 * nn),
                     1,
                     nn as isize,
                     false,
-                    p.0.add(a_off[bi] * a_mat),
+                    p.0.add(a_off[bi] * a_mat).offset(r0 as isize * rsa),
                     csa,
                     rsa,
                     p.1.add(b_off[bi] * b_mat),
@@ -554,7 +555,7 @@ impl HostProgram {
                     false,
                     false,
                     false,
-                    par,
+                    gemm::Parallelism::None,
                 )
             }
         };
@@ -567,15 +568,27 @@ impl HostProgram {
                         let one = &one;
                         s.spawn(move || {
                             for bi in t * per..((t + 1) * per).min(batches) {
-                                one(bi, gemm::Parallelism::None);
+                                one(bi, 0, m);
                             }
                         });
                     }
                 });
-            } else {
-                let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            } else if threads > 1 && m >= 64 * threads {
+                // Few large products: each split by rows over the threads (`cargo bench --bench
+                // gemm`: the library's own parallel split is slower on the narrow shapes).
+                let rows = m.div_ceil(threads);
                 for bi in 0..batches {
-                    one(bi, par);
+                    std::thread::scope(|s| {
+                        for t in 0..threads {
+                            let one = &one;
+                            let r0 = t * rows;
+                            s.spawn(move || one(bi, r0, rows.min(m - r0)));
+                        }
+                    });
+                }
+            } else {
+                for bi in 0..batches {
+                    one(bi, 0, m);
                 }
             }
         }
