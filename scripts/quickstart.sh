@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the bundled defaults: build shardc, tokenize the bundled Shakespeare, import the
 # bundled char-level GPT config to IR and verify it, plan its training step on a dp=2 x tp=2 mesh
-# (ZeRO-1, sequence parallelism), explain one sharding, compile the per-rank program, train it
-# for a few hundred steps on 4 simulated ranks on the CPU (STEPS=N to change), evaluate the
+# (ZeRO-1, sequence parallelism), explain one sharding, compile the per-rank program and its
+# bundle, run it for a few hundred steps on 4 ranks on the CPU (STEPS=N to change), evaluate the
 # gathered checkpoint on one device, and reproduce Hugging Face's loss on the tiny GPT-2 and
 # Llama fixtures.
 set -euo pipefail
@@ -44,10 +44,14 @@ $shardc explain examples/shakespeare-char h0.attn_out_nobias --batch 8 --seq 128
 step "Compile the per-rank training step to $out/step.tir, checked against the unsharded step first"
 $shardc compile examples/shakespeare-char --batch 8 --seq 128 --precision f32 "${MESH[@]}" --check -o "$out/step.tir"
 
-step "Train it on 4 simulated ranks on the CPU: ${STEPS:=300} AdamW steps of 8 x 128 tokens (the loss starts near ln 256 = 5.55)"
+step "Compile it into a bundle: fused kernels (host code, PTX for sm_80/sm_90), memory plan, plan"
+$shardc compile examples/shakespeare-char --batch 8 --seq 128 --precision f32 "${MESH[@]}" -o "$out/step.shardc"
+$shardc inspect "$out/step.shardc" | sed -n 1,7p
+
+step "Run the bundle on 4 ranks (threads) on the CPU: ${STEPS:=300} AdamW steps of 8 x 128 tokens (the loss starts near ln 256 = 5.55)"
 rm -rf "$out/checkpoint"
-$shardc train examples/shakespeare-char --data "$out/shakespeare.bin" --batch 8 --seq 128 \
-  --steps "$STEPS" --lr 2e-3 --warmup 30 --checkpoint "$out/checkpoint" "${MESH[@]}"
+$shardc run "$out/step.shardc" --data "$out/shakespeare.bin" \
+  --steps "$STEPS" --lr 2e-3 --warmup 30 --checkpoint "$out/checkpoint" --report
 
 step "Evaluate the trained (gathered) weights on one device, 4 batches"
 $shardc eval examples/shakespeare-char --weights "$out/checkpoint/checkpoint.safetensors" \
