@@ -1,25 +1,51 @@
 #!/usr/bin/env bash
-# Benchmark: CPU training throughput of shardc (reference interpreter) against PyTorch eager on
-# the same machine, same model (examples/shakespeare-char), same batch shape, in one run.
-# Needs the fixture venv (scripts/make_fixtures.sh makes it). Prints tokens/s and the ratio.
+# Benchmark: CPU training throughput of shardc against PyTorch, same machine, same threads,
+# same models and batch shapes, in one run (f32, AdamW, gradient clipping):
+#  - the bundled model (examples/shakespeare-char: V256, d128, 4 layers, 4 heads), 8 x 128;
+#  - the small GPT of the issue (V256, d384, 6 layers, 6 heads), 8 x 256.
+# shardc: the compiled step on the host engine (one rank, and dp=2 on the same cores) and the
+# reference interpreter; PyTorch: eager and torch.compile (scripts/bench_train.py, plain
+# PyTorch GPT-2). Needs the venv scripts/make_fixtures.sh makes (.venv-fixtures, torch);
+# without it only shardc's figures are printed. STEPS=N (default 10) steps per measurement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/setup.sh
+[ -d "$HOME/.cargo/bin" ] && export PATH="$HOME/.cargo/bin:$PATH"
 VENV=${FIXTURE_VENV:-.venv-fixtures}
-B=${B:-8} T=${T:-128} STEPS=${STEPS:-20}
+STEPS=${STEPS:-10}
 cargo build --release --quiet
-out=target/bench; mkdir -p "$out"
-target/release/shardc data prepare examples/data/shakespeare.txt -o "$out/shakespeare.bin" >/dev/null
-shardc_tps=$(target/release/shardc train examples/shakespeare-char --data "$out/shakespeare.bin" \
-  --batch "$B" --seq "$T" --steps "$STEPS" --json | tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])')
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "shardc: $shardc_tps tokens/s (no PyTorch peer: run scripts/make_fixtures.sh to make $VENV)"; exit 0
-fi
-torch_json=$("$VENV/bin/python" scripts/bench_train.py examples/shakespeare-char "$B" "$T" "$STEPS")
-python3 - "$shardc_tps" "$torch_json" "$B" "$T" <<'PY'
-import json, sys
-s, t = float(sys.argv[1]), json.loads(sys.argv[2])
-print(f"train, examples/shakespeare-char, {sys.argv[3]} x {sys.argv[4]} tokens/step, f32, CPU:")
-print(f"  shardc (reference interpreter): {s:9.0f} tokens/s")
-print(f"  PyTorch {t['torch']} eager ({t['threads']} threads): {t['tokens_per_s']:9.0f} tokens/s")
-print(f"  ratio shardc / PyTorch: {s / t['tokens_per_s']:.2f}")
+shardc=target/release/shardc
+out=target/bench; mkdir -p "$out/small-gpt"
+$shardc data prepare examples/data/shakespeare.txt -o "$out/shakespeare.bin" >/dev/null
+cat > "$out/small-gpt/config.json" <<'JSON'
+{"model_type": "gpt2", "vocab_size": 256, "n_positions": 256, "n_embd": 384, "n_layer": 6, "n_head": 6, "tie_word_embeddings": true}
+JSON
+threads=$(nproc)
+tps() { tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])'; }
+bench() {  # name model batch seq
+  local name=$1 model=$2 B=$3 T=$4
+  local host interp dp2 eager compiled
+  host=$($shardc train "$model" --data "$out/shakespeare.bin" --batch "$B" --seq "$T" --steps "$STEPS" --json | tps)
+  dp2=$($shardc train "$model" --data "$out/shakespeare.bin" --batch "$B" --seq "$T" --steps "$STEPS" --json --mesh dp=2 | tps)
+  interp=$($shardc train "$model" --data "$out/shakespeare.bin" --batch "$B" --seq "$T" --steps "$STEPS" --json --engine interp | tps)
+  eager=null; compiled=null
+  if [ -x "$VENV/bin/python" ]; then
+    eager=$("$VENV/bin/python" scripts/bench_train.py "$model/config.json" "$B" "$T" "$STEPS" eager | tps)
+    compiled=$("$VENV/bin/python" scripts/bench_train.py "$model/config.json" "$B" "$T" "$STEPS" compile 2>/dev/null | tps)
+  fi
+  python3 - "$name" "$B" "$T" "$threads" "$host" "$dp2" "$interp" "$eager" "$compiled" <<'PY'
+import sys
+name, b, t, threads = sys.argv[1:5]
+host, dp2, interp, eager, comp = (None if v == "null" else float(v) for v in sys.argv[5:10])
+print(f"{name}, {b} x {t} tokens per step, f32, {threads} threads:")
+rows = [("shardc, host engine, 1 rank", host), ("shardc, host engine, dp=2", dp2),
+        ("shardc, reference interpreter", interp), ("PyTorch eager", eager), ("PyTorch torch.compile", comp)]
+for label, v in rows:
+    print(f"  {label:<34} {'-' if v is None else f'{v:9.0f}'} tokens/s")
+for label, peer in [("eager", eager), ("torch.compile", comp)]:
+    if peer:
+        print(f"  ratio shardc (1 rank) / PyTorch {label}: {host / peer:.2f}")
 PY
+}
+bench "bundled model (examples/shakespeare-char)" examples/shakespeare-char 8 128
+bench "small GPT (V256 d384 L6 H6)" "$out/small-gpt" 8 256
