@@ -8,9 +8,10 @@ use std::path::PathBuf;
 /// A model (a Hugging Face config.json directory, or a .tir file in shardc's text IR) goes in;
 /// shardc partitions the whole training step (forward, backward, AdamW) over a device mesh with
 /// data parallelism (ZeRO 0-3), Megatron tensor parallelism and sequence parallelism, found by
-/// an e-graph search; plans what every rank holds and does; and trains on the CPU with simulated
-/// ranks (the reference interpreter), checked against the unsharded model. GPU code generation
-/// is the next piece. See README.md for the quick start.
+/// an e-graph search; plans what every rank holds and does; fuses its kernels and lowers them
+/// through MLIR to PTX and host code; writes a bundle (`compile -o step.shardc`) and trains
+/// with it on the CPU, ranks as threads (`run`), checked against the unsharded model and the
+/// reference interpreter. The GPU runtime is the next piece. See README.md for the quick start.
 #[derive(Debug, Parser)]
 #[command(name = "shardc", version, about, long_about)]
 pub struct Cli {
@@ -26,7 +27,8 @@ pub enum Command {
     Check(CheckArgs),
     /// Mean cross-entropy loss of a model on batches of a token file, on the CPU.
     Eval(EvalArgs),
-    /// Train a model on a token file on the CPU (AdamW, whole step compiled to one IR graph).
+    /// Train a model on a token file on the CPU: compile its step and run it (AdamW; the host
+    /// engine, or the reference interpreter with --engine interp).
     Train(TrainArgs),
     /// Token files.
     #[command(subcommand)]

@@ -1,7 +1,8 @@
-//! `shardc train`: the training loop on the CPU.
+//! `shardc train` and `shardc run`: the training loop on the CPU.
 //!
 //! The whole step (forward, loss, backward, clipping, AdamW) is one IR graph built by
-//! `shardc_passes::train_step` and run by the reference interpreter. The data order and the
+//! `shardc_passes::train_step`; `train` compiles it and runs it on the host engine (or the
+//! reference interpreter, `--engine interp`), `run` takes it from a bundle. The data order and the
 //! learning rate are pure functions of the step number (and the seed), so a run resumed from a
 //! checkpoint continues exactly the loss curve it would have had.
 

@@ -11,8 +11,6 @@ use shardc_passes::cost::DeviceModel;
 use shardc_passes::sharding::ShardOptions;
 use shardc_passes::train_step::{build_parallel_step, AdamW, DataParallel};
 use shardc_runtime::data::TokenFile;
-use shardc_runtime::exec::HostProgram;
-use shardc_runtime::host_kernels::HostKernels;
 use shardc_runtime::train::{dp_shards, Trainer};
 use std::path::PathBuf;
 
@@ -37,16 +35,7 @@ fn side_by_side(name: &str, zero: u8, sp: bool) -> f64 {
     let mesh = step.graph.mesh.clone();
     let mut reference = Trainer::new_spmd(step.graph.clone(), initial.clone(), Precision::F32).unwrap();
 
-    let host = shardc_codegen::compile_host(&step.graph).unwrap();
-    let table: Vec<(&str, usize)> = host
-        .program
-        .nodes
-        .iter()
-        .filter(|n| n.op == shardc_ir::Op::Fused)
-        .map(|n| (n.attrs.str("kernel").unwrap(), n.inputs.len() + n.outputs.len()))
-        .collect();
-    let lib = HostKernels::load(&host.library, &table).unwrap();
-    let program = HostProgram::new(host.program, &host.memory, lib, host.kernels.into_iter().collect()).unwrap();
+    let program = shardc::host::load(&step.graph).unwrap().program;
     let mut compiled = Trainer::new_host(program, initial, 2).unwrap();
     let mut worst = 0.0f64;
     for k in 0..STEPS {

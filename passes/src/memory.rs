@@ -158,33 +158,16 @@ fn align(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
 
-/// Is the node elementwise over equal shapes (what in-place writing needs)?
-fn elementwise(n: &shardc_ir::Node) -> bool {
-    use Op::*;
-    let simple = |op: Op| {
-        matches!(
-            op,
-            Add | Sub
-                | Mul
-                | Div
-                | Maximum
-                | Neg
-                | Exp
-                | Log
-                | Sqrt
-                | Rsqrt
-                | Tanh
-                | Gelu
-                | Silu
-                | Cast
-                | GeluGrad
-                | SiluGrad
-                | Full
-        )
-    };
+/// Is the node elementwise (what in-place writing needs): an op of fusion's elementwise
+/// family, or a `fused` node whose body holds only those (and constants)?
+fn elementwise(g: &Graph, n: &shardc_ir::Node) -> bool {
+    use crate::fusion::{family, Family};
     match n.op {
-        Fused => n.body.as_deref().is_some_and(|b| b.nodes.iter().all(|m| simple(m.op))),
-        op => simple(op) && op != Full,
+        Op::Fused => n
+            .body
+            .as_deref()
+            .is_some_and(|b| b.nodes.iter().all(|m| m.op == Op::Full || family(b, m) == Some(Family::Elementwise))),
+        _ => family(g, n) == Some(Family::Elementwise),
     }
 }
 
@@ -274,7 +257,7 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
                     .unwrap_or(0);
                 let inplace_ok = arg_last < t
                     || (arg_last == t
-                        && elementwise(n)
+                        && elementwise(g, n)
                         && ty.numel() > 1
                         && n.inputs
                             .iter()
@@ -297,7 +280,7 @@ pub fn plan_memory(g: &Graph) -> MemoryPlan {
                 continue;
             }
             // In place over an operand that dies here (not an argument: those persist).
-            if elementwise(n) && ty.numel() > 1 {
+            if elementwise(g, n) && ty.numel() > 1 {
                 let victim = n.inputs.iter().enumerate().find(|&(k, &x)| {
                     let s = root[&x];
                     s >= persistent
