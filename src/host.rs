@@ -13,12 +13,16 @@ pub struct Loaded {
     pub program: HostProgram,
     pub kernels: usize,
     pub compile_seconds: f64,
+    /// The host library came from the kernel cache ([`cache_dir`]).
+    pub cached: bool,
 }
 
 /// Compiles a per-rank step for the host and loads it.
 pub fn load(step: &Graph) -> Result<Loaded> {
     let t = Instant::now();
-    let host = shardc_codegen::compile_host(step).context("compiling the step's kernels for the host")?;
+    let cache = cache_dir();
+    let host =
+        shardc_codegen::compile_host(step, cache.as_deref()).context("compiling the step's kernels for the host")?;
     let table: Vec<(&str, usize)> = host
         .program
         .nodes
@@ -26,8 +30,21 @@ pub fn load(step: &Graph) -> Result<Loaded> {
         .filter(|n| n.op == shardc_ir::Op::Fused)
         .map(|n| (n.attrs.str("kernel").unwrap_or_default(), n.inputs.len() + n.outputs.len()))
         .collect();
-    let kernels = table.len();
+    let (kernels, cached) = (table.len(), host.cached);
     let lib = HostKernels::load(&host.library, &table)?;
     let program = HostProgram::new(host.program, &host.memory, lib, host.kernels.into_iter().collect())?;
-    Ok(Loaded { program, kernels, compile_seconds: t.elapsed().as_secs_f64() })
+    Ok(Loaded { program, kernels, compile_seconds: t.elapsed().as_secs_f64(), cached })
+}
+
+/// Where compiled host kernels are kept between runs: `$SHARDC_CACHE`, else
+/// `$XDG_CACHE_HOME/shardc`, else `~/.cache/shardc`; none when `SHARDC_CACHE` is empty.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    match std::env::var_os("SHARDC_CACHE") {
+        Some(d) if d.is_empty() => None,
+        Some(d) => Some(d.into()),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(std::path::PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+            .map(|d| d.join("shardc")),
+    }
 }

@@ -250,7 +250,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             let loaded = crate::host::load(&step.graph)?;
             if !a.lp.json {
                 eprintln!(
-                    "compiled {} kernels for the host in {:.1} s; arena {} bytes per rank",
+                    "{} {} kernels for the host in {:.1} s; arena {} bytes per rank",
+                    if loaded.cached { "loaded the cached" } else { "compiled" },
                     loaded.kernels,
                     loaded.compile_seconds,
                     thousands(loaded.program.arena_bytes())
@@ -429,7 +430,11 @@ fn train_loop(
         // Rank r trains on rows d*B/dp .. (d+1)*B/dp of the global batch, d its dp coordinate
         // (tensor-parallel ranks of one dp group see the same rows).
         let shards = dp_shards(&mesh, &x, &y);
+        let t_step = Instant::now();
         let s = trainer.step_spmd(shards, lr, k + 1)?;
+        if k == start && !lp.json {
+            eprintln!("first step: {:.3} s", t_step.elapsed().as_secs_f64());
+        }
         report.add(trainer.exec_stats());
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;

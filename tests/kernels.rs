@@ -435,3 +435,23 @@ fn a_kernel_that_cannot_be_lowered_is_an_error_naming_it() {
         assert!(e.contains("k7_odd") && e.contains("exp, matmul"), "{e}");
     }
 }
+
+/// Host libraries are kept by the SHA-256 of what they are compiled from: the second compile of
+/// the same step takes the cached library (and a damaged cache entry is rebuilt).
+#[test]
+fn host_kernels_are_compiled_once_and_cached() {
+    let src = "graph c\ninput %x: f32[4, 8]\ninput %b: f32[8]\n%h: f32[4, 8] = add(%x, %b)\n%y: f32[4, 8] = gelu(%h) {approximate = \"tanh\"}\noutput %y\n";
+    let g = shardc_ir::text::parse(src).unwrap();
+    let dir = std::env::temp_dir().join(format!("shardc-kernel-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = shardc_codegen::compile_host(&g, Some(&dir)).unwrap();
+    assert!(!first.cached);
+    let second = shardc_codegen::compile_host(&g, Some(&dir)).unwrap();
+    assert!(second.cached && second.library == first.library);
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        std::fs::write(e.path(), b"not a library").unwrap();
+    }
+    let third = shardc_codegen::compile_host(&g, Some(&dir)).unwrap();
+    assert!(!third.cached && third.library.starts_with(b"\x7fELF"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -153,15 +153,19 @@ fn lower_one(
 /// A shared library (bytes of an ELF `.so`) holding every kernel's host function, for this
 /// machine's CPU, and the descriptions it was made from.
 pub fn lower_host(program: &shardc_ir::Graph) -> Result<(Vec<KernelDesc>, Vec<u8>), KernelsError> {
-    lower_host_in_place(program, &HashMap::new())
+    lower_host_in_place(program, &HashMap::new(), None).map(|(d, so, _)| (d, so))
 }
 
 /// [`lower_host`] with each kernel's in-place (result, operand) pairs, by node index (see
 /// [`kernel::describe_in_place`]).
+/// With `cache`, a directory where host libraries are kept by the SHA-256 of what they are
+/// compiled from, so that the same kernels are compiled once. Returns the descriptions, the
+/// library, and whether it came from the cache.
 pub fn lower_host_in_place(
     program: &shardc_ir::Graph,
     in_place: &HashMap<usize, Vec<(usize, usize)>>,
-) -> Result<(Vec<KernelDesc>, Vec<u8>), KernelsError> {
+    cache: Option<&std::path::Path>,
+) -> Result<(Vec<KernelDesc>, Vec<u8>, bool), KernelsError> {
     let descs: Vec<KernelDesc> = program
         .nodes
         .iter()
@@ -172,9 +176,26 @@ pub fn lower_host_in_place(
             kernel::describe_in_place(n, pairs, kernel::HOST_COLUMN_CHUNK)
         })
         .collect::<Result<_, _>>()?;
-    let mlir = Mlir::new();
     let functions: String = descs.iter().map(|d| d.function.as_str()).collect();
     let module = format!("module {{\n{}{}}}\n", host_math(&functions), HOST_MATH);
+    // The library is a function of the module's text, this compiler and this CPU: a cached copy
+    // (keyed by their SHA-256) is reused; a damaged one is rebuilt.
+    let key = {
+        use sha2::Digest;
+        let target = shardc_bundle::HostTarget::current();
+        let mut h = sha2::Sha256::new();
+        h.update(env!("CARGO_PKG_VERSION").as_bytes());
+        h.update(format!("{}:{}", target.arch, target.features.join(",")).as_bytes());
+        h.update(module.as_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let cached = cache.map(|d| d.join(format!("host-{key}.so")));
+    if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok()) {
+        if bytes.starts_with(b"\x7fELF") {
+            return Ok((descs, bytes, true));
+        }
+    }
+    let mlir = Mlir::new();
     let names: Vec<&str> = descs.iter().map(|d| d.name.as_str()).collect();
     let all_ops = || descs.iter().map(|d| d.name.clone()).collect::<Vec<_>>().join(", ");
     let object = mlir.lower_host_object(&module, &names).map_err(|source| KernelsError::Lower {
@@ -187,7 +208,17 @@ pub fn lower_host_in_place(
         ops: all_ops(),
         source,
     })?;
-    Ok((descs, so))
+    if let Some(p) = cached {
+        // Best effort, atomically (a temporary file renamed): a cache that cannot be written
+        // only costs the next run a compile.
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::create_dir_all(p.parent().unwrap_or(std::path::Path::new("."))).is_ok()
+            && std::fs::write(&tmp, &so).is_ok()
+        {
+            let _ = std::fs::rename(&tmp, &p);
+        }
+    }
+    Ok((descs, so, false))
 }
 
 /// `ptxas -arch=ARCH -v`: registers, spills and stack of the one kernel, or ptxas's errors.
@@ -247,6 +278,8 @@ pub struct HostStep {
     pub memory: shardc_bundle::MemoryPlan,
     pub library: Vec<u8>,
     pub kernels: Vec<(String, usize)>,
+    /// The library came from the cache (no MLIR lowering ran).
+    pub cached: bool,
 }
 
 /// The memory planner's result in the bundle's form: a slot per value with storage.
@@ -295,7 +328,8 @@ pub fn in_place_pairs(
 
 /// Fuses a per-rank step (unless it is fused already), plans its memory and lowers its
 /// kernels to host code.
-pub fn compile_host(step: &Graph) -> Result<HostStep, KernelsError> {
+/// `cache` as in [`lower_host_in_place`].
+pub fn compile_host(step: &Graph, cache: Option<&std::path::Path>) -> Result<HostStep, KernelsError> {
     let program = if step.nodes.iter().any(|n| n.op == shardc_ir::Op::Fused) {
         step.clone()
     } else {
@@ -303,9 +337,9 @@ pub fn compile_host(step: &Graph) -> Result<HostStep, KernelsError> {
     };
     let plan = shardc_passes::memory::plan_memory(&program);
     let memory = bundle_memory_plan(&program, &plan);
-    let (descs, library) = lower_host_in_place(&program, &in_place_pairs(&program, &plan))?;
+    let (descs, library, cached) = lower_host_in_place(&program, &in_place_pairs(&program, &plan), cache)?;
     let kernels = descs.iter().map(|d| (d.name.clone(), d.work_items)).collect();
-    Ok(HostStep { program, memory, library, kernels })
+    Ok(HostStep { program, memory, library, kernels, cached })
 }
 
 /// The bundle of a compiled per-rank step: the fused program, its memory plan, every kernel's
@@ -318,7 +352,7 @@ pub fn bundle_compiled(
     ptxas_required: bool,
 ) -> Result<Bundle, CodegenError> {
     shardc_ir::verify::verify(step).map_err(|e| CodegenError::Unverified(e.to_string()))?;
-    let host = compile_host(step)?;
+    let host = compile_host(step, None)?;
     let gpu = lower_gpu(&host.program, ptxas_required)?;
     let mut b = Bundle::new(env!("CARGO_PKG_VERSION"), model, host.program.clone());
     b.header.plan_json = plan_json;
