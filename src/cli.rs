@@ -222,6 +222,10 @@ pub struct LoopArgs {
     /// `{"report": ...}` line).
     #[arg(long)]
     pub report: bool,
+    /// Write a Chrome/Perfetto trace of the host engine here (one track per rank: every kernel,
+    /// GEMM, collective and copy of every step; open it in ui.perfetto.dev).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
     /// Print one JSON object per step on stdout and nothing else there.
     #[arg(long)]
     pub json: bool,

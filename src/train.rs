@@ -409,6 +409,10 @@ fn train_loop(
     };
     let (mut first_loss, mut last_loss) = (None, 0.0);
     let mut report = Report::default();
+    if lp.trace.is_some() {
+        trainer.trace_from(Instant::now());
+    }
+    let mut trace: Vec<serde_json::Value> = Vec::new();
     for k in start..lp.steps {
         if interrupted.load(Ordering::SeqCst) {
             progress.finish();
@@ -436,6 +440,14 @@ fn train_loop(
             eprintln!("first step: {:.3} s", t_step.elapsed().as_secs_f64());
         }
         report.add(trainer.exec_stats());
+        if lp.trace.is_some() {
+            for (rank, stats) in trainer.exec_stats().iter().enumerate() {
+                trace.extend(stats.events.iter().map(|(name, what, start, dur)| {
+                    serde_json::json!({"name": name, "cat": what, "ph": "X", "pid": 0, "tid": rank,
+                        "ts": start.as_secs_f64() * 1e6, "dur": dur.as_secs_f64() * 1e6, "args": {"step": k + 1}})
+                }));
+            }
+        }
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;
         if lp.json {
@@ -460,6 +472,26 @@ fn train_loop(
     if lp.report {
         report.print(trainer.arena_bytes(), lp.json);
     }
+    if let Some(path) = &lp.trace {
+        if trainer.exec_stats().is_empty() {
+            eprintln!("--trace: the interpreter engine records no trace (use --engine host)");
+        } else {
+            let ranks = trainer.exec_stats().len();
+            trace.extend((0..ranks).map(|r| {
+                serde_json::json!({"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": format!("rank {r}")}})
+            }));
+            let doc = serde_json::json!({"traceEvents": trace, "displayTimeUnit": "ms"});
+            std::fs::write(path, serde_json::to_vec(&doc)?)
+                .map_err(|e| anyhow::anyhow!("cannot write the trace to {}: {e}", path.display()))?;
+            if !lp.json {
+                eprintln!(
+                    "wrote {} ({} events; open it in ui.perfetto.dev or chrome://tracing)",
+                    path.display(),
+                    trace.len()
+                );
+            }
+        }
+    }
     if !lp.json {
         let secs = progress.start.elapsed().as_secs_f64();
         println!(
@@ -479,6 +511,8 @@ struct Report {
     steps: usize,
     /// Per rank: (what, calls, seconds).
     ranks: Vec<Vec<(String, usize, f64)>>,
+    /// Per rank: the highest arena byte written.
+    high_water: Vec<usize>,
 }
 
 impl Report {
@@ -488,6 +522,10 @@ impl Report {
         }
         self.steps += 1;
         self.ranks.resize(stats.len(), Vec::new());
+        self.high_water.resize(stats.len(), 0);
+        for (hw, s) in self.high_water.iter_mut().zip(stats) {
+            *hw = (*hw).max(s.arena_high_water_bytes);
+        }
         for (acc, s) in self.ranks.iter_mut().zip(stats) {
             for (what, calls, t) in &s.entries {
                 match acc.iter_mut().find(|e| &e.0 == what) {
@@ -514,7 +552,8 @@ impl Report {
                 .map(|(r, entries)| {
                     serde_json::json!({
                         "rank": r,
-                        "arena_bytes": arena,
+                        "arena_high_water_bytes": self.high_water[r],
+                        "predicted_bytes": arena,
                         "seconds_per_step": entries.iter().map(|(w, c, t)| (w.clone(), serde_json::json!({"calls_per_step": *c / self.steps, "seconds": t / self.steps as f64}))).collect::<serde_json::Map<_, _>>(),
                     })
                 })
@@ -526,8 +565,9 @@ impl Report {
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
         let total: f64 = rows.iter().map(|r| r.2).sum();
         eprintln!(
-            "host engine, rank 0, per step (mean of {} steps; arena {} bytes per rank):",
+            "host engine, rank 0, per step (mean of {} steps; arena high-water {} of the planned {} bytes per rank):",
             self.steps,
+            crate::commands::thousands(self.high_water.iter().copied().max().unwrap_or(0)),
             crate::commands::thousands(arena.unwrap_or(0))
         );
         for (what, calls, t) in rows {

@@ -114,6 +114,40 @@ fn a_bundle_runs_like_the_interpreter_and_resumes_exactly() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(losses(&out), host[3..].to_vec(), "the resumed run continues the curve exactly");
 
+    // --report (one JSON line) and --trace (Chrome's trace format, a track per rank).
+    let trace = dir.join("trace.json");
+    let (code, out, err) = shardc(&[
+        "run",
+        b,
+        "--data",
+        &tokens(),
+        "--steps",
+        "2",
+        "--json",
+        "--report",
+        "--trace",
+        trace.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    let ranks = report["report"]["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 4, "{report}");
+    for r in ranks {
+        let (hw, predicted) = (r["arena_high_water_bytes"].as_f64().unwrap(), r["predicted_bytes"].as_f64().unwrap());
+        assert!(
+            hw <= predicted && hw >= 0.97 * predicted,
+            "rank {}: high-water {hw} vs planned {predicted}",
+            r["rank"]
+        );
+        assert!(r["seconds_per_step"]["gemm"]["calls_per_step"].as_u64().unwrap() > 0, "{r}");
+    }
+    let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
+    let events = t["traceEvents"].as_array().unwrap();
+    let tracks: std::collections::BTreeSet<u64> = events.iter().filter_map(|e| e["tid"].as_u64()).collect();
+    assert_eq!(tracks.len(), 4);
+    assert!(events.iter().any(|e| e["cat"].as_str().is_some_and(|c| c.starts_with("collective"))));
+    assert!(events.iter().any(|e| e["cat"] == "gemm") && events.iter().any(|e| e["ph"] == "M"));
+
     // The checkpoint holds whole parameters: eval reads it on one device.
     let weights = ckpt.join("checkpoint.safetensors");
     let (code, out, err) = shardc(&[

@@ -37,11 +37,15 @@ pub enum ExecError {
     Value { name: String, message: String },
 }
 
-/// Where the time of a step went, per rank (for `shardc run --report`).
+/// Where the time of a step went, per rank (for `shardc run --report` and `--trace`).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ExecStats {
     /// (what, calls, time): `kernel NAME-family`, `gemm`, `collective KIND`, `copy`, `interpreter OP`.
     pub entries: Vec<(String, usize, Duration)>,
+    /// The highest arena byte a node of the step wrote (measured, against the plan's size).
+    pub arena_high_water_bytes: usize,
+    /// With tracing: every node's (name, what, start since the trace's epoch, duration).
+    pub events: Vec<(String, String, Duration, Duration)>,
 }
 
 impl ExecStats {
@@ -348,6 +352,16 @@ impl HostProgram {
     /// Runs the program once on every rank (`arenas[r]` is rank r's), with `threads` threads
     /// in all; returns each rank's statistics.
     pub fn run(&self, arenas: &mut [Arena], threads: usize) -> Result<Vec<ExecStats>, ExecError> {
+        self.run_traced(arenas, threads, None)
+    }
+
+    /// [`HostProgram::run`], recording every node's time relative to `epoch` when given.
+    pub fn run_traced(
+        &self,
+        arenas: &mut [Arena],
+        threads: usize,
+        epoch: Option<Instant>,
+    ) -> Result<Vec<ExecStats>, ExecError> {
         let world = self.program.mesh.world_size();
         if arenas.len() != world {
             return Err(ExecError::Plan(format!("{} arenas for {world} ranks", arenas.len())));
@@ -361,7 +375,7 @@ impl HostProgram {
                 .map(|(rank, arena)| {
                     let comm = &comm;
                     s.spawn(move || {
-                        let r = self.run_rank(rank, arena, comm, per_rank);
+                        let r = self.run_rank(rank, arena, comm, per_rank, epoch);
                         if r.is_err() {
                             comm.abort(rank);
                         }
@@ -398,6 +412,7 @@ impl HostProgram {
         arena: &mut Arena,
         comm: &InProcess,
         threads: usize,
+        epoch: Option<Instant>,
     ) -> Result<ExecStats, ExecError> {
         let g = &self.program;
         let mut stats = ExecStats::default();
@@ -470,7 +485,18 @@ impl HostProgram {
                     format!("interpreter {}", n.op.name())
                 }
             };
-            stats.add(&what, t.elapsed());
+            let took = t.elapsed();
+            stats.add(&what, took);
+            for &o in &n.outputs {
+                stats.arena_high_water_bytes = stats.arena_high_water_bytes.max(self.range(o).end);
+            }
+            if let Some(e) = epoch {
+                let name = match n.op {
+                    Op::Fused => n.attrs.str("kernel").unwrap_or_default().to_string(),
+                    _ => format!("{} %{}", n.op.name(), g.name_of(n.output())),
+                };
+                stats.events.push((name, what, t.duration_since(e), took));
+            }
         }
         for &(result, arg) in &self.copy_back {
             let (src, dst) = (self.range(result), self.range(arg));

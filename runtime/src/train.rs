@@ -58,7 +58,14 @@ enum Engine {
     Interp(Precision),
     /// The compiled program on the host executor; parameters and moments live in each rank's
     /// arena (`values` is refreshed from it after every step).
-    Host { program: Box<HostProgram>, arenas: Vec<Arena>, threads: usize, stats: Vec<ExecStats> },
+    Host {
+        program: Box<HostProgram>,
+        arenas: Vec<Arena>,
+        threads: usize,
+        stats: Vec<ExecStats>,
+        /// Record every node's time relative to this (`--trace`).
+        trace: Option<std::time::Instant>,
+    },
 }
 
 /// Parameters and optimizer state, stepped by a training-step graph. An SPMD step graph (one
@@ -156,8 +163,21 @@ impl Trainer {
                 program.write(arena, v, tensor)?;
             }
         }
-        t.engine = Engine::Host { program: Box::new(program), arenas, threads: threads.max(1), stats: Vec::new() };
+        t.engine = Engine::Host {
+            program: Box::new(program),
+            arenas,
+            threads: threads.max(1),
+            stats: Vec::new(),
+            trace: None,
+        };
         Ok(t)
+    }
+
+    /// Records every node's time (relative to `epoch`) in the statistics of later steps.
+    pub fn trace_from(&mut self, epoch: std::time::Instant) {
+        if let Engine::Host { trace, .. } = &mut self.engine {
+            *trace = Some(epoch);
+        }
     }
 
     /// The host executor's statistics of the last step, per rank (empty on the interpreter).
@@ -177,7 +197,9 @@ impl Trainer {
     }
 
     fn step_host(&mut self, batches: Vec<(Vec<i64>, Vec<i64>)>, lr: f64, step: usize) -> Result<StepStats, TrainError> {
-        let Engine::Host { program, arenas, threads, stats } = &mut self.engine else { unreachable!("host engine") };
+        let Engine::Host { program, arenas, threads, stats, trace } = &mut self.engine else {
+            unreachable!("host engine")
+        };
         let g = &self.graph;
         let [tok, tgt, lr_name, step_name] = &self.inputs;
         let id = |name: &String| g.find(name).expect("checked in new");
@@ -188,7 +210,7 @@ impl Trainer {
             program.write(arena, id(lr_name), &Tensor::f64(DType::F32, vec![], vec![lr]))?;
             program.write(arena, id(step_name), &Tensor::f64(DType::F32, vec![], vec![step as f64]))?;
         }
-        *stats = program.run(arenas, *threads)?;
+        *stats = program.run_traced(arenas, *threads, *trace)?;
         let out = |k: usize| program.read(&arenas[0], g.outputs[k].value).scalar().unwrap_or(f64::NAN);
         let (loss, grad_norm) = (out(self.loss), out(self.grad_norm));
         // Parameters and moments: their storage holds the updated values now.
