@@ -32,7 +32,7 @@ if ! command -v cargo >/dev/null 2>&1 && [ -x "$HOME/.cargo/bin/cargo" ]; then
   export PATH="$HOME/.cargo/bin:$PATH"
 fi
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: no Rust toolchain found; install one with rustup (Rust 1.85 or newer), then rerun" >&2
+  echo "setup: no Rust toolchain found; install one with rustup (Rust 1.87 or newer), then rerun" >&2
   exit 1
 fi
 
