@@ -33,6 +33,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
     );
     let fits = p.memory_per_device.total as u64 <= budget;
     let arena = shardc_passes::plan::ArenaSummary::of_step(&step.graph);
+    let buckets = shardc_passes::plan::BucketReport::of_step(&step.graph);
     match args.format {
         PlanFormat::Json => {
             let mut report = Report { forward: &forward, batch: a.batch, seq, compute, setup: &setup, budget }.json(
@@ -41,6 +42,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
                 ranked.as_deref(),
             );
             report.memory_plan = Some(arena);
+            report.buckets = Some(buckets);
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         PlanFormat::Text => {
@@ -49,6 +51,14 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             }
             print_text(&p, a, seq, &device, &forward.name, &setup);
             print_arena(&arena, p.memory_per_device.total);
+            if buckets.buckets > 0 {
+                println!(
+                    "runtime buckets: the backward's and optimizer's {} collectives above run as {} buckets of up to {} MiB (as DDP and ZeRO coalesce them)",
+                    buckets.collectives_bucketed,
+                    buckets.buckets,
+                    buckets.bucket_bytes >> 20
+                );
+            }
             if let Some(s) = &sharded {
                 print_layer(s, &p);
             }
@@ -100,6 +110,7 @@ impl Report<'_> {
             search: sharded.map(|s| s.stats.clone()),
             auto: ranked.map(|r| r.iter().take(AUTO_SHOWN).map(candidate).collect()),
             memory_plan: None,
+            buckets: None,
         }
     }
 }

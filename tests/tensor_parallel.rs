@@ -2,8 +2,9 @@
 //! the tiny GPT-2 and Llama fixtures, 3 AdamW steps on simulated ranks give the losses, gradient
 //! norms and updated parameters of the single-device step on the whole batch. f64 storage:
 //! relative error below 1e-11 (the only differences are summation orders; measured 5e-14).
-//! Every mesh also runs the fused per-rank program (`fusion::fuse`, what codegen lowers): it
-//! must give the unfused program's results bit for bit.
+//! Every mesh also runs the per-rank program as codegen lowers it (collectives bucketed by
+//! `bucket::bucket`, kernels fused by `fusion::fuse`): it must give the plain program's results
+//! bit for bit.
 
 mod common;
 use shardc_ir::import::{import_dir, BuildOptions};
@@ -52,7 +53,9 @@ fn differential(name: &str, dp: usize, tp: usize, zero: u8, sp: bool) -> f64 {
     let initial = step.graph.signature().rank_params(&weights);
     let mesh = step.graph.mesh.clone();
     let mut parallel = Trainer::new_spmd(step.graph.clone(), initial.clone(), Precision::F64).unwrap();
-    let (fused_graph, summary) = shardc_passes::fusion::fuse(&step.graph);
+    // The lowering codegen runs: collectives bucketed, then kernels fused.
+    let (bucketed, _) = shardc_passes::bucket::bucket(&step.graph, shardc_passes::bucket::BUCKET_BYTES);
+    let (fused_graph, summary) = shardc_passes::fusion::fuse(&bucketed);
     assert!(summary.kernels > 0, "{name}: nothing fused");
     let mut fused = Trainer::new_spmd(fused_graph, initial, Precision::F64).unwrap();
     let mut worst = 0.0f64;

@@ -326,14 +326,16 @@ pub fn in_place_pairs(
     out
 }
 
-/// Fuses a per-rank step (unless it is fused already), plans its memory and lowers its
+/// Buckets the collectives of a per-rank step and fuses it (unless it is fused already), plans
+/// its memory and lowers its
 /// kernels to host code.
 /// `cache` as in [`lower_host_in_place`].
 pub fn compile_host(step: &Graph, cache: Option<&std::path::Path>) -> Result<HostStep, KernelsError> {
     let program = if step.nodes.iter().any(|n| n.op == shardc_ir::Op::Fused) {
         step.clone()
     } else {
-        shardc_passes::fusion::fuse(step).0
+        let (bucketed, _) = shardc_passes::bucket::bucket(step, shardc_passes::bucket::BUCKET_BYTES);
+        shardc_passes::fusion::fuse(&bucketed).0
     };
     let plan = shardc_passes::memory::plan_memory(&program);
     let memory = bundle_memory_plan(&program, &plan);

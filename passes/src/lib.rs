@@ -13,6 +13,7 @@
 
 pub mod analysis;
 pub mod autodiff;
+pub mod bucket;
 pub mod cost;
 pub mod fusion;
 pub mod memory;

@@ -15,6 +15,8 @@
 //!   device model. The result is the per-rank forward program.
 //! - `fuse`: the fusion pass ([`crate::fusion`]) on a per-rank program: memory-bound ops become
 //!   `fused` kernels (no options).
+//! - `bucket`: collective bucketing ([`crate::bucket`]) on a per-rank step, `bytes=N` per
+//!   bucket (default 25 MiB).
 
 use crate::autodiff::differentiate;
 use crate::train_step::{AdamW, DataParallel};
@@ -28,7 +30,7 @@ pub struct PassSpec {
     pub options: BTreeMap<String, String>,
 }
 
-const PASSES: &[&str] = &["autodiff", "train-step", "shard", "fuse"];
+const PASSES: &[&str] = &["autodiff", "train-step", "shard", "fuse", "bucket"];
 
 /// Parses a pipeline string; errors name the offending part.
 pub fn parse_pipeline(text: &str) -> Result<Vec<PassSpec>, String> {
@@ -146,6 +148,14 @@ pub fn run_pass(spec: &PassSpec, g: &Graph) -> Result<Graph, String> {
         "fuse" => {
             check_options(spec, &[])?;
             Ok(crate::fusion::fuse(g).0)
+        }
+        "bucket" => {
+            check_options(spec, &["bytes"])?;
+            let bytes = number(spec, "bytes", crate::bucket::BUCKET_BYTES as f64)?;
+            if bytes < 1.0 || bytes.fract() != 0.0 {
+                return Err(format!("pass `bucket`: `bytes={bytes}` is not a positive whole number of bytes"));
+            }
+            Ok(crate::bucket::bucket(g, bytes as usize).0)
         }
         other => Err(format!("unknown pass `{other}`")),
     }

@@ -244,6 +244,26 @@ pub struct PlanReport {
     /// The memory planner's arena for the fused per-rank program (what the runtime allocates).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_plan: Option<ArenaSummary>,
+    /// How the runtime coalesces the backward's and optimizer's collectives ([`crate::bucket`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<BucketReport>,
+}
+
+/// Collective bucketing, as the lowering applies it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BucketReport {
+    /// The most bytes one bucket moves.
+    pub bucket_bytes: usize,
+    /// Collectives coalesced, and the buckets they became.
+    pub collectives_bucketed: usize,
+    pub buckets: usize,
+}
+
+impl BucketReport {
+    pub fn of_step(step: &Graph) -> BucketReport {
+        let (_, s) = crate::bucket::bucket(step, crate::bucket::BUCKET_BYTES);
+        BucketReport { bucket_bytes: crate::bucket::BUCKET_BYTES, collectives_bucketed: s.members, buckets: s.buckets }
+    }
 }
 
 /// The memory planner's figures for one rank ([`crate::memory`]).

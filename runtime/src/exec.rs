@@ -2,12 +2,12 @@
 //! per rank, every value in the memory plan's arena (one allocation per rank, made once).
 //!
 //! What runs where: `fused` nodes call codegen's host kernels ([`HostKernels`]); `matmul` is a
-//! GEMM (the `gemm` crate, on the rank's threads);
-//! collectives go through the in-process communicator ([`InProcess`]); `reshape` and `identity`
-//! are views (the planner gives them their operand's bytes); `transpose` and `take_shard` are
-//! copies; the remaining ops of a step (embedding lookups and their gradients, norm weight
-//! gradients, integer masks, constants: a few per layer) run through the reference
-//! interpreter's kernel for that op ([`shardc_ir::interp::eval_node`]), reading and writing the
+//! GEMM (the `gemm` crate, on the rank's threads); collectives go through the in-process
+//! communicator ([`InProcess`]); `reshape` and `identity` are views (the planner gives them
+//! their operand's bytes); `transpose`, `take_shard`, `concat` and `split` are copies; the
+//! remaining ops of a step (embedding lookups and their gradients, norm weight gradients,
+//! integer masks, constants: a few per layer) run through the reference interpreter's kernel
+//! for that op ([`shardc_ir::interp::eval_node`]), reading and writing the
 //! arena, and are counted as such in [`ExecStats`].
 //!
 //! Safety: operands and results are byte ranges of one arena. Rust code only touches them
@@ -456,6 +456,10 @@ impl HostProgram {
                     self.transpose(n, arena).map_err(fail)?;
                     "copy".into()
                 }
+                Op::Concat | Op::Split => {
+                    self.concat_or_split(n, arena).map_err(fail)?;
+                    "copy".into()
+                }
                 Op::TakeShard => {
                     let x = g.ty(n.inputs[0]);
                     let dim = shardc_ir::ops::normalize_dim(n.attrs.int("dim").unwrap_or(0), x.rank()).map_err(fail)?;
@@ -621,6 +625,38 @@ impl HostProgram {
         if let Some(c) = wc {
             let t = Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Data::F32(c) };
             encode(out, &t, &mut arena.bytes_mut()[rc_])?;
+        }
+        Ok(())
+    }
+
+    /// `concat` (several operands into one result) and `split` (one operand into several
+    /// results) along a dim: row-major copies of each part's rows.
+    fn concat_or_split(&self, n: &Node, arena: &mut Arena) -> Result<(), String> {
+        let g = &self.program;
+        let whole = if n.op == Op::Concat { n.output() } else { n.inputs[0] };
+        let parts: &[ValueId] = if n.op == Op::Concat { &n.inputs } else { &n.outputs };
+        let t = g.ty(whole);
+        let dim = shardc_ir::ops::normalize_dim(n.attrs.int("dim").unwrap_or(0), t.rank())?;
+        let es = elem(t.dtype);
+        let outer: usize = t.shape[..dim].iter().product();
+        let inner = t.shape[dim + 1..].iter().product::<usize>() * es;
+        let row = t.shape[dim] * inner;
+        let mut at = 0;
+        for &p in parts {
+            let piece = g.ty(p).shape[dim] * inner;
+            let (wr, pr) = (self.range(whole), self.range(p));
+            if n.op == Op::Concat {
+                let (src, dst) = split(arena.bytes_mut(), pr, wr).ok_or("overlapping concat")?;
+                for o in 0..outer {
+                    dst[o * row + at..o * row + at + piece].copy_from_slice(&src[o * piece..(o + 1) * piece]);
+                }
+            } else {
+                let (src, dst) = split(arena.bytes_mut(), wr, pr).ok_or("overlapping split")?;
+                for o in 0..outer {
+                    dst[o * piece..(o + 1) * piece].copy_from_slice(&src[o * row + at..o * row + at + piece]);
+                }
+            }
+            at += piece;
         }
         Ok(())
     }
