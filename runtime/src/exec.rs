@@ -671,20 +671,26 @@ impl HostProgram {
             .iter()
             .map(|&p| shardc_ir::ops::normalize_dim(p, x.rank()))
             .collect::<Result<_, _>>()?;
-        let es = elem(x.dtype);
-        let mut in_strides = vec![1usize; x.rank()];
-        for d in (0..x.rank().saturating_sub(1)).rev() {
+        let r = out.rank();
+        let mut in_strides = vec![1usize; r];
+        for d in (0..r.saturating_sub(1)).rev() {
             in_strides[d] = in_strides[d + 1] * x.shape[d + 1];
         }
-        let step: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+        // The trailing dims the permutation keeps in place move as contiguous runs.
+        let mut keep = r;
+        while keep > 0 && perm[keep - 1] == keep - 1 {
+            keep -= 1;
+        }
+        let run = out.shape[keep..].iter().product::<usize>() * elem(x.dtype);
+        let step: Vec<usize> = perm[..keep].iter().map(|&p| in_strides[p] * elem(x.dtype)).collect();
         let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
         let (a, b) = split(arena.bytes_mut(), src, dst).ok_or("overlapping transpose")?;
-        let r = out.rank();
-        let mut idx = vec![0usize; r];
+        let outer: usize = out.shape[..keep].iter().product();
+        let mut idx = vec![0usize; keep];
         let mut off = 0usize;
-        for o in 0..out.numel() {
-            b[o * es..(o + 1) * es].copy_from_slice(&a[off * es..(off + 1) * es]);
-            for d in (0..r).rev() {
+        for o in 0..outer {
+            b[o * run..(o + 1) * run].copy_from_slice(&a[off..off + run]);
+            for d in (0..keep).rev() {
                 idx[d] += 1;
                 off += step[d];
                 if idx[d] < out.shape[d] {
