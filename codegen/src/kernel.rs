@@ -47,8 +47,8 @@ pub enum Form {
         cols: usize,
     },
     /// A work item sums `chunk` adjacent columns (1 on the GPU, where adjacent threads read
-    /// adjacent columns; [`HOST_COLUMN_CHUNK`] on the host, where one thread reading a cache
-    /// line per row beats one strided column per thread).
+    /// adjacent columns; [`HOST_COLUMN_CHUNK`] on the host, where one thread reading a run of
+    /// contiguous columns per row beats one strided column per thread).
     Columns {
         rows: usize,
         cols: usize,
@@ -57,7 +57,7 @@ pub enum Form {
 }
 
 /// Columns per work item of the host's column kernels.
-pub const HOST_COLUMN_CHUNK: usize = 16;
+pub const HOST_COLUMN_CHUNK: usize = 64;
 
 /// One kernel, described once.
 #[derive(Clone, Debug)]
@@ -562,22 +562,12 @@ impl<'g> Emitter<'g> {
             }
         }
         let Form::Columns { cols, chunk, .. } = self.form else { unreachable!("columns form") };
+        if chunk > 1 {
+            return self.column_chunks(rows, cols, chunk, &sums, &full);
+        }
         let (c0, rn, c1, cn) = (self.index(0), self.index(rows), self.index(1), self.index(cols));
-        // The columns of this work item; the last item's overhang repeats the last column
-        // (the same sums, written again), so no column is read past the end.
-        let columns: Vec<String> = if chunk == 1 {
-            vec!["%w".to_string()]
-        } else {
-            let (ck, last) = (self.index(chunk), self.index(cols - 1));
-            let first = self.iop("muli", "%w", &ck);
-            (0..chunk)
-                .map(|j| {
-                    let cj = self.index(j);
-                    let c = self.iop("addi", &first, &cj);
-                    self.iop("minui", &c, &last)
-                })
-                .collect()
-        };
+        // One column per work item (several: `column_chunks`).
+        let columns: Vec<String> = vec!["%w".to_string()];
         let n_acc = sums.len() * columns.len();
         let zeros: Vec<String> = (0..n_acc).map(|_| self.fconst(0.0)).collect();
         let res = self.fresh();
@@ -623,6 +613,72 @@ impl<'g> Emitter<'g> {
                 let r = self.round(acc, g.ty(o).dtype);
                 self.store_at(o, &r, col);
             }
+        }
+        Ok(())
+    }
+
+    /// A column kernel whose work item sums `chunk` adjacent columns (the host's form): the
+    /// partial sums live in a small stack array, and each row is an inner loop over the
+    /// item's columns, contiguous in memory, which LLVM vectorizes.
+    fn column_chunks(
+        &mut self,
+        rows: usize,
+        cols: usize,
+        chunk: usize,
+        sums: &[(ValueId, ValueId)],
+        full: &[ValueId],
+    ) -> R<()> {
+        let g = self.g;
+        let (c0, c1, rn, cn, ck) =
+            (self.index(0), self.index(1), self.index(rows), self.index(cols), self.index(chunk));
+        let first = self.iop("muli", "%w", &ck);
+        let left = self.iop("subi", &cn, &first);
+        let n = self.iop("minui", &left, &ck);
+        let accs: Vec<String> =
+            sums.iter().map(|_| self.emit(&format!("memref.alloca() : memref<{chunk}xf32>"))).collect();
+        let zero = self.fconst(0.0);
+        self.line(&format!("scf.for %j = {c0} to {n} step {c1} {{"));
+        for a in &accs {
+            self.line(&format!("  memref.store {zero}, {a}[%j] : memref<{chunk}xf32>"));
+        }
+        self.line("}");
+        self.line(&format!("scf.for %r = {c0} to {rn} step {c1} {{"));
+        self.indent += 2;
+        self.row_vals.push(HashMap::new());
+        self.row = "%r".into();
+        let base = self.iop("muli", "%r", &cn);
+        self.line(&format!("scf.for %j = {c0} to {n} step {c1} {{"));
+        self.indent += 2;
+        self.elem_vals.push(HashMap::new());
+        let col = self.iop("addi", &first, "%j");
+        let at = self.iop("addi", &base, &col);
+        for &o in full {
+            let v = self.elem(o, &col)?;
+            self.store_at(o, &v, &at);
+        }
+        for (k, &(_, x)) in sums.iter().enumerate() {
+            let v = self.elem(x, &col)?;
+            let a = self.emit(&format!("memref.load {}[%j] : memref<{chunk}xf32>", accs[k]));
+            let s = self.bin("addf", &a, &v);
+            self.line(&format!("memref.store {s}, {}[%j] : memref<{chunk}xf32>", accs[k]));
+        }
+        self.elem_vals.pop();
+        self.indent -= 2;
+        self.line("}");
+        self.row_vals.pop();
+        self.indent -= 2;
+        self.line("}");
+        if !sums.is_empty() {
+            self.line(&format!("scf.for %j = {c0} to {n} step {c1} {{"));
+            self.indent += 2;
+            let col = self.iop("addi", &first, "%j");
+            for (k, &(o, _)) in sums.iter().enumerate() {
+                let a = self.emit(&format!("memref.load {}[%j] : memref<{chunk}xf32>", accs[k]));
+                let r = self.round(a, g.ty(o).dtype);
+                self.store_at(o, &r, &col);
+            }
+            self.indent -= 2;
+            self.line("}");
         }
         Ok(())
     }
