@@ -591,16 +591,12 @@ impl HostProgram {
         };
         let batches = batch.iter().product::<usize>();
         if m * nn > 0 {
+            use rayon::prelude::*;
             if threads > 1 && batches >= threads {
                 let per = batches.div_ceil(threads);
-                std::thread::scope(|s| {
-                    for t in 0..threads {
-                        let one = &one;
-                        s.spawn(move || {
-                            for bi in t * per..((t + 1) * per).min(batches) {
-                                one(bi, 0, m);
-                            }
-                        });
+                (0..threads).into_par_iter().for_each(|t| {
+                    for bi in t * per..((t + 1) * per).min(batches) {
+                        one(bi, 0, m);
                     }
                 });
             } else if threads > 1 && m >= 64 * threads {
@@ -608,12 +604,9 @@ impl HostProgram {
                 // gemm`: the library's own parallel split is slower on the narrow shapes).
                 let rows = m.div_ceil(threads);
                 for bi in 0..batches {
-                    std::thread::scope(|s| {
-                        for t in 0..threads {
-                            let one = &one;
-                            let r0 = t * rows;
-                            s.spawn(move || one(bi, r0, rows.min(m - r0)));
-                        }
+                    (0..threads).into_par_iter().for_each(|t| {
+                        let r0 = t * rows;
+                        one(bi, r0, rows.min(m - r0));
                     });
                 }
             } else {

@@ -108,15 +108,13 @@ impl HostKernels {
         unsafe impl Sync for Ptrs {}
         let ptrs = Ptrs(buffers.to_vec());
         let per = work_items.div_ceil(threads);
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..threads)
-                .map(|t| {
-                    let ptrs = &ptrs;
-                    let (lo, hi) = (t * per, ((t + 1) * per).min(work_items));
-                    s.spawn(move || unsafe { self.call(name, lo, hi, &ptrs.0) })
-                })
-                .collect();
-            handles.into_iter().try_for_each(|h| h.join().expect("a kernel thread panicked"))
+        // On rayon's persistent pool: a thread spawned per launch costs tens of microseconds,
+        // as much as a small kernel.
+        use rayon::prelude::*;
+        (0..threads).into_par_iter().try_for_each(|t| {
+            let ptrs = &ptrs;
+            let (lo, hi) = (t * per, ((t + 1) * per).min(work_items));
+            unsafe { self.call(name, lo, hi, &ptrs.0) }
         })
     }
 }
