@@ -32,8 +32,10 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         &device,
     );
     let fits = p.memory_per_device.total as u64 <= budget;
-    let arena = shardc_passes::plan::ArenaSummary::of_step(&step.graph);
-    let buckets = shardc_passes::plan::BucketReport::of_step(&step.graph);
+    // The program codegen lowers and `shardc run` allocates.
+    let lowered = shardc_passes::lowering::lower(&step.graph);
+    let arena = shardc_passes::plan::ArenaSummary::of_program(&lowered.program);
+    let buckets = shardc_passes::plan::BucketReport::of(&lowered.buckets);
     match args.format {
         PlanFormat::Json => {
             let mut report = Report { forward: &forward, batch: a.batch, seq, compute, setup: &setup, budget }.json(

@@ -54,8 +54,8 @@ fn differential(name: &str, dp: usize, tp: usize, zero: u8, sp: bool) -> f64 {
     let mesh = step.graph.mesh.clone();
     let mut parallel = Trainer::new_spmd(step.graph.clone(), initial.clone(), Precision::F64).unwrap();
     // The lowering codegen runs: collectives bucketed, then kernels fused.
-    let (bucketed, _) = shardc_passes::bucket::bucket(&step.graph, shardc_passes::bucket::BUCKET_BYTES);
-    let (fused_graph, summary) = shardc_passes::fusion::fuse(&bucketed);
+    let lowered = shardc_passes::lowering::lower(&step.graph);
+    let (fused_graph, summary) = (lowered.program, lowered.fusion);
     assert!(summary.kernels > 0, "{name}: nothing fused");
     let mut fused = Trainer::new_spmd(fused_graph, initial, Precision::F64).unwrap();
     let mut worst = 0.0f64;

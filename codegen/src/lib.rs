@@ -334,8 +334,7 @@ pub fn compile_host(step: &Graph, cache: Option<&std::path::Path>) -> Result<Hos
     let program = if step.nodes.iter().any(|n| n.op == shardc_ir::Op::Fused) {
         step.clone()
     } else {
-        let (bucketed, _) = shardc_passes::bucket::bucket(step, shardc_passes::bucket::BUCKET_BYTES);
-        shardc_passes::fusion::fuse(&bucketed).0
+        shardc_passes::lowering::lower(step).program
     };
     let plan = shardc_passes::memory::plan_memory(&program);
     let memory = bundle_memory_plan(&program, &plan);

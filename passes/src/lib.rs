@@ -16,6 +16,7 @@ pub mod autodiff;
 pub mod bucket;
 pub mod cost;
 pub mod fusion;
+pub mod lowering;
 pub mod memory;
 pub mod pipeline;
 pub mod plan;

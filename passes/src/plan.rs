@@ -260,8 +260,7 @@ pub struct BucketReport {
 }
 
 impl BucketReport {
-    pub fn of_step(step: &Graph) -> BucketReport {
-        let (_, s) = crate::bucket::bucket(step, crate::bucket::BUCKET_BYTES);
+    pub fn of(s: &crate::bucket::BucketSummary) -> BucketReport {
         BucketReport { bucket_bytes: crate::bucket::BUCKET_BYTES, collectives_bucketed: s.members, buckets: s.buckets }
     }
 }
@@ -280,10 +279,9 @@ pub struct ArenaSummary {
 }
 
 impl ArenaSummary {
-    /// Fuses the per-rank step (as codegen does) and plans its arena.
-    pub fn of_step(step: &Graph) -> ArenaSummary {
-        let fused = crate::fusion::fuse(step).0;
-        let m = crate::memory::plan_memory(&fused);
+    /// Plans the arena of a lowered program ([`crate::lowering`]).
+    pub fn of_program(program: &Graph) -> ArenaSummary {
+        let m = crate::memory::plan_memory(program);
         let at_peak = m.at_peak().into_iter().map(|(c, b)| (c.name().to_string(), b)).collect();
         ArenaSummary {
             arena_bytes: m.arena_bytes,

@@ -1,0 +1,22 @@
+//! The lowering of a per-rank step before codegen describes its kernels: collectives bucketed
+//! ([`crate::bucket`]), then kernels fused ([`crate::fusion`]). Codegen lowers this program,
+//! the runtime runs it, and `shardc plan` reports its arena and buckets, so all three see one
+//! program.
+
+use crate::bucket::{bucket, BucketSummary, BUCKET_BYTES};
+use crate::fusion::{fuse, FusionSummary};
+use shardc_ir::Graph;
+
+/// A lowered step and what each pass did.
+pub struct Lowered {
+    pub program: Graph,
+    pub buckets: BucketSummary,
+    pub fusion: FusionSummary,
+}
+
+/// Buckets and fuses a per-rank step (module doc).
+pub fn lower(step: &Graph) -> Lowered {
+    let (bucketed, buckets) = bucket(step, BUCKET_BYTES);
+    let (program, fusion) = fuse(&bucketed);
+    Lowered { program, buckets, fusion }
+}
