@@ -228,6 +228,8 @@ pub struct HostProgram {
     kernels: HostKernels,
     /// Work items of each kernel.
     work_items: HashMap<String, usize>,
+    /// Per node: what `--report` counts its time as, and its name in a trace (made once).
+    labels: Vec<(String, String)>,
 }
 
 impl HostProgram {
@@ -266,7 +268,18 @@ impl HostProgram {
                 }
             }
         }
-        Ok(HostProgram { program, offset, arena_bytes, copy_back: memory.copy_back.clone(), kernels, work_items })
+        // SHARDC_REPORT_KERNELS=1 reports each kernel by name instead of by family.
+        let by_name = std::env::var_os("SHARDC_REPORT_KERNELS").is_some();
+        let labels = program.nodes.iter().map(|n| label(&program, n, by_name)).collect();
+        Ok(HostProgram {
+            program,
+            offset,
+            arena_bytes,
+            copy_back: memory.copy_back.clone(),
+            kernels,
+            work_items,
+            labels,
+        })
     }
 
     /// The host form of a bundle: its program, memory plan and host library. Refuses a
@@ -419,7 +432,7 @@ impl HostProgram {
         for (i, n) in g.nodes.iter().enumerate() {
             let t = Instant::now();
             let fail = |message: String| ExecError::Node { rank, node: i, op: n.op.name().to_string(), message };
-            let what: String = match n.op {
+            match n.op {
                 Op::Fused => {
                     let name = n.attrs.str("kernel").unwrap_or_default();
                     let base = arena.bytes_mut().as_mut_ptr();
@@ -433,11 +446,6 @@ impl HostProgram {
                     // SAFETY: the buffers are the kernel's operands and results, of the sizes
                     // and dtypes it was compiled for (the program's types).
                     unsafe { self.kernels.run(name, self.work_items[name], &ptrs, threads) }?;
-                    if std::env::var_os("SHARDC_REPORT_KERNELS").is_some() {
-                        format!("kernel {name}")
-                    } else {
-                        format!("kernel {}", kernel_family(n))
-                    }
                 }
                 Op::Reshape | Op::Identity => {
                     let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
@@ -446,20 +454,10 @@ impl HostProgram {
                             split(arena.bytes_mut(), src, dst).ok_or_else(|| fail("overlapping view".into()))?;
                         b.copy_from_slice(a);
                     }
-                    "copy".into()
                 }
-                Op::MatMul => {
-                    self.gemm(n, arena, threads).map_err(fail)?;
-                    "gemm".into()
-                }
-                Op::Transpose => {
-                    self.transpose(n, arena).map_err(fail)?;
-                    "copy".into()
-                }
-                Op::Concat | Op::Split => {
-                    self.concat_or_split(n, arena).map_err(fail)?;
-                    "copy".into()
-                }
+                Op::MatMul => self.gemm(n, arena, threads).map_err(fail)?,
+                Op::Transpose => self.transpose(n, arena).map_err(fail)?,
+                Op::Concat | Op::Split => self.concat_or_split(n, arena).map_err(fail)?,
                 Op::TakeShard => {
                     let x = g.ty(n.inputs[0]);
                     let dim = shardc_ir::ops::normalize_dim(n.attrs.int("dim").unwrap_or(0), x.rank()).map_err(fail)?;
@@ -469,14 +467,12 @@ impl HostProgram {
                     let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
                     let (a, b) = split(arena.bytes_mut(), src, dst).ok_or_else(|| fail("overlapping shard".into()))?;
                     chunk(a, &x.shape, elem(x.dtype), dim, size, k, b);
-                    "copy".into()
                 }
                 Op::AllReduce | Op::AllGather | Op::ReduceScatter | Op::AllToAll => {
                     self.collective(rank, n, arena, comm).map_err(|e| match e {
                         Ok(message) => fail(message),
                         Err(source) => ExecError::Comm { rank, source },
                     })?;
-                    format!("collective {}", n.op.name())
                 }
                 _ => {
                     let ins: Vec<Tensor> = n.inputs.iter().map(|&v| self.read(arena, v)).collect();
@@ -486,20 +482,16 @@ impl HostProgram {
                     for (&o, t) in n.outputs.iter().zip(&outs) {
                         self.write(arena, o, t)?;
                     }
-                    format!("interpreter {}", n.op.name())
                 }
-            };
+            }
             let took = t.elapsed();
-            stats.add(&what, took);
+            let (what, name) = &self.labels[i];
+            stats.add(what, took);
             for &o in &n.outputs {
                 stats.arena_high_water_bytes = stats.arena_high_water_bytes.max(self.range(o).end);
             }
             if let Some(e) = epoch {
-                let name = match n.op {
-                    Op::Fused => n.attrs.str("kernel").unwrap_or_default().to_string(),
-                    _ => format!("{} %{}", n.op.name(), g.name_of(n.output())),
-                };
-                stats.events.push((name, what, t.duration_since(e), took));
+                stats.events.push((name.clone(), what.clone(), t.duration_since(e), took));
             }
         }
         for &(result, arg) in &self.copy_back {
@@ -773,6 +765,25 @@ impl HostProgram {
         arena.bytes_mut()[dst].copy_from_slice(&result);
         Ok(())
     }
+}
+
+/// What `--report` counts node `n`'s time as (`kernel FAMILY`, or `kernel NAME` with
+/// `by_name`; `gemm`, `copy`, `collective KIND`, `interpreter OP`), and its name in a trace.
+fn label(g: &Graph, n: &Node, by_name: bool) -> (String, String) {
+    let kernel = n.attrs.str("kernel").unwrap_or_default().to_string();
+    let what = match n.op {
+        Op::Fused if by_name => format!("kernel {kernel}"),
+        Op::Fused => format!("kernel {}", kernel_family(n)),
+        Op::MatMul => "gemm".into(),
+        Op::Reshape | Op::Identity | Op::Transpose | Op::Concat | Op::Split | Op::TakeShard => "copy".into(),
+        op if op.is_collective() => format!("collective {}", op.name()),
+        op => format!("interpreter {}", op.name()),
+    };
+    let name = match n.op {
+        Op::Fused => kernel,
+        op => format!("{} %{}", op.name(), g.name_of(n.output())),
+    };
+    (what, name)
 }
 
 /// The family a kernel's time is reported under: its first row/column op, or `elementwise`.
