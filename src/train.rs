@@ -293,15 +293,12 @@ pub fn run(a: &RunArgs) -> Result<()> {
     let dp = g.mesh.axis_size("dp").unwrap_or(1);
     let (batch, seq) = (shape[0] * dp, shape[1]);
     let setup = bundle.header.plan_json.as_ref().and_then(|p| p.get("setup").cloned());
-    let zero =
-        setup.as_ref().and_then(|s| s.get("zero")).and_then(|z| z.as_str().map(String::from).or(Some(z.to_string())));
+    let zero = setup
+        .as_ref()
+        .and_then(|s| serde_json::from_value::<shardc_ir::ZeroStage>(s.get("zero")?.clone()).ok())
+        .unwrap_or_default()
+        .to_string();
     let sp = setup.as_ref().and_then(|s| s.get("sequence_parallel")).and_then(|b| b.as_bool()).unwrap_or(false);
-    let zero = match zero {
-        Some(z) => serde_json::from_value::<shardc_ir::ZeroStage>(serde_json::Value::String(z.clone()))
-            .map(|s| s.to_string())
-            .unwrap_or(z),
-        None => "0".into(),
-    };
     let j = Job { lp: &a.lp, batch, seq, data_path: &a.data };
     let data = TokenFile::open(&a.data)?;
     if data.len() < seq + 1 || data.num_batches(batch, seq) == 0 {
@@ -336,7 +333,7 @@ pub fn run(a: &RunArgs) -> Result<()> {
             (checkpoint::rank_states(g, &whole), 0, w.display().to_string())
         }
         (None, None) => (
-            checkpoint::rank_states(g, &shardc_runtime::init::init_whole_params(g, a.lp.seed)),
+            checkpoint::rank_states(g, &shardc_runtime::init::init_params(g, a.lp.seed)),
             0,
             format!("GPT-2-style random initialisation (seed {})", a.lp.seed),
         ),

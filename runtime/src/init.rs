@@ -50,28 +50,17 @@ pub fn count_layers(g: &Graph) -> usize {
     g.args_of(ArgKind::Param).filter_map(|p| g.layer(p)).collect::<std::collections::BTreeSet<_>>().len()
 }
 
-/// GPT-2-style initial values of every parameter of `g` (whole parameters, by name), from
-/// each parameter's `init` role; deterministic in `seed` and the parameter's name.
+/// GPT-2-style initial values of every parameter of `g` as whole parameters, by name, from
+/// each parameter's `init` role; deterministic in `seed` and the parameter's name. `g` may be
+/// the model's graph or a per-rank step compiled from it (each parameter's full shape comes
+/// from its layout): both give the same values.
 pub fn init_params(g: &Graph, seed: u64) -> HashMap<String, Tensor> {
     let layers = count_layers(g);
     g.signature()
         .params()
         .map(|(p, layout)| {
             let v = g.value(p);
-            (v.name.clone(), init_one(&v.name, &v.ty.shape, v.ty.dtype, layout.init, layers, seed))
-        })
-        .collect()
-}
-
-/// [`init_params`] of the model a per-rank step was compiled from: every parameter whole (its
-/// full shape from its layout), the same values `init_params` gives the model's own graph.
-pub fn init_whole_params(step: &Graph, seed: u64) -> HashMap<String, Tensor> {
-    let layers = count_layers(step);
-    step.signature()
-        .params()
-        .map(|(p, layout)| {
-            let v = step.value(p);
-            let shape = layout.full_shape(&v.ty.shape, &step.mesh);
+            let shape = layout.full_shape(&v.ty.shape, &g.mesh);
             (v.name.clone(), init_one(&v.name, &shape, v.ty.dtype, layout.init, layers, seed))
         })
         .collect()
