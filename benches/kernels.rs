@@ -13,6 +13,9 @@
 //! (`copy_from_slice` moving the family's bytes, half read and half written, on all cores: the
 //! kernel's ceiling at that working set, kernel-NT / copy-NT), and once for 512 MB (DRAM).
 
+#[path = "../tests/common/adamw.rs"]
+mod adamw;
+
 use shardc_ir::{DType, Graph, Op};
 use shardc_runtime::host_kernels::HostKernels;
 use std::time::{Duration, Instant};
@@ -99,27 +102,7 @@ fn rows_of(v: &mut [f32], c: usize) -> std::slice::ChunksMut<'_, f32> {
 fn families() -> Vec<Family> {
     let rc = format!("[{R}, {C}]");
     let adam_sizes = [4 * 1024 * 1024usize, 1024 * 1024, 3 * 1024 * 1024 + 7, 1024];
-    let mut adam = String::from("graph adamw\ninput %lr: f32[]\n");
-    for (k, n) in adam_sizes.iter().enumerate() {
-        adam +=
-            &format!("input %p{k}: f32[{n}]\ninput %g{k}: f32[{n}]\ninput %m{k}: f32[{n}]\ninput %v{k}: f32[{n}]\n");
-    }
-    for (name, v) in [("b1", 0.9), ("nb1", 0.1), ("b2", 0.999), ("nb2", 0.001), ("eps", 1e-8)] {
-        adam += &format!("%{name}: f32[] = full() {{dtype = f32, shape = [], value = {v:e}}} [optimizer]\n");
-    }
-    let mut outs = Vec::new();
-    for (k, n) in adam_sizes.iter().enumerate() {
-        adam += &format!(
-            "%md{k}: f32[{n}] = mul(%m{k}, %b1) [optimizer]\n%mi{k}: f32[{n}] = mul(%g{k}, %nb1) [optimizer]\n\
-             %m2_{k}: f32[{n}] = add(%md{k}, %mi{k}) [optimizer]\n%gg{k}: f32[{n}] = mul(%g{k}, %g{k}) [optimizer]\n\
-             %vd{k}: f32[{n}] = mul(%v{k}, %b2) [optimizer]\n%vi{k}: f32[{n}] = mul(%gg{k}, %nb2) [optimizer]\n\
-             %v2_{k}: f32[{n}] = add(%vd{k}, %vi{k}) [optimizer]\n%sq{k}: f32[{n}] = sqrt(%v2_{k}) [optimizer]\n\
-             %de{k}: f32[{n}] = add(%sq{k}, %eps) [optimizer]\n%st{k}: f32[{n}] = div(%m2_{k}, %de{k}) [optimizer]\n\
-             %up{k}: f32[{n}] = mul(%st{k}, %lr) [optimizer]\n%p2_{k}: f32[{n}] = sub(%p{k}, %up{k}) [optimizer]\n"
-        );
-        outs.extend([format!("%p2_{k}"), format!("%m2_{k}"), format!("%v2_{k}")]);
-    }
-    adam += &format!("output {}\n", outs.join(", "));
+    let adam = adamw::multi_tensor_adamw(&adam_sizes);
     vec![
         Family {
             name: "elementwise (x * 0.5 + y)",

@@ -11,6 +11,7 @@
 //!   bf16 after every op; an f32 result on the other side of a rounding boundary is one bf16
 //!   ulp (2^-8 relative) away, and chains carry such flips on.
 
+mod common;
 use shardc_ir::interp::{run, Precision};
 use shardc_ir::{DType, Data, Graph, Op, Tensor};
 use std::collections::HashMap;
@@ -392,28 +393,7 @@ fn adamw_update_and_gradient_norm() {
 fn multi_tensor_adamw_over_a_bucket_of_parameters() {
     // Three parameters of odd sizes in the optimizer phase: one multi-tensor kernel updates all.
     let sizes = [1usize, 97, 4097, 7];
-    let mut src = String::from("graph adam\ninput %lr: f32[]\n");
-    for (k, n) in sizes.iter().enumerate() {
-        src += &format!("input %p{k}: f32[{n}]\ninput %g{k}: f32[{n}]\ninput %m{k}: f32[{n}]\ninput %v{k}: f32[{n}]\n");
-    }
-    src += "%b1: f32[] = full() {dtype = f32, shape = [], value = 0.9} [optimizer]\n\
-            %nb1: f32[] = full() {dtype = f32, shape = [], value = 0.1} [optimizer]\n\
-            %b2: f32[] = full() {dtype = f32, shape = [], value = 0.999} [optimizer]\n\
-            %nb2: f32[] = full() {dtype = f32, shape = [], value = 0.001} [optimizer]\n\
-            %eps: f32[] = full() {dtype = f32, shape = [], value = 1e-8} [optimizer]\n";
-    let mut outs = Vec::new();
-    for (k, n) in sizes.iter().enumerate() {
-        src += &format!(
-            "%md{k}: f32[{n}] = mul(%m{k}, %b1) [optimizer]\n%mi{k}: f32[{n}] = mul(%g{k}, %nb1) [optimizer]\n\
-             %m2_{k}: f32[{n}] = add(%md{k}, %mi{k}) [optimizer]\n%gg{k}: f32[{n}] = mul(%g{k}, %g{k}) [optimizer]\n\
-             %vd{k}: f32[{n}] = mul(%v{k}, %b2) [optimizer]\n%vi{k}: f32[{n}] = mul(%gg{k}, %nb2) [optimizer]\n\
-             %v2_{k}: f32[{n}] = add(%vd{k}, %vi{k}) [optimizer]\n%sq{k}: f32[{n}] = sqrt(%v2_{k}) [optimizer]\n\
-             %de{k}: f32[{n}] = add(%sq{k}, %eps) [optimizer]\n%st{k}: f32[{n}] = div(%m2_{k}, %de{k}) [optimizer]\n\
-             %up{k}: f32[{n}] = mul(%st{k}, %lr) [optimizer]\n%p2_{k}: f32[{n}] = sub(%p{k}, %up{k}) [optimizer]\n"
-        );
-        outs.extend([format!("%p2_{k}"), format!("%m2_{k}"), format!("%v2_{k}")]);
-    }
-    src += &format!("output {}\n", outs.join(", "));
+    let src = common::adamw::multi_tensor_adamw(&sizes);
     let forms = check_with(&src, ROW, none, |name| if name.starts_with('v') { (0.0, 4.0) } else { (-2.0, 2.0) }, 13);
     assert_eq!(forms, vec![format!("MultiTensor {{ elements: {sizes:?}, chunk: 64 }}")], "one launch for the bucket");
 }

@@ -40,7 +40,7 @@ pub fn bundle_step(
 
 pub mod kernel;
 
-use kernel::{describe, KernelDesc};
+use kernel::KernelDesc;
 use mlir::{find_libdevice, find_ptxas, LowerError, Mlir, GPU_ARCHS};
 
 /// What ptxas said about one kernel for one architecture.
@@ -83,7 +83,23 @@ pub enum KernelsError {
 
 /// The descriptions of every `fused` node of a program, in program order.
 pub fn describe_all(program: &shardc_ir::Graph) -> Result<Vec<KernelDesc>, kernel::KernelError> {
-    program.nodes.iter().filter(|n| n.op == shardc_ir::Op::Fused).map(describe).collect()
+    describe_all_with(program, &HashMap::new(), 1)
+}
+
+/// [`describe_all`] with each kernel's in-place pairs (by node index) and the columns per work
+/// item of column kernels (see [`kernel::describe_in_place`]).
+fn describe_all_with(
+    program: &shardc_ir::Graph,
+    in_place: &HashMap<usize, Vec<(usize, usize)>>,
+    column_chunk: usize,
+) -> Result<Vec<KernelDesc>, kernel::KernelError> {
+    program
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.op == shardc_ir::Op::Fused)
+        .map(|(i, n)| kernel::describe_in_place(n, in_place.get(&i).map_or(&[][..], Vec::as_slice), column_chunk))
+        .collect()
 }
 
 /// Describes every kernel and lowers it to PTX for each architecture; with ptxas present,
@@ -166,16 +182,7 @@ pub fn lower_host_in_place(
     in_place: &HashMap<usize, Vec<(usize, usize)>>,
     cache: Option<&std::path::Path>,
 ) -> Result<(Vec<KernelDesc>, Vec<u8>, bool), KernelsError> {
-    let descs: Vec<KernelDesc> = program
-        .nodes
-        .iter()
-        .enumerate()
-        .filter(|(_, n)| n.op == shardc_ir::Op::Fused)
-        .map(|(i, n)| {
-            let pairs = in_place.get(&i).map_or(&[][..], Vec::as_slice);
-            kernel::describe_in_place(n, pairs, kernel::HOST_COLUMN_CHUNK)
-        })
-        .collect::<Result<_, _>>()?;
+    let descs = describe_all_with(program, in_place, kernel::HOST_COLUMN_CHUNK)?;
     let functions: String = descs.iter().map(|d| d.function.as_str()).collect();
     let module = format!("module {{\n{}{}}}\n", host_math(&functions), HOST_MATH);
     // The library is a function of the module's text, this compiler and this CPU: a cached copy

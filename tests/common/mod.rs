@@ -3,6 +3,8 @@
 // Each test crate uses a subset of these helpers.
 #![allow(dead_code)]
 
+pub mod adamw;
+
 use shardc_ir::tensor::max_rel_error;
 use std::path::{Path, PathBuf};
 
