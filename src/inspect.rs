@@ -75,12 +75,20 @@ pub fn inspect(a: &crate::cli::InspectArgs) -> Result<()> {
             );
         }
     }
-    let mut by_kind: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
-    for s in &h.sections {
-        let kind = s.name.rsplit('.').next().unwrap_or("").to_string();
-        let e = by_kind.entry(kind).or_default();
-        e.0 += 1;
-        e.1 += s.len;
+    // Sections by what the kernel table says they hold (the host library is shared).
+    let mut by_kind: std::collections::BTreeMap<&str, (usize, u64)> = Default::default();
+    let mut seen = std::collections::HashSet::new();
+    for (kind, section) in h.kernels.iter().flat_map(|k| &k.blobs) {
+        if seen.insert(*section) {
+            let kind = match kind {
+                shardc_bundle::BlobKind::Mlir => "mlir",
+                shardc_bundle::BlobKind::Ptx { .. } => "ptx",
+                shardc_bundle::BlobKind::HostObject { .. } => "so",
+            };
+            let e = by_kind.entry(kind).or_default();
+            e.0 += 1;
+            e.1 += h.sections[*section as usize].len;
+        }
     }
     println!(
         "sections: {}",
