@@ -65,6 +65,9 @@ enum Engine {
         stats: Vec<ExecStats>,
         /// Record every node's time relative to this (`--trace`).
         trace: Option<std::time::Instant>,
+        /// Parameters and moments read back from the arenas, made when first asked for after a
+        /// step (checkpoints, evaluation), not on every step.
+        read_back: std::cell::OnceCell<Vec<HashMap<String, Tensor>>>,
     },
 }
 
@@ -74,7 +77,8 @@ enum Engine {
 pub struct Trainer {
     graph: Graph,
     params: Vec<String>,
-    /// Per rank: parameters and moments by argument name.
+    /// Per rank: parameters and moments by argument name (on the host engine, their names and
+    /// initial values: the arenas hold the current ones, read back on demand).
     values: Vec<HashMap<String, Tensor>>,
     engine: Engine,
     /// Argument names of the step's inputs: tokens, targets, learning rate, step number.
@@ -169,6 +173,7 @@ impl Trainer {
             threads: threads.max(1),
             stats: Vec::new(),
             trace: None,
+            read_back: std::cell::OnceCell::new(),
         };
         Ok(t)
     }
@@ -197,7 +202,7 @@ impl Trainer {
     }
 
     fn step_host(&mut self, batches: Vec<(Vec<i64>, Vec<i64>)>, lr: f64, step: usize) -> Result<StepStats, TrainError> {
-        let Engine::Host { program, arenas, threads, stats, trace } = &mut self.engine else {
+        let Engine::Host { program, arenas, threads, stats, trace, read_back } = &mut self.engine else {
             unreachable!("host engine")
         };
         let g = &self.graph;
@@ -214,11 +219,7 @@ impl Trainer {
         let out = |k: usize| program.read(&arenas[0], g.outputs[k].value).scalar().unwrap_or(f64::NAN);
         let (loss, grad_norm) = (out(self.loss), out(self.grad_norm));
         // Parameters and moments: their storage holds the updated values now.
-        for (values, arena) in self.values.iter_mut().zip(arenas.iter()) {
-            for (name, t) in values.iter_mut() {
-                *t = program.read(arena, g.find(name).expect("values are arguments"));
-            }
-        }
+        *read_back = std::cell::OnceCell::new();
         if !loss.is_finite() {
             return Err(TrainError::NonFinite { step, loss });
         }
@@ -300,12 +301,30 @@ impl Trainer {
 
     /// Parameters and moments by name (rank 0's; for checkpoints and evaluation).
     pub fn values(&self) -> &HashMap<String, Tensor> {
-        &self.values[0]
+        self.rank_values(0)
     }
 
     /// Rank `r`'s parameters and moments.
     pub fn rank_values(&self, r: usize) -> &HashMap<String, Tensor> {
-        &self.values[r]
+        match &self.engine {
+            Engine::Interp(_) => &self.values[r],
+            // `values` holds the names (and the initial state); the arenas hold the current one.
+            Engine::Host { program, arenas, read_back, .. } => &read_back.get_or_init(|| {
+                self.values
+                    .iter()
+                    .zip(arenas)
+                    .map(|(names, arena)| {
+                        names
+                            .keys()
+                            .map(|name| {
+                                let v = self.graph.find(name).expect("values are arguments");
+                                (name.clone(), program.read(arena, v))
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })[r],
+        }
     }
 
     /// Number of ranks the step runs on.
