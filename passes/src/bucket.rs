@@ -37,8 +37,11 @@ pub struct BucketSummary {
     pub buckets: usize,
 }
 
+/// What members of one bucket share: kind, mesh axis, dtype, phase.
+type Key = (Op, String, shardc_ir::DType, Phase);
+
 /// The bucketing key of a node, or `None` when it is not bucketed.
-fn key(g: &Graph, n: &Node) -> Option<(Op, String, shardc_ir::DType, Phase)> {
+fn key(g: &Graph, n: &Node) -> Option<Key> {
     if n.phase == Phase::Forward || n.outputs.len() != 1 || n.inputs.len() != 1 || !n.op.is_collective() {
         return None;
     }
@@ -58,37 +61,34 @@ fn key(g: &Graph, n: &Node) -> Option<(Op, String, shardc_ir::DType, Phase)> {
 /// Coalesces the backward and optimizer collectives of `g` into buckets of at most
 /// `bucket_bytes` (module doc).
 pub fn bucket(g: &Graph, bucket_bytes: usize) -> (Graph, BucketSummary) {
-    // Form buckets in program order. `taint[b]` holds every value derived from bucket b's
-    // members so far: a node reading one cannot join b.
+    // Form buckets in program order. Each open bucket (one per key) tracks every value derived
+    // from its members so far: a node reading one cannot join it. A closed bucket takes no
+    // more members, so its values are no longer followed (on a 96-layer model most gradients
+    // fill a bucket alone: following every one of them would cost seconds).
     let mut buckets: Vec<Vec<usize>> = Vec::new();
     let mut bytes: Vec<usize> = Vec::new();
-    let mut taint: Vec<HashSet<ValueId>> = Vec::new();
-    let mut open: HashMap<(Op, String, shardc_ir::DType, Phase), usize> = HashMap::new();
+    // key -> (open bucket, its derived values)
+    let mut open: HashMap<Key, (usize, HashSet<ValueId>)> = HashMap::new();
     for (i, n) in g.nodes.iter().enumerate() {
-        for t in taint.iter_mut() {
-            if n.inputs.iter().any(|v| t.contains(v)) {
-                t.extend(n.outputs.iter().copied());
+        for (_, taint) in open.values_mut() {
+            if n.inputs.iter().any(|v| taint.contains(v)) {
+                taint.extend(n.outputs.iter().copied());
             }
         }
         let Some(k) = key(g, n) else { continue };
         let size = g.ty(n.inputs[0]).size_bytes();
-        let joinable = open
+        let joins = open
             .get(&k)
-            .copied()
-            .filter(|&b| bytes[b] + size <= bucket_bytes && !n.inputs.iter().any(|v| taint[b].contains(v)));
-        let b = match joinable {
-            Some(b) => b,
-            None => {
-                buckets.push(Vec::new());
-                bytes.push(0);
-                taint.push(HashSet::new());
-                open.insert(k, buckets.len() - 1);
-                buckets.len() - 1
-            }
-        };
-        buckets[b].push(i);
-        bytes[b] += size;
-        taint[b].extend(n.outputs.iter().copied());
+            .is_some_and(|(b, taint)| bytes[*b] + size <= bucket_bytes && !n.inputs.iter().any(|v| taint.contains(v)));
+        if !joins {
+            buckets.push(Vec::new());
+            bytes.push(0);
+            open.insert(k.clone(), (buckets.len() - 1, HashSet::new()));
+        }
+        let (b, taint) = open.get_mut(&k).expect("just opened or joined");
+        buckets[*b].push(i);
+        bytes[*b] += size;
+        taint.extend(n.outputs.iter().copied());
     }
     let buckets: Vec<Vec<usize>> = buckets.into_iter().filter(|b| b.len() > 1).collect();
     let mut summary = BucketSummary::default();
