@@ -398,6 +398,30 @@ fn multi_tensor_adamw_over_a_bucket_of_parameters() {
     assert_eq!(forms, vec![format!("MultiTensor {{ elements: {sizes:?}, chunk: 64 }}")], "one launch for the bucket");
 }
 
+/// Scalars computed from scalar operands (a global gradient norm from per-parameter sums of
+/// squares, its clipping coefficient) are computed once per work item, before the element
+/// loop: inside it, LLVM cannot hoist their loads past the loop's stores (the buffers may
+/// alias), and a bucket summing 100 norms per element ran 15x slower.
+#[test]
+fn scalars_of_scalar_operands_are_computed_before_the_element_loop() {
+    let n = 4097;
+    let src = format!(
+        "graph clip\ninput %g: f32[{n}]\ninput %s0: f32[]\ninput %s1: f32[]\ninput %s2: f32[]\n\
+         %a: f32[] = add(%s0, %s1)\n%b: f32[] = add(%a, %s2)\n%norm: f32[] = sqrt(%b)\n\
+         %one: f32[] = full() {{dtype = f32, shape = [], value = 1.0}}\n\
+         %den: f32[] = maximum(%norm, %one)\n%c: f32[] = div(%one, %den)\n\
+         %cb: f32[{n}] = broadcast_to(%c) {{shape = [{n}]}}\n%y: f32[{n}] = mul(%g, %cb)\noutput %y, %norm\n"
+    );
+    check_with(&src, EW, none, |name| if name.starts_with('s') { (0.0, 4.0) } else { (-2.0, 2.0) }, 14);
+    let g = shardc_ir::text::parse(&src).expect("parses");
+    let (fused, _) = shardc_passes::fusion::fuse(&g);
+    let (descs, _) = shardc_codegen::lower_host(&fused).expect("lowers");
+    let text = descs[0].module();
+    let (sqrt, inner) = (text.find("math.sqrt").expect("a sqrt"), text.find("scf.for").expect("an element loop"));
+    assert!(sqrt < inner, "the norm is computed inside the element loop:\n{text}");
+    assert_eq!(text.matches("math.sqrt").count(), 1, "the norm is computed once:\n{text}");
+}
+
 /// A body codegen cannot describe (a matmul belongs to the GEMM library, not to a kernel) is an
 /// error naming the kernel and its fused ops, from both lowerings; never a silent fallback.
 #[test]

@@ -399,6 +399,8 @@ impl<'g> Emitter<'g> {
             self.buffers.entry(o).or_insert(n);
         }
         // The body, into `self.out`, then the constants it used in front of it.
+        self.indent = 6;
+        self.hoist_uniform()?;
         self.indent = 4;
         match self.form.clone() {
             Form::Flat { elements, chunk } => self.flat(elements, chunk, &outs)?,
@@ -426,6 +428,56 @@ impl<'g> Emitter<'g> {
         let _ = writeln!(text, "    return");
         let _ = writeln!(text, "  }}");
         Ok(text)
+    }
+
+    /// Values that are one number for the whole kernel (scalars computed from scalar operands:
+    /// a gradient norm from per-parameter sums, a clipping coefficient, a bias correction),
+    /// once per work item, before any loop. Emitted lazily inside a loop they would be
+    /// recomputed per element: LLVM cannot hoist their loads past the loop's stores (the
+    /// buffers may alias), and a multi-tensor AdamW bucket summing 100 per-parameter norms
+    /// per element ran at 3 GB/s instead of 40.
+    fn hoist_uniform(&mut self) -> R<()> {
+        let g = self.g;
+        let scalar = |v: ValueId| g.ty(v).numel() == 1 && g.ty(v).dtype.is_float();
+        let mut uniform: std::collections::HashSet<ValueId> =
+            g.args.iter().map(|a| a.value).filter(|&v| scalar(v)).collect();
+        let c0 = self.index(0);
+        for a in &g.args {
+            if uniform.contains(&a.value) {
+                let x = self.load_at(a.value, &c0)?;
+                self.set_row(&format!("v{}", a.value.0), x);
+            }
+        }
+        for n in &g.nodes {
+            let elementwise = !matches!(
+                n.op,
+                Op::ReduceSum
+                    | Op::ReduceMean
+                    | Op::ReduceMax
+                    | Op::Softmax
+                    | Op::CrossEntropy
+                    | Op::CrossEntropyGrad
+                    | Op::LayerNorm
+                    | Op::RmsNorm
+                    | Op::LayerNormGrad
+                    | Op::RmsNormGrad
+                    | Op::Rope
+                    | Op::Full
+            );
+            if !(elementwise
+                && !n.inputs.is_empty()
+                && n.inputs.iter().all(|v| uniform.contains(v))
+                && n.outputs.iter().all(|&o| scalar(o)))
+            {
+                continue;
+            }
+            for &o in &n.outputs {
+                let x = self.elem(o, &c0)?;
+                self.set_row(&format!("v{}", o.0), x);
+                uniform.insert(o);
+            }
+        }
+        Ok(())
     }
 
     fn flat(&mut self, elements: usize, chunk: usize, outs: &[ValueId]) -> R<()> {
@@ -961,6 +1013,7 @@ impl<'g> Emitter<'g> {
                 self.set_row(&key("pos"), pf);
             }
             Op::Full => {}
+            _ if n.outputs.iter().all(|o| self.lookup_row(&format!("v{}", o.0)).is_some()) => {}
             _ if n.outputs.iter().any(|&o| self.is_row_valued(o, cols)) => {
                 // Elementwise on per-row values (e.g. log(sum) + max): computed once per row.
                 let ins: Vec<String> =

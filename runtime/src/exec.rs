@@ -4,11 +4,12 @@
 //! What runs where: `fused` nodes call codegen's host kernels ([`HostKernels`]); `matmul` is a
 //! GEMM (the `gemm` crate, on the rank's threads); collectives go through the in-process
 //! communicator ([`InProcess`]); `reshape` and `identity` are views (the planner gives them
-//! their operand's bytes); `transpose`, `take_shard`, `concat` and `split` are copies; the
-//! remaining ops of a step (embedding lookups and their gradients, norm weight gradients,
-//! integer masks, constants: a few per layer) run through the reference interpreter's kernel
-//! for that op ([`shardc_ir::interp::eval_node`]), reading and writing the
-//! arena, and are counted as such in [`ExecStats`].
+//! their operand's bytes); `transpose`, `take_shard`, `concat` and `split` are copies;
+//! embedding lookups and their gradients, norm weight gradients and reductions that are not
+//! row statistics run as host code ([`crate::native`], f32); what remains (integer masks,
+//! constants, other dtypes: a few nodes per step) runs through the reference interpreter's
+//! kernel for that op ([`shardc_ir::interp::eval_node`]), reading and writing the arena, and
+//! is counted as such in [`ExecStats`].
 //!
 //! Safety: operands and results are byte ranges of one arena. Rust code only touches them
 //! through safe slices split at disjoint ranges (a plan that overlaps a node's operand and
@@ -230,6 +231,8 @@ pub struct HostProgram {
     work_items: HashMap<String, usize>,
     /// Per node: what `--report` counts its time as, and its name in a trace (made once).
     labels: Vec<(String, String)>,
+    /// Per node: run by [`crate::native`] (else, for ops without a case here, the interpreter).
+    native: Vec<bool>,
 }
 
 impl HostProgram {
@@ -270,8 +273,10 @@ impl HostProgram {
         }
         // SHARDC_REPORT_KERNELS=1 reports each kernel by name instead of by family.
         let by_name = std::env::var_os("SHARDC_REPORT_KERNELS").is_some();
-        let labels = program.nodes.iter().map(|n| label(&program, n, by_name)).collect();
+        let native: Vec<bool> = program.nodes.iter().map(|n| crate::native::handles(&program, n)).collect();
+        let labels = program.nodes.iter().zip(&native).map(|(n, &nat)| label(&program, n, by_name, nat)).collect();
         Ok(HostProgram {
+            native,
             program,
             offset,
             arena_bytes,
@@ -474,6 +479,10 @@ impl HostProgram {
                         Err(source) => ExecError::Comm { rank, source },
                     })?;
                 }
+                _ if self.native[i] => {
+                    let bufs = self.buffers(arena, n).map_err(fail)?;
+                    crate::native::run(g, n, bufs, threads).map_err(fail)?;
+                }
                 _ => {
                     let ins: Vec<Tensor> = n.inputs.iter().map(|&v| self.read(arena, v)).collect();
                     let refs: Vec<&Tensor> = ins.iter().collect();
@@ -501,6 +510,25 @@ impl HostProgram {
             b.copy_from_slice(a);
         }
         Ok(stats)
+    }
+
+    /// Node `n`'s operands and its one result as bytes of the arena; the result must not
+    /// overlap an operand.
+    fn buffers<'a>(&self, arena: &'a mut Arena, n: &Node) -> Result<crate::native::Buffers<'a>, String> {
+        let out = self.range(n.output());
+        let ins: Vec<Range<usize>> = n.inputs.iter().map(|&v| self.range(v)).collect();
+        if ins.iter().any(|r| r.start < out.end && out.start < r.end) {
+            return Err("the result overlaps an operand in the memory plan".into());
+        }
+        let base = arena.bytes_mut().as_mut_ptr();
+        // SAFETY: every range lies inside the arena (checked in `new`); the result's range is
+        // disjoint from the operands' (checked above), which are only read.
+        unsafe {
+            Ok(crate::native::Buffers {
+                ins: ins.iter().map(|r| std::slice::from_raw_parts(base.add(r.start) as *const u8, r.len())).collect(),
+                out: std::slice::from_raw_parts_mut(base.add(out.start), out.len()),
+            })
+        }
     }
 
     /// A (batched, broadcasting) matrix product through the `gemm` crate (chosen over
@@ -768,8 +796,9 @@ impl HostProgram {
 }
 
 /// What `--report` counts node `n`'s time as (`kernel FAMILY`, or `kernel NAME` with
-/// `by_name`; `gemm`, `copy`, `collective KIND`, `interpreter OP`), and its name in a trace.
-fn label(g: &Graph, n: &Node, by_name: bool) -> (String, String) {
+/// `by_name`; `gemm`, `copy`, `collective KIND`, `host OP` for [`crate::native`]'s ops,
+/// `interpreter OP`), and its name in a trace.
+fn label(g: &Graph, n: &Node, by_name: bool, native: bool) -> (String, String) {
     let kernel = n.attrs.str("kernel").unwrap_or_default().to_string();
     let what = match n.op {
         Op::Fused if by_name => format!("kernel {kernel}"),
@@ -777,10 +806,26 @@ fn label(g: &Graph, n: &Node, by_name: bool) -> (String, String) {
         Op::MatMul => "gemm".into(),
         Op::Reshape | Op::Identity | Op::Transpose | Op::Concat | Op::Split | Op::TakeShard => "copy".into(),
         op if op.is_collective() => format!("collective {}", op.name()),
+        op if native => format!("host {}", op.name()),
         op => format!("interpreter {}", op.name()),
     };
     let name = match n.op {
         Op::Fused => kernel,
+        Op::MatMul => {
+            // The product's shape, for reading a trace: batch x m x k x n.
+            let (a, out) = (g.ty(n.inputs[0]), g.ty(n.output()));
+            let ro = out.rank();
+            let k = if n.attrs.bool_or("transpose_a", false) { a.shape[a.rank() - 2] } else { a.shape[a.rank() - 1] };
+            let batch: usize = out.shape[..ro - 2].iter().product();
+            let (m, nn) = (out.shape[ro - 2], out.shape[ro - 1]);
+            let t = |b: bool| if b { "T" } else { "" };
+            format!(
+                "matmul %{} [{batch} x {m} x {k} x {nn}{}{}]",
+                g.name_of(n.output()),
+                if n.attrs.bool_or("transpose_a", false) { format!(", A{}", t(true)) } else { String::new() },
+                if n.attrs.bool_or("transpose_b", false) { format!(", B{}", t(true)) } else { String::new() }
+            )
+        }
         op => format!("{} %{}", op.name(), g.name_of(n.output())),
     };
     (what, name)

@@ -20,4 +20,5 @@ pub mod data;
 pub mod exec;
 pub mod host_kernels;
 pub mod init;
+mod native;
 pub mod train;
