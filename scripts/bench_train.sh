@@ -6,7 +6,8 @@
 # shardc: the compiled step on the host engine (one rank, and dp=2 on the same cores) and the
 # reference interpreter; PyTorch: eager and torch.compile (scripts/bench_train.py, plain
 # PyTorch GPT-2). Needs the venv scripts/make_fixtures.sh makes (.venv-fixtures, torch);
-# without it only shardc's figures are printed. STEPS=N (default 10) steps per measurement.
+# without it only shardc's figures are printed. Every figure is the median of STEPS=N (default
+# 10) steps after 3 warm-up steps (the first includes torch.compile's compilation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -21,13 +22,24 @@ cat > "$out/small-gpt/config.json" <<'JSON'
 {"model_type": "gpt2", "vocab_size": 256, "n_positions": 256, "n_embd": 384, "n_layer": 6, "n_head": 6, "tie_word_embeddings": true}
 JSON
 threads=$(nproc)
+# shardc: tokens per step over the median step time, the first 3 steps dropped (as the
+# PyTorch peer measures); PyTorch: the peer's own figure.
+tps_steps() {
+  python3 -c '
+import json, sys
+steps = [json.loads(l) for l in sys.stdin if l.startswith("{")]
+tokens = int(sys.argv[1])
+times = sorted(s["step_s"] for s in steps[3:])
+print(tokens / times[len(times) // 2])' "$1"
+}
 tps() { tail -1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["tokens_per_s"])'; }
 bench() {  # name model batch seq
   local name=$1 model=$2 B=$3 T=$4
   local host interp dp2 eager compiled
-  host=$($shardc train "$model" --data "$out/shakespeare.bin" --batch "$B" --seq "$T" --steps "$STEPS" --json | tps)
-  dp2=$($shardc train "$model" --data "$out/shakespeare.bin" --batch "$B" --seq "$T" --steps "$STEPS" --json --mesh dp=2 | tps)
-  interp=$($shardc train "$model" --data "$out/shakespeare.bin" --batch "$B" --seq "$T" --steps "$STEPS" --json --engine interp | tps)
+  local run="$shardc train $model --data $out/shakespeare.bin --batch $B --seq $T --steps $((STEPS + 3)) --json"
+  host=$($run | tps_steps $((B * T)))
+  dp2=$($run --mesh dp=2 | tps_steps $((B * T)))
+  interp=$($run --engine interp | tps_steps $((B * T)))
   eager=null; compiled=null
   if [ -x "$VENV/bin/python" ]; then
     eager=$("$VENV/bin/python" scripts/bench_train.py "$model/config.json" "$B" "$T" "$STEPS" eager | tps)

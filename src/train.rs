@@ -433,6 +433,7 @@ fn train_loop(
         let shards = dp_shards(&mesh, &x, &y);
         let t_step = Instant::now();
         let s = trainer.step_spmd(shards, lr, k + 1)?;
+        let step_s = t_step.elapsed().as_secs_f64();
         if k == start && !lp.json {
             eprintln!("first step: {:.3} s", t_step.elapsed().as_secs_f64());
         }
@@ -448,7 +449,8 @@ fn train_loop(
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;
         if lp.json {
-            let line = serde_json::json!({"step": k + 1, "loss": s.loss, "lr": lr, "grad_norm": s.grad_norm, "tokens_per_s": progress.tokens_per_s(k + 1)});
+            let line = serde_json::json!({"step": k + 1, "loss": s.loss, "lr": lr, "grad_norm": s.grad_norm,
+                "tokens_per_s": progress.tokens_per_s(k + 1), "step_s": step_s});
             println!("{line}");
         } else {
             progress.show(k + 1, s.loss, lr);

@@ -364,6 +364,12 @@ impl<'g> Emitter<'g> {
         self.emit(&format!("arith.{op} {a}, {b} : f32"))
     }
 
+    /// An accumulation of a row loop: `fastmath<reassoc>` lets LLVM keep several partial
+    /// sums (a vectorized reduction) instead of one serial chain of adds.
+    fn acc(&mut self, op: &str, a: &str, b: &str) -> String {
+        self.emit(&format!("arith.{op} {a}, {b} fastmath<reassoc> : f32"))
+    }
+
     fn un(&mut self, op: &str, a: &str) -> String {
         self.emit(&format!("{op} {a} : f32"))
     }
@@ -893,7 +899,7 @@ impl<'g> Emitter<'g> {
                 let init = if max { self.fconst(f64::NEG_INFINITY) } else { self.fconst(0.0) };
                 let [s] = self.row_loop(cols, &[init], |e, c, acc| {
                     let v = e.elem(x, c)?;
-                    Ok(vec![if max { e.bin("maximumf", &acc[0], &v) } else { e.bin("addf", &acc[0], &v) }])
+                    Ok(vec![if max { e.acc("maximumf", &acc[0], &v) } else { e.acc("addf", &acc[0], &v) }])
                 })?;
                 let s = if n.op == Op::ReduceMean {
                     let k = self.fconst(cols as f64);
@@ -921,14 +927,14 @@ impl<'g> Emitter<'g> {
                 let init = self.fconst(f64::NEG_INFINITY);
                 let [m] = self.row_loop_to(&visible, &[init], |e, c, acc| {
                     let v = e.elem(x, c)?;
-                    Ok(vec![e.bin("maximumf", &acc[0], &v)])
+                    Ok(vec![e.acc("maximumf", &acc[0], &v)])
                 })?;
                 let zero = self.fconst(0.0);
                 let [s] = self.row_loop_to(&visible, &[zero], |e, c, acc| {
                     let v = e.elem(x, c)?;
                     let d = e.bin("subf", &v, &m);
                     let ex = e.un("math.exp", &d);
-                    Ok(vec![e.bin("addf", &acc[0], &ex)])
+                    Ok(vec![e.acc("addf", &acc[0], &ex)])
                 })?;
                 self.set_row(&key("max"), m.clone());
                 self.set_row(&key("sum"), s.clone());
@@ -959,7 +965,7 @@ impl<'g> Emitter<'g> {
                     let zero = self.fconst(0.0);
                     let [s] = self.row_loop(cols, &[zero], |e, c, acc| {
                         let v = e.elem(x, c)?;
-                        Ok(vec![e.bin("addf", &acc[0], &v)])
+                        Ok(vec![e.acc("addf", &acc[0], &v)])
                     })?;
                     self.bin("divf", &s, &cn)
                 } else {
@@ -970,7 +976,7 @@ impl<'g> Emitter<'g> {
                     let v = e.elem(x, c)?;
                     let d = e.bin("subf", &v, &mean);
                     let d2 = e.bin("mulf", &d, &d);
-                    Ok(vec![e.bin("addf", &acc[0], &d2)])
+                    Ok(vec![e.acc("addf", &acc[0], &d2)])
                 })?;
                 let var = self.bin("divf", &ss, &cn);
                 let ep = self.fconst(eps);
@@ -991,7 +997,7 @@ impl<'g> Emitter<'g> {
                         let d = e.bin("subf", &v, &mean);
                         let xh = e.bin("mulf", &d, &rstd);
                         let gx = e.bin("mulf", &gg, &xh);
-                        Ok(vec![e.bin("addf", &acc[0], &gg), e.bin("addf", &acc[1], &gx)])
+                        Ok(vec![e.acc("addf", &acc[0], &gg), e.acc("addf", &acc[1], &gx)])
                     })?;
                     let mg = self.bin("divf", &sg, &cn);
                     let mgx = self.bin("divf", &sgx, &cn);
