@@ -28,7 +28,14 @@ pub struct InProcess {
     world: usize,
     state: Mutex<BarrierState>,
     wake: Condvar,
-    posts: Vec<RwLock<Vec<u8>>>,
+    /// Per rank: its post, in 8-byte words (so that a post's f32 or f64 view is aligned), and
+    /// its length in bytes.
+    posts: Vec<RwLock<(Vec<u64>, usize)>>,
+}
+
+fn post_bytes(p: &(Vec<u64>, usize)) -> &[u8] {
+    // SAFETY: the words are plain bytes; `p.1` <= 8 * p.0.len() (set in `post`).
+    unsafe { std::slice::from_raw_parts(p.0.as_ptr() as *const u8, p.1) }
 }
 
 impl InProcess {
@@ -37,7 +44,7 @@ impl InProcess {
             world,
             state: Mutex::new(BarrierState { waiting: 0, generation: 0, failed: None }),
             wake: Condvar::new(),
-            posts: (0..world).map(|_| RwLock::new(Vec::new())).collect(),
+            posts: (0..world).map(|_| RwLock::new((Vec::new(), 0))).collect(),
         }
     }
 
@@ -78,15 +85,28 @@ impl InProcess {
     /// One collective step: posts `mine`, then calls `read` with every rank's post (indexed by
     /// rank), then waits until every rank has read.
     pub fn exchange<R>(&self, rank: usize, mine: &[u8], read: impl FnOnce(&[&[u8]]) -> R) -> Result<R, CommError> {
-        {
-            let mut post = self.posts[rank].write().unwrap_or_else(|p| p.into_inner());
-            post.clear();
-            post.extend_from_slice(mine);
-        }
+        self.post(rank, mine);
+        self.exchange_posted(rank, read)
+    }
+
+    /// The first half of [`InProcess::exchange`]: rank `rank`'s contribution to the next
+    /// collective (so that the caller need not hold its source while it reads the others').
+    pub fn post(&self, rank: usize, mine: &[u8]) {
+        let mut post = self.posts[rank].write().unwrap_or_else(|p| p.into_inner());
+        let (words, len) = &mut *post;
+        words.resize(mine.len().div_ceil(8), 0);
+        // SAFETY: `words` holds at least `mine.len()` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(mine.as_ptr(), words.as_mut_ptr() as *mut u8, mine.len()) };
+        *len = mine.len();
+    }
+
+    /// The rest of [`InProcess::exchange`], after [`InProcess::post`].
+    pub fn exchange_posted<R>(&self, rank: usize, read: impl FnOnce(&[&[u8]]) -> R) -> Result<R, CommError> {
+        let _ = rank;
         self.barrier()?;
         let result = {
             let guards: Vec<_> = self.posts.iter().map(|p| p.read().unwrap_or_else(|p| p.into_inner())).collect();
-            let views: Vec<&[u8]> = guards.iter().map(|g| g.as_slice()).collect();
+            let views: Vec<&[u8]> = guards.iter().map(|g| post_bytes(g)).collect();
             read(&views)
         };
         self.barrier()?;

@@ -732,6 +732,36 @@ impl HostProgram {
         let dim = |name: &str| shardc_ir::ops::normalize_dim(n.attrs.int(name).unwrap_or(0), x.rank()).map_err(Ok);
         let (src, dst) = (self.range(n.inputs[0]), self.range(n.output()));
         let es = elem(x.dtype);
+        // The part of the operand this rank's result sums: all of it for an all-reduce, the
+        // rank's contiguous block for a reduce-scatter over a leading dim.
+        let part = match n.op {
+            Op::AllReduce => Some(0..x.size_bytes()),
+            Op::ReduceScatter => {
+                let d = dim("dim")?;
+                x.shape[..d].iter().all(|&s| s == 1).then(|| me * out.size_bytes()..(me + 1) * out.size_bytes())
+            }
+            _ => None,
+        };
+        if let (Some(part), DType::F32) = (part, x.dtype) {
+            // The common cases in place: every rank sums the group's posts straight into its
+            // result, in f32, in group order (so every rank gets the same bits).
+            let max = n.attrs.str("reduce") == Some("max");
+            comm.post(rank, &arena.bytes()[src]);
+            return comm
+                .exchange_posted(rank, |all| {
+                    let out = crate::native::f32s_mut(&mut arena.bytes_mut()[dst]);
+                    out.copy_from_slice(crate::native::f32s(&all[group[0]][part.clone()]));
+                    for &r in &group[1..] {
+                        let other = crate::native::f32s(&all[r][part.clone()]);
+                        if max {
+                            out.iter_mut().zip(other).for_each(|(a, &b)| *a = a.max(b));
+                        } else {
+                            out.iter_mut().zip(other).for_each(|(a, &b)| *a += b);
+                        }
+                    }
+                })
+                .map_err(Err);
+        }
         let mine = arena.bytes()[src].to_vec();
         let result: Vec<u8> = match n.op {
             Op::AllReduce | Op::ReduceScatter => {
@@ -759,13 +789,12 @@ impl HostProgram {
             }
             Op::AllGather => {
                 let d = dim("dim")?;
-                comm.exchange(rank, &mine, |all| {
-                    let parts: Vec<&[u8]> = group.iter().map(|&r| all[r]).collect();
-                    let mut full = vec![0u8; out.size_bytes()];
-                    concat(&parts, &x.shape, es, d, &mut full);
-                    full
-                })
-                .map_err(Err)?
+                return comm
+                    .exchange(rank, &mine, |all| {
+                        let parts: Vec<&[u8]> = group.iter().map(|&r| all[r]).collect();
+                        concat(&parts, &x.shape, es, d, &mut arena.bytes_mut()[dst]);
+                    })
+                    .map_err(Err);
             }
             Op::AllToAll => {
                 let (s, c) = (dim("split_dim")?, dim("concat_dim")?);

@@ -51,7 +51,7 @@ pub(crate) struct Buffers<'a> {
     pub out: &'a mut [u8],
 }
 
-fn f32s(b: &[u8]) -> &[f32] {
+pub(crate) fn f32s(b: &[u8]) -> &[f32] {
     // SAFETY: arena values of f32 type start at 64-byte aligned offsets (the memory plan);
     // any bit pattern is an f32.
     let (pre, mid, post) = unsafe { b.align_to::<f32>() };
@@ -59,7 +59,7 @@ fn f32s(b: &[u8]) -> &[f32] {
     mid
 }
 
-fn f32s_mut(b: &mut [u8]) -> &mut [f32] {
+pub(crate) fn f32s_mut(b: &mut [u8]) -> &mut [f32] {
     // SAFETY: as for `f32s`.
     let (pre, mid, post) = unsafe { b.align_to_mut::<f32>() };
     assert!(pre.is_empty() && post.is_empty(), "an f32 value is not 4-byte aligned in the arena");
