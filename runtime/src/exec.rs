@@ -540,15 +540,21 @@ impl HostProgram {
         let (ta, tb, out) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]), g.ty(n.output()));
         let (tra, trb) = (n.attrs.bool_or("transpose_a", false), n.attrs.bool_or("transpose_b", false));
         let (ra, rb, ro) = (ta.rank(), tb.rank(), out.rank());
-        let (m, nn) = (out.shape[ro - 2], out.shape[ro - 1]);
+        let (mut m, nn) = (out.shape[ro - 2], out.shape[ro - 1]);
         let k = if tra { ta.shape[ra - 2] } else { ta.shape[ra - 1] };
         let (a_cols, b_cols) = (ta.shape[ra - 1], tb.shape[rb - 1]);
         let (rsa, csa) = if tra { (1, a_cols as isize) } else { (a_cols as isize, 1) };
         let (rsb, csb) = if trb { (1, b_cols as isize) } else { (b_cols as isize, 1) };
-        let batch = &out.shape[..ro - 2];
+        let mut batch = &out.shape[..ro - 2];
+        // A batch of row blocks times one matrix (a linear layer on [batch, seq, d]) is one
+        // taller product: B is packed once and the rows split over the threads.
+        if rb == 2 && !tra && ta.shape[..ra - 2] == *batch {
+            m *= batch.iter().product::<usize>();
+            batch = &[];
+        }
         let a_mat = ta.shape[ra - 2] * ta.shape[ra - 1];
         let b_mat = tb.shape[rb - 2] * tb.shape[rb - 1];
-        let a_off = batch_offsets(batch, &ta.shape[..ra - 2]);
+        let a_off = batch_offsets(batch, if batch.is_empty() { &[] } else { &ta.shape[..ra - 2] });
         let b_off = batch_offsets(batch, &tb.shape[..rb - 2]);
         if !(ta.dtype.is_float() && tb.dtype.is_float() && out.dtype.is_float()) {
             return Err(format!("matmul of {ta} and {tb} is not a floating product"));
