@@ -45,6 +45,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             );
             report.memory_plan = Some(arena);
             report.buckets = Some(buckets);
+            report.causal_products = Some(lowered.causal);
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         PlanFormat::Text => {
@@ -59,6 +60,13 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
                     buckets.collectives_bucketed,
                     buckets.buckets,
                     buckets.bucket_bytes >> 20
+                );
+            }
+            let c = lowered.causal;
+            if c.causal_a + c.causal_out > 0 {
+                println!(
+                    "causal attention: {} products skip the probabilities' zeros above the diagonal and {} skip results the causal softmax does not read (about half of the attention GEMMs' work)",
+                    c.causal_a, c.causal_out
                 );
             }
             if let Some(s) = &sharded {
@@ -113,6 +121,7 @@ impl Report<'_> {
             auto: ranked.map(|r| r.iter().take(AUTO_SHOWN).map(candidate).collect()),
             memory_plan: None,
             buckets: None,
+            causal_products: None,
         }
     }
 }

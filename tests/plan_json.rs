@@ -246,3 +246,13 @@ fn the_memory_planners_arena_is_in_the_plan() {
     eprintln!("arena {arena} bytes, accounted {accounted} bytes: {:.1}% apart", 100.0 * diff);
     assert!(diff < 0.10, "arena {arena} vs the plan's accounting {accounted}");
 }
+
+/// The plan says which matmuls skip causal attention's zeros (passes::causal): per layer of
+/// the bundled model, the probabilities' and their gradient's four products and the two
+/// products whose upper triangle nobody reads.
+#[test]
+fn causal_attention_products_are_counted() {
+    let p = plan(&["--mesh", "dp=2,tp=2", "--zero", "1", "--sequence-parallel"]);
+    let layers = 4;
+    assert_eq!(p["causal_products"], serde_json::json!({"causal_a": 4 * layers, "causal_out": 2 * layers}));
+}

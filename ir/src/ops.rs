@@ -156,7 +156,7 @@ op_table! {
         "cut along `dim` into pieces of `sizes` (one result each; they add up to the dim)";
     BroadcastTo => "broadcast_to", Arity::Exact(1), [req("shape", K::Ints)], infer_broadcast_to,
         "stretch to `shape` with numpy's rules";
-    MatMul => "matmul", Arity::Exact(2), [opt("transpose_a", K::Bool), opt("transpose_b", K::Bool)], infer_matmul,
+    MatMul => "matmul", Arity::Exact(2), [opt("transpose_a", K::Bool), opt("transpose_b", K::Bool), opt("causal_a", K::Bool), opt("causal_out", K::Bool)], infer_matmul,
         "batched a[..., M, K] @ b[..., K, N]; batch dims broadcast";
     ReduceSum => "reduce_sum", Arity::Exact(1), [req("dims", K::Ints), opt("keepdim", K::Bool)], infer_reduce,
         "sum over `dims`";

@@ -14,6 +14,7 @@
 pub mod analysis;
 pub mod autodiff;
 pub mod bucket;
+pub mod causal;
 pub mod cost;
 pub mod fusion;
 pub mod lowering;

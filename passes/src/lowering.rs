@@ -1,9 +1,11 @@
 //! The lowering of a per-rank step before codegen describes its kernels: collectives bucketed
-//! ([`crate::bucket`]), then kernels fused ([`crate::fusion`]). Codegen lowers this program,
+//! ([`crate::bucket`]), causal attention's zeros marked on its matmuls ([`crate::causal`]),
+//! then kernels fused ([`crate::fusion`]). Codegen lowers this program,
 //! the runtime runs it, and `shardc plan` reports its arena and buckets, so all three see one
 //! program.
 
 use crate::bucket::{bucket, BucketSummary, BUCKET_BYTES};
+use crate::causal::{mark_causal, CausalSummary};
 use crate::fusion::{fuse, FusionSummary};
 use shardc_ir::Graph;
 
@@ -11,12 +13,14 @@ use shardc_ir::Graph;
 pub struct Lowered {
     pub program: Graph,
     pub buckets: BucketSummary,
+    pub causal: CausalSummary,
     pub fusion: FusionSummary,
 }
 
 /// Buckets and fuses a per-rank step (module doc).
 pub fn lower(step: &Graph) -> Lowered {
     let (bucketed, buckets) = bucket(step, BUCKET_BYTES);
-    let (program, fusion) = fuse(&bucketed);
-    Lowered { program, buckets, fusion }
+    let (marked, causal) = mark_causal(&bucketed);
+    let (program, fusion) = fuse(&marked);
+    Lowered { program, buckets, causal, fusion }
 }

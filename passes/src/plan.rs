@@ -247,6 +247,9 @@ pub struct PlanReport {
     /// How the runtime coalesces the backward's and optimizer's collectives ([`crate::bucket`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub buckets: Option<BucketReport>,
+    /// Matmuls that skip causal attention's zeros ([`crate::causal`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub causal_products: Option<crate::causal::CausalSummary>,
 }
 
 /// Collective bucketing, as the lowering applies it.

@@ -18,6 +18,7 @@
 
 use crate::comm::{CommError, InProcess};
 use crate::host_kernels::{HostKernelError, HostKernels};
+use crate::matmul::MatMul;
 use shardc_ir::{DType, Data, Graph, Node, Op, Tensor, TensorType, ValueId};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -196,28 +197,6 @@ fn concat(parts: &[&[u8]], shape: &[usize], es: usize, dim: usize, out: &mut [u8
             out[(o * n + p) * row..(o * n + p + 1) * row].copy_from_slice(&part[o * row..(o + 1) * row]);
         }
     }
-}
-
-/// Offsets (in elements) of each batch entry of `inp`'s batch dims broadcast to `out`'s.
-fn batch_offsets(out: &[usize], inp: &[usize]) -> Vec<usize> {
-    let pad = out.len() - inp.len();
-    let total: usize = out.iter().product();
-    let mut strides = vec![0usize; out.len()];
-    let mut s = 1;
-    for d in (0..inp.len()).rev() {
-        strides[d + pad] = if inp[d] == 1 { 0 } else { s };
-        s *= inp[d];
-    }
-    (0..total)
-        .map(|mut i| {
-            let mut off = 0;
-            for d in (0..out.len()).rev() {
-                off += (i % out[d]) * strides[d];
-                i /= out[d];
-            }
-            off
-        })
-        .collect()
 }
 
 /// A per-rank program ready to run: the program, its arena layout and its kernels.
@@ -531,34 +510,16 @@ impl HostProgram {
         }
     }
 
-    /// A (batched, broadcasting) matrix product through the `gemm` crate (chosen over
-    /// `matrixmultiply` by `cargo bench --bench gemm`). f32 operands are read in place in the
-    /// arena; bf16 ones are widened to f32 first and the result rounded back, as the
-    /// interpreter computes them.
+    /// A matrix product ([`crate::matmul`]): f32 operands are read in place in the arena;
+    /// bf16 ones are widened to f32 first and the result rounded back, as the interpreter
+    /// computes them.
     fn gemm(&self, n: &Node, arena: &mut Arena, threads: usize) -> Result<(), String> {
         let g = &self.program;
         let (ta, tb, out) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]), g.ty(n.output()));
-        let (tra, trb) = (n.attrs.bool_or("transpose_a", false), n.attrs.bool_or("transpose_b", false));
-        let (ra, rb, ro) = (ta.rank(), tb.rank(), out.rank());
-        let (mut m, nn) = (out.shape[ro - 2], out.shape[ro - 1]);
-        let k = if tra { ta.shape[ra - 2] } else { ta.shape[ra - 1] };
-        let (a_cols, b_cols) = (ta.shape[ra - 1], tb.shape[rb - 1]);
-        let (rsa, csa) = if tra { (1, a_cols as isize) } else { (a_cols as isize, 1) };
-        let (rsb, csb) = if trb { (1, b_cols as isize) } else { (b_cols as isize, 1) };
-        let mut batch = &out.shape[..ro - 2];
-        // A batch of row blocks times one matrix (a linear layer on [batch, seq, d]) is one
-        // taller product: B is packed once and the rows split over the threads.
-        if rb == 2 && !tra && ta.shape[..ra - 2] == *batch {
-            m *= batch.iter().product::<usize>();
-            batch = &[];
-        }
-        let a_mat = ta.shape[ra - 2] * ta.shape[ra - 1];
-        let b_mat = tb.shape[rb - 2] * tb.shape[rb - 1];
-        let a_off = batch_offsets(batch, if batch.is_empty() { &[] } else { &ta.shape[..ra - 2] });
-        let b_off = batch_offsets(batch, &tb.shape[..rb - 2]);
         if !(ta.dtype.is_float() && tb.dtype.is_float() && out.dtype.is_float()) {
             return Err(format!("matmul of {ta} and {tb} is not a floating product"));
         }
+        let product = MatMul::of(g, n);
         let (ra_, rb_, rc_) = (self.range(n.inputs[0]), self.range(n.inputs[1]), self.range(n.output()));
         let overlaps = |x: &Range<usize>| x.start < rc_.end && rc_.start < x.end;
         if overlaps(&ra_) || overlaps(&rb_) {
@@ -582,65 +543,9 @@ impl HostProgram {
         let a_ptr = wa.as_ref().map_or(unsafe { base.add(ra_.start) } as *const f32, |w| w.as_ptr());
         let b_ptr = wb.as_ref().map_or(unsafe { base.add(rb_.start) } as *const f32, |w| w.as_ptr());
         let c_ptr = wc.as_mut().map_or(unsafe { base.add(rc_.start) } as *mut f32, |w| w.as_mut_ptr());
-        struct Ptrs(*const f32, *const f32, *mut f32);
-        // SAFETY: threads write disjoint output matrices (one batch entry each).
-        unsafe impl Sync for Ptrs {}
-        let ptrs = Ptrs(a_ptr, b_ptr, c_ptr);
-        // Rows r0..r0 + rows of batch entry `bi`.
-        let one = |bi: usize, r0: usize, rows: usize| {
-            let p = &ptrs;
-            // SAFETY: rows r0..r0 + rows of batch entry `bi` of each operand and of the result
-            // lie inside their buffers (static shapes), with the strides computed above.
-            unsafe {
-                gemm::gemm(
-                    rows,
-                    nn,
-                    k,
-                    p.2.add(bi * m * nn + r0 * nn),
-                    1,
-                    nn as isize,
-                    false,
-                    p.0.add(a_off[bi] * a_mat).offset(r0 as isize * rsa),
-                    csa,
-                    rsa,
-                    p.1.add(b_off[bi] * b_mat),
-                    csb,
-                    rsb,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            }
-        };
-        let batches = batch.iter().product::<usize>();
-        if m * nn > 0 {
-            use rayon::prelude::*;
-            if threads > 1 && batches >= threads {
-                let per = batches.div_ceil(threads);
-                (0..threads).into_par_iter().for_each(|t| {
-                    for bi in t * per..((t + 1) * per).min(batches) {
-                        one(bi, 0, m);
-                    }
-                });
-            } else if threads > 1 && m >= 64 * threads {
-                // Few large products: each split by rows over the threads (`cargo bench --bench
-                // gemm`: the library's own parallel split is slower on the narrow shapes).
-                let rows = m.div_ceil(threads);
-                for bi in 0..batches {
-                    (0..threads).into_par_iter().for_each(|t| {
-                        let r0 = t * rows;
-                        one(bi, r0, rows.min(m - r0));
-                    });
-                }
-            } else {
-                for bi in 0..batches {
-                    one(bi, 0, m);
-                }
-            }
-        }
+        // SAFETY: the buffers hold the operands' and the result's elements (their types), and
+        // the result does not overlap an operand.
+        unsafe { product.run(a_ptr, b_ptr, c_ptr, threads) };
         if let Some(c) = wc {
             let t = Tensor { dtype: out.dtype, shape: out.shape.clone(), data: Data::F32(c) };
             encode(out, &t, &mut arena.bytes_mut()[rc_])?;

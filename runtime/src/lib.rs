@@ -20,5 +20,6 @@ pub mod data;
 pub mod exec;
 pub mod host_kernels;
 pub mod init;
+pub mod matmul;
 mod native;
 pub mod train;
