@@ -108,9 +108,10 @@ pub fn compile(a: &CompileArgs) -> Result<()> {
     let fused = !a.no_fusion;
     let mut summary = None;
     if fused {
-        let (g, s) = shardc_passes::fusion::fuse(&c.step.graph);
-        c.step.graph = g;
-        summary = Some(s);
+        // The program `train`, `plan` and the runtime see: buckets, causal marks, kernels.
+        let lowered = shardc_passes::lowering::lower(&c.step.graph);
+        c.step.graph = lowered.program;
+        summary = Some(lowered.fusion);
     }
     if a.check {
         check_numerics(&c, &a.step)?;

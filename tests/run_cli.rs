@@ -141,6 +141,17 @@ fn a_bundle_runs_like_the_interpreter_and_resumes_exactly() {
         );
         assert!(r["seconds_per_step"]["gemm"]["calls_per_step"].as_u64().unwrap() > 0, "{r}");
     }
+    // What `shardc plan` predicts for these options is what each rank allocated and used.
+    let (code, out, err) =
+        shardc(&[&["plan", &model(), "--batch", "4", "--seq", "8"][..], &MESH, &["--format", "json"]].concat());
+    assert_eq!(code, 0, "{err}");
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let planned = plan["memory_plan"]["arena_bytes"].as_f64().unwrap();
+    for r in ranks {
+        let hw = r["arena_high_water_bytes"].as_f64().unwrap();
+        assert_eq!(r["predicted_bytes"].as_f64().unwrap(), planned, "the run's plan is `shardc plan`'s");
+        assert!(hw >= 0.97 * planned, "rank {}: high-water {hw}, plan {planned}", r["rank"]);
+    }
     let t: serde_json::Value = serde_json::from_slice(&std::fs::read(&trace).unwrap()).unwrap();
     let events = t["traceEvents"].as_array().unwrap();
     let tracks: std::collections::BTreeSet<u64> = events.iter().filter_map(|e| e["tid"].as_u64()).collect();
