@@ -22,6 +22,9 @@ cat > "$out/small-gpt/config.json" <<'JSON'
 {"model_type": "gpt2", "vocab_size": 256, "n_positions": 256, "n_embd": 384, "n_layer": 6, "n_head": 6, "tie_word_embeddings": true}
 JSON
 threads=$(nproc)
+# The machine's measured f32 GEMM peak: the best all-core figure of `cargo bench --bench gemm`
+# (the `gemm` crate, which matches MKL and OpenBLAS here), measured in this run.
+peak=$(cargo bench --quiet --bench gemm 2>/dev/null | awk '$2 == "x" && $4 == "x" && NF == 8 && $8 > m { m = $8 } END { print m }')
 # shardc: tokens per step over the median step time, the first 3 steps dropped (as the
 # PyTorch peer measures); PyTorch: the peer's own figure.
 tps_steps() {
@@ -45,10 +48,16 @@ bench() {  # name model batch seq
     eager=$("$VENV/bin/python" scripts/bench_train.py "$model/config.json" "$B" "$T" "$STEPS" eager | tps)
     compiled=$("$VENV/bin/python" scripts/bench_train.py "$model/config.json" "$B" "$T" "$STEPS" compile 2>/dev/null | tps)
   fi
-  python3 - "$name" "$B" "$T" "$threads" "$host" "$dp2" "$interp" "$eager" "$compiled" <<'PY'
+  # Model FLOPs per step: the plan's 2 M N K over every matrix product of the one-rank f32 step
+  # (attention's whole products, as PyTorch computes them).
+  local flops
+  flops=$($shardc plan "$model" --batch "$B" --seq "$T" --precision f32 --format json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["flops_per_step"])')
+  python3 - "$name" "$B" "$T" "$threads" "$host" "$dp2" "$interp" "$eager" "$compiled" "$flops" "$peak" <<'PY'
 import sys
 name, b, t, threads = sys.argv[1:5]
 host, dp2, interp, eager, comp = (None if v == "null" else float(v) for v in sys.argv[5:10])
+flops, peak = float(sys.argv[10]), float(sys.argv[11])
 print(f"{name}, {b} x {t} tokens per step, f32, {threads} threads:")
 rows = [("shardc, host engine, 1 rank", host), ("shardc, host engine, dp=2", dp2),
         ("shardc, reference interpreter", interp), ("PyTorch eager", eager), ("PyTorch torch.compile", comp)]
@@ -57,6 +66,12 @@ for label, v in rows:
 for label, peer in [("eager", eager), ("torch.compile", comp)]:
     if peer:
         print(f"  ratio shardc (1 rank) / PyTorch {label}: {host / peer:.2f}")
+tokens = int(b) * int(t)
+for label, v in [("shardc, 1 rank", host), ("shardc, dp=2", dp2), ("PyTorch eager", eager), ("PyTorch torch.compile", comp)]:
+    if v:
+        rate = flops * v / tokens / 1e9
+        print(f"  {label:<22} {rate:6.1f} GFLOP/s of model FLOPs ({flops / 1e9:.1f} GFLOP per step), "
+              f"{100 * rate / peak:3.0f}% of the measured GEMM peak ({peak:.0f} GFLOP/s)")
 PY
 }
 bench "bundled model (examples/shakespeare-char)" examples/shakespeare-char 8 128
