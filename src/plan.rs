@@ -31,10 +31,14 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
         &shardc_passes::strategy::plan_input(&forward, params_total, &setup, sharded.as_ref(), compute),
         &device,
     );
-    let fits = p.memory_per_device.total as u64 <= budget;
     // The program codegen lowers and `shardc run` allocates.
     let lowered = shardc_passes::lowering::lower(&step.graph);
     let arena = shardc_passes::plan::ArenaSummary::of_program(&lowered.program);
+    // A plan fits when both the model-state accounting and the arena the runtime will
+    // allocate do (the arena is above the accounting where buckets or ZeRO-3's gathered
+    // parameters add buffers).
+    let need = p.memory_per_device.total.max(arena.arena_bytes);
+    let fits = need as u64 <= budget;
     let buckets = shardc_passes::plan::BucketReport::of(&lowered.buckets);
     match args.format {
         PlanFormat::Json => {
@@ -43,6 +47,7 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
                 sharded.as_ref(),
                 ranked.as_deref(),
             );
+            report.fits_memory_budget = fits;
             report.memory_plan = Some(arena);
             report.buckets = Some(buckets);
             report.causal_products = Some(lowered.causal);
@@ -74,8 +79,9 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
             }
             let verdict = if fits { "fits" } else { "does NOT fit" };
             println!(
-                "memory: {} per device {verdict} the budget of {} ({})",
-                gib(p.memory_per_device.total),
+                "memory: {} per device ({}) {verdict} the budget of {} ({})",
+                gib(need),
+                if need == p.memory_per_device.total { "the accounting" } else { "the planner's arena" },
                 gib(budget as usize),
                 if a.par.memory_budget.is_some() { "--memory-budget" } else { "the device model's memory" }
             );
