@@ -34,7 +34,8 @@ pub enum Command {
     #[command(subcommand)]
     Data(DataCommand),
     /// What every rank holds and does for one training step: collectives, memory per device,
-    /// communication, FLOPs and a predicted step time, read off the compiled step.
+    /// communication, FLOPs and a predicted step time, read off the compiled step. Exits with
+    /// status 3 (after printing the plan) when the plan does not fit its memory budget.
     Plan(PlanArgs),
     /// Compile a model's training step for a mesh and write the per-rank program (.tir), or
     /// with `-o step.shardc` the bundle `shardc run` executes.

@@ -12,18 +12,7 @@ use shardc_runtime::data::{byte_tokens, write_llmc, TokenFile};
 use std::collections::BTreeMap;
 use std::io::Write;
 
-/// `1234567` -> `1,234,567`.
-pub fn thousands(n: usize) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
+pub use crate::render::thousands;
 
 fn write_output(path: Option<&std::path::Path>, text: &str) -> Result<()> {
     match path {
@@ -180,6 +169,12 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         inputs.insert(tgt.clone(), Tensor::int(DType::I64, vec![a.run.batch, a.run.seq], y));
         let out = run(&model.graph, &inputs, precision)?;
         let loss = out[loss_index].scalar().ok_or_else(|| anyhow!("the `%loss` output is not a scalar"))?;
+        if !loss.is_finite() {
+            bail!(
+                "batch {k}: the loss is {loss} (from {}); the weights or the model's config give a non-finite result, so there is no loss to report",
+                model.weights_from
+            );
+        }
         if !a.json {
             println!("batch {k}: loss {loss:.6}");
         }

@@ -9,6 +9,10 @@ fn main() {
     }
     let cli = shardc::cli::Cli::parse();
     if let Err(e) = shardc::run(cli) {
+        if let Some(over) = e.downcast_ref::<shardc::plan::DoesNotFit>() {
+            eprintln!("error: {over}");
+            std::process::exit(shardc::plan::DOES_NOT_FIT_EXIT);
+        }
         // Rendered diagnostics already start with "error:".
         let text = format!("{e:#}");
         if text.starts_with("error:") {

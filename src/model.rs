@@ -80,9 +80,37 @@ pub fn load_graph_padded(
     if let Some(m) = pad_vocab.filter(|&m| m > 0) {
         config.vocab_size = config.vocab_size.div_ceil(m) * m;
     }
+    check_sizes(&config, batch, seq).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
     let built = shardc_ir::import::build_graph(&config, BuildOptions { batch, seq, emit_logits: false, compute })
         .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
     Ok(built.graph)
+}
+
+/// Refuses a batch and sequence length whose activations could not be tensors: every size
+/// product is checked (a wrapped product once planned less memory at batch 2^53 than at 8), and
+/// the widest activations ([batch, seq, max(hidden, MLP, vocabulary)] and the attention scores
+/// [batch, heads, seq, seq]) must fit the IR's largest tensor.
+fn check_sizes(c: &shardc_ir::import::ModelConfig, batch: usize, seq: usize) -> Result<()> {
+    let widest = c.hidden.max(c.ffn_hidden).max(c.vocab_size);
+    let rows = batch.checked_mul(seq);
+    let products = [
+        ("[batch, seq, width]", rows.and_then(|r| r.checked_mul(widest))),
+        ("attention scores [batch, heads, seq, seq]", rows.and_then(|r| r.checked_mul(c.heads)?.checked_mul(seq))),
+    ];
+    for (what, elements) in products {
+        let bytes = elements.and_then(|n| n.checked_mul(4));
+        if bytes.is_none_or(|b| b > shardc_ir::MAX_TENSOR_BYTES) {
+            bail!(
+                "--batch and --seq are too large: a batch of {batch} sequences (per data-parallel rank) of {seq} tokens makes the {what} activations {}, over the {} bytes one tensor may hold; use a smaller --batch or --seq",
+                match elements {
+                    Some(n) => format!("{n} elements"),
+                    None => "more elements than a 64-bit count holds".to_string(),
+                },
+                shardc_ir::MAX_TENSOR_BYTES
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Loads MODEL for `batch` x `seq` tokens with `tokens`/`targets` inputs and a `loss` output.
@@ -95,6 +123,12 @@ pub fn load_model(
     seed: u64,
 ) -> Result<LoadedModel> {
     let (graph, mut params, config, mut weights_from) = if path.is_dir() {
+        let config_path = path.join("config.json");
+        if let Ok(text) = std::fs::read_to_string(&config_path) {
+            if let Ok((config, _)) = shardc_ir::import::parse_config(&text) {
+                check_sizes(&config, batch, seq).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+            }
+        }
         let m = import_dir(path, BuildOptions { batch, seq, emit_logits: false, compute })?;
         for w in &m.warnings {
             eprintln!("warning: {w}");
@@ -150,7 +184,27 @@ pub fn load_model(
         }
         weights_from = file.display().to_string();
     }
+    // Weights must be numbers: a NaN or infinity in a tensor is named before any work.
+    let from = if weights_from.is_empty() { path.display().to_string() } else { weights_from.clone() };
+    for (name, t) in &params {
+        let bad = match &t.data {
+            shardc_ir::Data::F32(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i] as f64)),
+            shardc_ir::Data::F64(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i])),
+            shardc_ir::Data::I64(_) => None,
+        };
+        if let Some((i, x)) = bad {
+            bail!("{from}: tensor `{name}` holds a non-finite value ({x}) at element {i}");
+        }
+    }
     if params.is_empty() && graph.args_of(ArgKind::Param).next().is_some() {
+        // The first large allocation: a model too large for this machine is refused here,
+        // with both figures, not killed mid-way.
+        let bytes = graph.args_of(ArgKind::Param).map(|p| graph.ty(p).numel() as u64 * 4).sum::<u64>();
+        shardc_runtime::machine::ensure_available(
+            &format!("{} ({} parameters in f32)", path.display(), crate::render::thousands(graph.param_count())),
+            bytes,
+        )
+        .map_err(|e| anyhow!(e))?;
         params = shardc_runtime::init::init_params(&graph, seed);
         weights_from = format!("GPT-2-style random initialisation (seed {seed}; no weights given)");
     }

@@ -15,6 +15,30 @@ pub fn gib(bytes: usize) -> String {
     format!("{:.3} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
+/// `shardc plan` printed a plan that does not fit its memory budget (exit status
+/// [`DOES_NOT_FIT_EXIT`]).
+#[derive(Debug)]
+pub struct DoesNotFit {
+    pub need: usize,
+    pub budget: u64,
+}
+
+/// The exit status of `shardc plan` for a plan over its budget (1 is any other error).
+pub const DOES_NOT_FIT_EXIT: i32 = 3;
+
+impl std::fmt::Display for DoesNotFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the plan needs {} per device, over the budget of {} (exit status {DOES_NOT_FIT_EXIT}); try more devices, a higher ZeRO stage, --sequence-parallel, or --auto",
+            gib(self.need),
+            gib(self.budget as usize)
+        )
+    }
+}
+
+impl std::error::Error for DoesNotFit {}
+
 pub fn plan(args: &PlanArgs) -> Result<()> {
     let a = &args.step;
     let device = parallel::device_model(&a.par)?;
@@ -86,6 +110,9 @@ pub fn plan(args: &PlanArgs) -> Result<()> {
                 if a.par.memory_budget.is_some() { "--memory-budget" } else { "the device model's memory" }
             );
         }
+    }
+    if !fits {
+        return Err(DoesNotFit { need, budget }.into());
     }
     Ok(())
 }

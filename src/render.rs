@@ -48,3 +48,16 @@ pub fn verify_errors(path: &Path, src: &str, g: &shardc_ir::Graph, map: &SourceM
     }
     out.join("\n\n")
 }
+
+/// `1234567` -> `1,234,567`.
+pub fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}

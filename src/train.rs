@@ -52,7 +52,23 @@ fn validate_loop(lp: &LoopArgs) -> Result<()> {
             bail!("{msg}");
         }
     }
+    if let Some(dir) = &lp.checkpoint {
+        checkpoint_dir_writable(dir)?;
+    }
     Ok(())
+}
+
+/// Fails now, before any step trains, when checkpoints could not be written to `dir` (so a run
+/// never trains for hours and then loses its weights): the directory is made if missing and a
+/// probe file written and removed.
+fn checkpoint_dir_writable(dir: &Path) -> Result<()> {
+    let fail = |e: std::io::Error| {
+        anyhow::anyhow!("--checkpoint {}: cannot write checkpoints there ({e}); nothing was trained", dir.display())
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".shardc-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)
 }
 
 /// A training run: the loop's options and the global batch shape.

@@ -158,3 +158,92 @@ fn compile_writes_programs_that_check_and_explain_names_the_rules() {
     let text = stdout(&o);
     assert!(text.contains("tp/matmul-row") && text.contains("sp/all-reduce-split") && text.contains("law:"), "{text}");
 }
+
+/// Hostile inputs fail before any work, with an error naming the flag, file or tensor: an
+/// overflowing batch, a config value outside its domain, a NaN in the weights, a checkpoint
+/// directory that cannot be written.
+#[test]
+fn hostile_inputs_fail_before_any_work() {
+    let gpt3 = root().join("examples/gpt3-175b");
+    let o = shardc(&["plan", s(&gpt3), "--batch", "9007199254740992", "--seq", "2048", "--mesh", "dp=8"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--batch and --seq are too large"), "{}", stderr(&o));
+
+    let fixture = root().join("tests/fixtures/hf/gpt2-tiny");
+    let tokens = fixture.join("train_tokens.bin");
+    let eval = |dir: &Path| shardc(&["eval", s(dir), "--data", s(&tokens), "--batch", "2", "--seq", "8"]);
+
+    // layer_norm_epsilon -1: refused when the config is read (it once gave `loss NaN`, exit 0).
+    let bad = tmp("negative-eps");
+    std::fs::create_dir_all(&bad).unwrap();
+    let config = std::fs::read_to_string(fixture.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&config).unwrap();
+    json["layer_norm_epsilon"] = serde_json::json!(-1.0);
+    std::fs::write(bad.join("config.json"), json.to_string()).unwrap();
+    let o = eval(&bad);
+    assert!(
+        !o.status.success() && stderr(&o).contains("`layer_norm_epsilon` must be a positive number"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A NaN in a weight tensor: named with its file and tensor.
+    let nan = tmp("nan-weights");
+    std::fs::create_dir_all(&nan).unwrap();
+    std::fs::copy(fixture.join("config.json"), nan.join("config.json")).unwrap();
+    let mut st = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let header_len = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&st[8..8 + header_len]).unwrap();
+    let (name, info) = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(k, v)| *k != "__metadata__" && v["dtype"] == "F32")
+        .expect("an f32 tensor");
+    let start = 8 + header_len + info["data_offsets"][0].as_u64().unwrap() as usize;
+    st[start..start + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    std::fs::write(nan.join("model.safetensors"), st).unwrap();
+    let o = eval(&nan);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("non-finite") && err.contains("model.safetensors"), "{err}");
+    assert!(err.contains(&format!("`{}`", name.replace("transformer.", ""))) || err.contains("tensor `"), "{err}");
+
+    // A 10-trillion-parameter config: refused with both figures before allocating anything
+    // (unless this machine really has 38 TiB free).
+    let huge = tmp("ten-trillion");
+    std::fs::create_dir_all(&huge).unwrap();
+    std::fs::write(
+        huge.join("config.json"),
+        r#"{"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 65536, "n_layer": 200, "n_head": 64}"#,
+    )
+    .unwrap();
+    if shardc_runtime::machine::memory_available().is_some_and(|b| b < 1 << 45) {
+        for cmd in ["eval", "train"] {
+            let o = shardc(
+                &[cmd, s(&huge), "--data", s(&tokens), "--batch", "1", "--seq", "8", "--steps", "1"]
+                    [..if cmd == "eval" { 8 } else { 10 }],
+            );
+            let err = stderr(&o);
+            assert!(!o.status.success() && err.contains("needs") && err.contains("available"), "{cmd}: {err}");
+        }
+    }
+
+    // An unwritable checkpoint directory is reported before the first step, not after the last.
+    let o = shardc(&[
+        "train",
+        s(&fixture),
+        "--data",
+        s(&tokens),
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "--steps",
+        "3",
+        "--checkpoint",
+        "/proc/shardc-no-such-dir",
+    ]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.contains("--checkpoint /proc/shardc-no-such-dir: cannot write"), "{err}");
+    assert!(!stdout(&o).contains("step 1") && !err.contains("step 1/"), "nothing trains: {err}");
+}

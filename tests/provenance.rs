@@ -13,7 +13,9 @@ fn root() -> PathBuf {
 
 fn shardc(args: &[&str]) -> String {
     let o = Command::new(env!("CARGO_BIN_EXE_shardc")).args(args).output().unwrap();
-    assert!(o.status.success(), "shardc {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
+    // `plan` exits with 3 for a plan over its memory budget, printed all the same.
+    let ok = o.status.success() || (args[0] == "plan" && o.status.code() == Some(3));
+    assert!(ok, "shardc {}: {}", args.join(" "), String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout).unwrap()
 }
 

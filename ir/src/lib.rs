@@ -32,4 +32,4 @@ pub use program::{
 };
 pub use sharding::Sharding;
 pub use tensor::{Data, Tensor};
-pub use types::{DType, Shape, TensorType};
+pub use types::{DType, Shape, TensorType, MAX_TENSOR_BYTES};

@@ -20,6 +20,7 @@ pub mod data;
 pub mod exec;
 pub mod host_kernels;
 pub mod init;
+pub mod machine;
 pub mod matmul;
 mod native;
 pub mod train;

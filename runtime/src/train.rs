@@ -30,6 +30,8 @@ pub enum TrainError {
     Mismatch { name: String, expected: TensorType, found: TensorType },
     #[error("the step graph's mesh has {expected} ranks but {found} initial states were given")]
     Ranks { expected: usize, found: usize },
+    #[error("{0}")]
+    Memory(String),
     #[error(transparent)]
     Interp(#[from] InterpError),
     #[error(transparent)]
@@ -159,6 +161,12 @@ impl Trainer {
         initial: Vec<HashMap<String, Tensor>>,
         threads: usize,
     ) -> Result<Self, TrainError> {
+        let world = program.program().mesh.world_size() as u64;
+        crate::machine::ensure_available(
+            &format!("the step's arenas ({world} ranks x {} bytes)", program.arena_bytes()),
+            world.saturating_mul(program.arena_bytes() as u64),
+        )
+        .map_err(TrainError::Memory)?;
         let mut t = Self::new_spmd(program.program().clone(), initial, Precision::F32)?;
         let mut arenas: Vec<Arena> = (0..t.values.len()).map(|_| program.arena()).collect();
         for (arena, values) in arenas.iter_mut().zip(&t.values) {

@@ -184,6 +184,18 @@ pub fn parse_config(text: &str) -> Result<(ModelConfig, Vec<String>), ConfigErro
     if config.hidden == 0 || config.heads == 0 {
         return err("hidden size and head count must be positive");
     }
+    let eps_key = if model_type == "gpt2" { "layer_norm_epsilon" } else { "rms_norm_eps" };
+    if !(config.norm_eps.is_finite() && config.norm_eps > 0.0) {
+        return err(format!(
+            "`{eps_key}` must be a positive number (it keeps the norm's denominator away from zero), found {}",
+            config.norm_eps
+        ));
+    }
+    if let Family::Llama { rope_theta } = config.family {
+        if !(rope_theta.is_finite() && rope_theta > 1.0) {
+            return err(format!("`rope_theta` must be a number above 1 (the rotary base), found {rope_theta}"));
+        }
+    }
     let warnings = f.unknown(IGNORED).into_iter().map(|w| w.replace("model", model_type)).collect();
     Ok((config, warnings))
 }
@@ -314,6 +326,24 @@ mod tests {
         assert!(e.message.contains("yarn"), "{e}");
         let e = parse_config("{\"model_type\": \"gpt2\",\n \"n_embd\": }").unwrap_err();
         assert!(e.message.contains("line 2"), "{e}");
+    }
+
+    /// Values outside their domain are refused when the config is read, not found later as a
+    /// NaN loss.
+    #[test]
+    fn out_of_domain_values_are_refused() {
+        let gpt2 = r#"{"model_type": "gpt2", "n_embd": 8, "n_head": 2, "n_layer": 1, "n_positions": 4, "vocab_size": 10, "layer_norm_epsilon": EPS}"#;
+        for eps in ["-1.0", "0", "0.0"] {
+            let e = parse_config(&gpt2.replace("EPS", eps)).unwrap_err();
+            assert!(e.message.contains("`layer_norm_epsilon` must be a positive number"), "{e}");
+        }
+        assert!(parse_config(&gpt2.replace("EPS", "1e-5")).is_ok());
+        let llama = r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10, "num_hidden_layers": 1, "intermediate_size": 8, "max_position_embeddings": 8, "rms_norm_eps": -1e-6}"#;
+        let e = parse_config(llama).unwrap_err();
+        assert!(e.message.contains("`rms_norm_eps`"), "{e}");
+        let llama = r#"{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 10, "num_hidden_layers": 1, "intermediate_size": 8, "max_position_embeddings": 8, "rope_theta": -5}"#;
+        let e = parse_config(llama).unwrap_err();
+        assert!(e.message.contains("`rope_theta` must be a number above 1"), "{e}");
     }
 
     #[test]
