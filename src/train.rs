@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-fn validate(a: &TrainArgs) -> Result<()> {
-    validate_loop(&a.lp)?;
+fn validate(a: &TrainArgs) -> Result<Option<checkpoint::DirLock>> {
+    let lock = validate_loop(&a.lp)?;
     let checks: [(bool, &str); 4] = [
         (a.run.batch >= 1 && a.run.seq >= 1, "--batch and --seq must be at least 1"),
         ((0.0..1.0).contains(&a.beta1) && (0.0..1.0).contains(&a.beta2), "--beta1 and --beta2 must be in [0, 1)"),
@@ -37,10 +37,12 @@ fn validate(a: &TrainArgs) -> Result<()> {
             bail!("{msg}");
         }
     }
-    Ok(())
+    Ok(lock)
 }
 
-fn validate_loop(lp: &LoopArgs) -> Result<()> {
+/// Checks the loop's flags; with `--checkpoint DIR`, takes the directory's lock (held by the
+/// caller for the whole run), which proves it writable before the first step.
+fn validate_loop(lp: &LoopArgs) -> Result<Option<checkpoint::DirLock>> {
     let checks: [(bool, &str); 4] = [
         (lp.steps >= 1, "--steps must be at least 1"),
         (lp.lr > 0.0 && lp.lr.is_finite(), "--lr must be a positive number"),
@@ -52,23 +54,18 @@ fn validate_loop(lp: &LoopArgs) -> Result<()> {
             bail!("{msg}");
         }
     }
-    if let Some(dir) = &lp.checkpoint {
-        checkpoint_dir_writable(dir)?;
+    // Fails now, before any step trains, when checkpoints could not be written there (a run
+    // never trains for hours and then loses its weights) or another run writes there.
+    match &lp.checkpoint {
+        Some(dir) => match checkpoint::DirLock::acquire(dir) {
+            Ok(lock) => Ok(Some(lock)),
+            Err(e @ checkpoint::CheckpointError::Locked { .. }) => Err(e.into()),
+            Err(e) => {
+                bail!("--checkpoint {}: cannot write checkpoints there ({e}); nothing was trained", dir.display())
+            }
+        },
+        None => Ok(None),
     }
-    Ok(())
-}
-
-/// Fails now, before any step trains, when checkpoints could not be written to `dir` (so a run
-/// never trains for hours and then loses its weights): the directory is made if missing and a
-/// probe file written and removed.
-fn checkpoint_dir_writable(dir: &Path) -> Result<()> {
-    let fail = |e: std::io::Error| {
-        anyhow::anyhow!("--checkpoint {}: cannot write checkpoints there ({e}); nothing was trained", dir.display())
-    };
-    std::fs::create_dir_all(dir).map_err(fail)?;
-    let probe = dir.join(format!(".shardc-probe-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(fail)?;
-    std::fs::remove_file(&probe).map_err(fail)
 }
 
 /// A training run: the loop's options and the global batch shape.
@@ -112,8 +109,18 @@ fn batch(a: &Job, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
 }
 
 /// What a checkpoint must agree on with the run that resumes it.
-fn run_identity(a: &Job, graph_name: &str, mesh: &str, zero: &str, sp: bool) -> BTreeMap<String, String> {
+fn run_identity(
+    a: &Job,
+    step: &shardc_ir::Graph,
+    graph_name: &str,
+    mesh: &str,
+    zero: &str,
+    sp: bool,
+) -> BTreeMap<String, String> {
+    // The training precision, read off the step: bf16 values mean mixed precision.
+    let bf16 = step.values.iter().any(|v| v.ty.dtype == shardc_ir::DType::Bf16);
     BTreeMap::from([
+        ("precision".to_string(), if bf16 { "bf16-mixed" } else { "f32" }.to_string()),
         ("graph".to_string(), graph_name.to_string()),
         ("batch".to_string(), a.batch.to_string()),
         ("seq".to_string(), a.seq.to_string()),
@@ -227,7 +234,7 @@ fn model_and_data(a: &TrainArgs, setup: &Strategy, compute: shardc_ir::DType) ->
 }
 
 pub fn train(a: &TrainArgs) -> Result<()> {
-    validate(a)?;
+    let _lock = validate(a)?;
     let device = parallel::device_model(&a.par)?;
     let compute = a.precision.compute_dtype();
     let job = parallel::Job { model: &a.run.model, batch: a.run.batch, seq: a.run.seq, compute };
@@ -248,7 +255,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
     let (dp, tp) = (setup.data_parallel(), setup.tensor_parallel());
     let (step, _) = build_parallel_step(&g, &opt, dp.as_ref(), tp.as_ref(), &device)?;
     let j = Job { lp: &a.lp, batch: a.run.batch, seq: a.run.seq, data_path: &a.run.data };
-    let identity = run_identity(&j, &model.graph.name, &setup.mesh().to_string(), &setup.zero.to_string(), setup.sp);
+    let identity =
+        run_identity(&j, &step.graph, &model.graph.name, &setup.mesh().to_string(), &setup.zero.to_string(), setup.sp);
     let (initial, start, origin) = match &a.lp.resume {
         Some(dir) => resume(dir, &step.graph, &identity)?,
         None => (checkpoint::rank_states(&step.graph, &model.params), 0, model.weights_from.clone()),
@@ -297,7 +305,7 @@ fn resume(
 
 /// `shardc run BUNDLE`: the training loop over a compiled bundle.
 pub fn run(a: &RunArgs) -> Result<()> {
-    validate_loop(&a.lp)?;
+    let _lock = validate_loop(&a.lp)?;
     let t = Instant::now();
     let bundle = shardc_bundle::Bundle::read(&a.bundle)?;
     let g = &bundle.header.program;
@@ -325,7 +333,7 @@ pub fn run(a: &RunArgs) -> Result<()> {
             batch * seq + 1
         );
     }
-    let identity = run_identity(&j, &bundle.header.model.name, &g.mesh.to_string(), &zero, sp);
+    let identity = run_identity(&j, g, &bundle.header.model.name, &g.mesh.to_string(), &zero, sp);
     let (initial, start, origin) = match (&a.lp.resume, &a.weights) {
         (Some(_), Some(_)) => bail!("--resume continues a checkpoint's weights; drop --weights"),
         (Some(dir), None) => resume(dir, g, &identity)?,

@@ -187,6 +187,13 @@ fn hostile_inputs_fail_before_any_work() {
         stderr(&o)
     );
 
+    // `model.safetensors` that is a directory: an error, not a silent random initialisation.
+    let weird = tmp("weights-dir");
+    std::fs::create_dir_all(weird.join("model.safetensors")).unwrap();
+    std::fs::copy(fixture.join("config.json"), weird.join("config.json")).unwrap();
+    let o = eval(&weird);
+    assert!(!o.status.success() && stderr(&o).contains("is not a readable file"), "{}", stderr(&o));
+
     // A NaN in a weight tensor: named with its file and tensor.
     let nan = tmp("nan-weights");
     std::fs::create_dir_all(&nan).unwrap();

@@ -307,3 +307,85 @@ fn tensor_parallel_training_matches_one_device_and_resumes_exactly() {
     let (code, _, err) = train(&base("2", &["--mesh", "tp=2,dp=2"]));
     assert!(code != 0 && err.contains("put `dp` first"), "{err}");
 }
+
+/// Checkpoint integrity (what kill -9, byte flips and hand edits once got through): a second
+/// writer fails at once naming the first; a killed save's temporary file is gone once the next
+/// run starts; a flipped byte, a missing moment, a NaN and a resume with another precision are
+/// errors naming the file and the tensor or setting.
+#[test]
+fn damaged_checkpoints_and_concurrent_writers_are_refused() {
+    use shardc_ir::import::weights::{read_metadata, read_tensors, write_tensors_with_metadata};
+    let dir = tmp("integrity");
+    let ckpt = dir.to_str().unwrap().to_string();
+    let with = |steps: &str, extra: &[&str]| {
+        let mut v = tiny_args(steps, extra);
+        v.extend(["--checkpoint".to_string(), ckpt.clone()]);
+        v
+    };
+    // A stale temporary of a killed save (a dead process id), and a run that writes checkpoints.
+    let stale = dir.join("checkpoint.safetensors.tmp.4000000000.1");
+    std::fs::write(&stale, b"half a checkpoint").unwrap();
+    let (code, _, err) = train(&with("2", &[]));
+    assert_eq!(code, 0, "{err}");
+    assert!(!stale.exists(), "the killed save's temporary file is removed");
+    let file = dir.join("checkpoint.safetensors");
+    let good = std::fs::read(&file).unwrap();
+
+    // A live process holds the directory: the second writer fails before training.
+    std::fs::write(dir.join("checkpoint.lock"), std::process::id().to_string()).unwrap();
+    let (code, lines, err) = train(&with("2", &[]));
+    assert!(code != 0 && lines.is_empty(), "{err}");
+    assert!(err.contains(&format!("another run (process {})", std::process::id())), "{err}");
+    std::fs::remove_file(dir.join("checkpoint.lock")).unwrap();
+
+    let resume = |extra: &[&str]| {
+        let mut v = tiny_args("4", extra);
+        v.extend(["--resume".to_string(), ckpt.clone()]);
+        train(&v)
+    };
+    let (code, _, err) = resume(&[]);
+    assert_eq!(code, 0, "an intact checkpoint resumes: {err}");
+
+    // One flipped byte in the last tensor's data.
+    let mut flipped = good.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x40;
+    std::fs::write(&file, &flipped).unwrap();
+    let (code, _, err) = resume(&[]);
+    assert!(
+        code != 0 && err.contains("does not match its checksum") && err.contains("checkpoint.safetensors"),
+        "{err}"
+    );
+
+    // A moment removed (its checksum entry stays in the header).
+    std::fs::write(&file, &good).unwrap();
+    let meta = read_metadata(&file).unwrap();
+    let mut tensors: std::collections::BTreeMap<String, shardc_ir::Tensor> =
+        read_tensors(&file).unwrap().into_iter().collect();
+    let moment = tensors.keys().find(|k| k.ends_with("adam_v")).cloned().expect("a moment");
+    let kept = tensors.remove(&moment).unwrap();
+    write_tensors_with_metadata(&file, &tensors, Some(meta.clone())).unwrap();
+    let (code, _, err) = resume(&[]);
+    assert!(code != 0 && err.contains(&format!("`{moment}`")) && err.contains("missing"), "{err}");
+    // The same without the checksum table: still missing.
+    let mut bare = meta.clone();
+    bare.remove("tensor_sha256");
+    write_tensors_with_metadata(&file, &tensors, Some(bare.clone())).unwrap();
+    let (code, _, err) = resume(&[]);
+    assert!(code != 0 && err.contains(&format!("`{moment}`")) && err.contains("is missing"), "{err}");
+
+    // A NaN in a weight (no checksum table to catch it first).
+    tensors.insert(moment, kept);
+    let weight = tensors.keys().find(|k| !k.contains("adam")).cloned().unwrap();
+    if let shardc_ir::Data::F32(v) = &mut tensors.get_mut(&weight).unwrap().data {
+        v[0] = f32::NAN;
+    }
+    write_tensors_with_metadata(&file, &tensors, Some(bare)).unwrap();
+    let (code, _, err) = resume(&[]);
+    assert!(code != 0 && err.contains(&format!("`{weight}`")) && err.contains("non-finite"), "{err}");
+
+    // Another precision than the checkpoint's.
+    std::fs::write(&file, &good).unwrap();
+    let (code, _, err) = resume(&["--precision", "bf16-mixed"]);
+    assert!(code != 0 && err.contains("precision = f32") && err.contains("precision = bf16-mixed"), "{err}");
+}

@@ -6,6 +6,13 @@
 //! the format and what a resuming run must agree on (the caller's identity map), plus the step.
 //! Which arguments are parameters and moments, and how each rank holds a parameter, is read off
 //! the step graph's signature (roles and layouts), never off names.
+//!
+//! Integrity: the file is written atomically (a temporary file of its own name, flushed, renamed,
+//! the directory flushed); a run that writes checkpoints holds [`DirLock`] on the directory, so
+//! a second writer fails at once naming the first, and temporaries left by a killed writer are
+//! removed when the next one takes the lock; the header records a SHA-256 per tensor, and
+//! loading checks every checksum, that every parameter and moment the step needs is there,
+//! and that every value is finite, naming the file and the tensor.
 
 use crate::train::Trainer;
 use shardc_ir::import::weights::{read_metadata, read_tensors, write_tensors_with_metadata};
@@ -16,8 +23,12 @@ use std::path::{Path, PathBuf};
 
 /// The file inside a checkpoint directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
-/// The `format` metadata value of the layout this module writes.
-pub const CHECKPOINT_FORMAT: &str = "shardc-checkpoint-v1";
+/// The `format` metadata value of the layout this module writes (v2: v1 plus checksums).
+pub const CHECKPOINT_FORMAT: &str = "shardc-checkpoint-v2";
+/// The layout before checksums, still read.
+const CHECKPOINT_FORMAT_V1: &str = "shardc-checkpoint-v1";
+/// The lock file of a directory being written.
+pub const LOCK_FILE: &str = "checkpoint.lock";
 
 /// Why a checkpoint could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -33,8 +44,88 @@ pub enum CheckpointError {
     Mismatch { path: PathBuf, key: String, found: String, want: String },
     #[error("{}: metadata has no valid `step`", .0.display())]
     NoStep(PathBuf),
+    #[error("{}: tensor `{tensor}` {problem}; the checkpoint is damaged or incomplete (resume from an earlier one, or start over)", .path.display())]
+    Damaged { path: PathBuf, tensor: String, problem: String },
+    #[error("{}: another run (process {pid}) is writing checkpoints to this directory; give each run its own --checkpoint DIR", .dir.display())]
+    Locked { dir: PathBuf, pid: u32 },
+    #[error("{}: {source}", .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     File(#[from] ImportError),
+}
+
+/// The lock a run holds on its checkpoint directory while it trains (removed when dropped).
+#[derive(Debug)]
+pub struct DirLock {
+    path: PathBuf,
+}
+
+fn process_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists() || !Path::new("/proc/self").exists()
+}
+
+impl DirLock {
+    /// Takes `dir` (made if missing) for this process: fails naming the holder when a live
+    /// process holds it; takes over a dead holder's lock and removes the temporary files a
+    /// killed save left.
+    pub fn acquire(dir: &Path) -> Result<DirLock, CheckpointError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|source| CheckpointError::CreateDir { path: dir.to_path_buf(), source })?;
+        let path = dir.join(LOCK_FILE);
+        let io = |source| CheckpointError::Io { path: path.clone(), source };
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    write!(f, "{}", std::process::id()).map_err(io)?;
+                    let lock = DirLock { path };
+                    lock.remove_stale_temporaries(dir)?;
+                    return Ok(lock);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if pid != std::process::id() && process_alive(pid) => {
+                            return Err(CheckpointError::Locked { dir: dir.to_path_buf(), pid })
+                        }
+                        // A dead (or unreadable) holder's lock: take it over.
+                        _ => std::fs::remove_file(&path).map_err(io)?,
+                    }
+                }
+                Err(e) => return Err(io(e)),
+            }
+        }
+        Err(CheckpointError::Io { path, source: std::io::Error::other("the lock kept reappearing") })
+    }
+
+    fn remove_stale_temporaries(&self, dir: &Path) -> Result<(), CheckpointError> {
+        let prefix = shardc_ir::import::weights::temp_prefix(&dir.join(CHECKPOINT_FILE));
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// SHA-256 of a tensor's stored bytes (little-endian f32, or i64 for integer tensors).
+fn checksum(t: &Tensor) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    match &t.data {
+        shardc_ir::Data::I64(v) => v.iter().for_each(|x| h.update(x.to_le_bytes())),
+        _ => t.to_f32().iter().for_each(|x| h.update(x.to_le_bytes())),
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Rank r's key for a tensor that differs between ranks.
@@ -75,6 +166,8 @@ pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -
     }
     let mut meta: HashMap<String, String> = metadata.into_iter().collect();
     meta.insert("format".into(), CHECKPOINT_FORMAT.into());
+    let sums: BTreeMap<&str, String> = tensors.iter().map(|(k, t)| (k.as_str(), checksum(t))).collect();
+    meta.insert("tensor_sha256".into(), serde_json::to_string(&sums).expect("a map of strings"));
     let path = dir.join(CHECKPOINT_FILE);
     write_tensors_with_metadata(&path, &tensors, Some(meta))?;
     Ok(path)
@@ -116,8 +209,16 @@ pub fn load(dir: &Path, step: &Graph, identity: &BTreeMap<String, String>) -> Re
         return Err(CheckpointError::Missing(dir.to_path_buf()));
     }
     let meta = read_metadata(&path)?;
-    let format = (String::from("format"), CHECKPOINT_FORMAT.to_string());
-    for (key, want) in std::iter::once(&format).map(|(k, v)| (k, v)).chain(identity.iter()) {
+    let format = meta.get("format").map(String::as_str).unwrap_or("(missing)");
+    if format != CHECKPOINT_FORMAT && format != CHECKPOINT_FORMAT_V1 {
+        return Err(CheckpointError::Mismatch {
+            path,
+            key: "format".into(),
+            found: format.to_string(),
+            want: CHECKPOINT_FORMAT.into(),
+        });
+    }
+    for (key, want) in identity.iter() {
         let found = meta.get(key).map(String::as_str).unwrap_or("(missing)");
         if found != want {
             return Err(CheckpointError::Mismatch {
@@ -130,5 +231,53 @@ pub fn load(dir: &Path, step: &Graph, identity: &BTreeMap<String, String>) -> Re
     }
     let at = meta.get("step").and_then(|s| s.parse().ok()).ok_or_else(|| CheckpointError::NoStep(path.clone()))?;
     let all: HashMap<String, Tensor> = read_tensors(&path)?.into_iter().collect();
-    Ok(Resumed { states: rank_states(step, &all), step: at, metadata: meta })
+    let damaged = |tensor: &str, problem: String| CheckpointError::Damaged {
+        path: path.clone(),
+        tensor: tensor.to_string(),
+        problem,
+    };
+    if let Some(sums) = meta.get("tensor_sha256") {
+        let sums: BTreeMap<String, String> = serde_json::from_str(sums)
+            .map_err(|e| damaged("(header)", format!("has an unreadable checksum table ({e})")))?;
+        for (name, want) in &sums {
+            let t = all.get(name).ok_or_else(|| damaged(name, "is listed in the header but missing".into()))?;
+            if &checksum(t) != want {
+                return Err(damaged(name, "does not match its checksum".into()));
+            }
+        }
+    }
+    for (name, t) in &all {
+        if let Some(i) = t.to_f64().iter().position(|x| !x.is_finite()) {
+            return Err(damaged(name, format!("holds a non-finite value at element {i}")));
+        }
+    }
+    let sig = step.signature();
+    for (p, layout) in sig.params() {
+        let name = step.name_of(p);
+        let want = layout.full_shape(&step.ty(p).shape, &step.mesh);
+        match all.get(name) {
+            None => return Err(damaged(name, "is missing".into())),
+            Some(t) if t.shape != want => {
+                return Err(damaged(name, format!("has shape {:?}, but the step's parameter is {want:?}", t.shape)))
+            }
+            Some(_) => {}
+        }
+    }
+    let states = rank_states(step, &all);
+    // Every parameter and moment each rank starts from must be there.
+    for (r, values) in states.iter().enumerate() {
+        for a in &step.args {
+            let is_state = matches!(a.role, shardc_ir::ArgRole::Param(_) | shardc_ir::ArgRole::Moment { .. });
+            let name = step.name_of(a.value);
+            if is_state && !values.contains_key(name) {
+                let key = if moments_differ(step) && !step.signature().params().any(|(p, _)| p == a.value) {
+                    rank_key(r, name)
+                } else {
+                    name.to_string()
+                };
+                return Err(damaged(&key, "is missing".into()));
+            }
+        }
+    }
+    Ok(Resumed { states, step: at, metadata: meta })
 }

@@ -13,9 +13,12 @@ const BUFFER_SUFFIXES: &[&str] = &["attn.bias", "attn.masked_bias", "rotary_emb.
 /// Prefixes under which Hugging Face stores the base model's tensors.
 const PREFIXES: &[&str] = &["", "transformer.", "model."];
 
-/// True when `dir` holds a checkpoint shardc can read.
+/// True when `dir` holds weights (a `model.safetensors` or its sharded index): anything under
+/// those names is read, so that a directory or a broken link is an error, not a silent random
+/// initialisation.
 pub fn has_weights(dir: &Path) -> bool {
-    dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file()
+    let present = |name: &str| std::fs::symlink_metadata(dir.join(name)).is_ok();
+    present("model.safetensors") || present("model.safetensors.index.json")
 }
 
 fn fail(path: &Path, message: impl Into<String>) -> ImportError {
@@ -27,6 +30,12 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>, ImportError> {
     let single = dir.join("model.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
+    }
+    if std::fs::symlink_metadata(&single).is_ok() {
+        return Err(fail(
+            &single,
+            "is not a readable file (a directory or a broken link?); remove it or put the weights there",
+        ));
     }
     let index = dir.join("model.safetensors.index.json");
     let text = std::fs::read_to_string(&index).map_err(|e| fail(&index, format!("cannot read: {e}")))?;
@@ -231,9 +240,43 @@ pub fn write_tensors_with_metadata(
         .map(|(n, d, s, b)| safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<Result<_, _>>()
         .map_err(|e| fail(path, format!("cannot encode: {e}")))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, metadata, &tmp).map_err(|e| fail(&tmp, format!("cannot write: {e}")))?;
-    std::fs::rename(&tmp, path).map_err(|e| fail(path, format!("cannot move the written file into place: {e}")))
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| fail(path, format!("cannot encode: {e}")))?;
+    write_atomically(path, &bytes)
+}
+
+/// The prefix of the temporary files [`write_atomically`] writes beside `path`
+/// (`NAME.tmp.PID.NANOS`), for cleaning up after a killed writer.
+pub fn temp_prefix(path: &Path) -> String {
+    format!("{}.tmp.", path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the whole new one: a
+/// temporary file with a name no other writer uses (process id and time), flushed to disk,
+/// renamed over `path`, and the directory flushed so that the rename survives a crash.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ImportError> {
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let tmp = dir.join(format!("{}{}.{nanos}", temp_prefix(path), std::process::id()));
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(&tmp, format!("cannot write: {e}")));
+    }
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(path, format!("cannot move the written file into place: {e}")));
+    }
+    // The rename is durable once the directory is: best effort where directories cannot be
+    // opened for syncing.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// The metadata map of a safetensors file's header (empty when it has none).
