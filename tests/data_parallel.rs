@@ -202,3 +202,39 @@ fn zero_communication_volumes_match_the_paper() {
         assert!(v >= lo && v <= hi, "stage {stage}: {v} Psi, expected between {lo} and {hi}");
     }
 }
+
+/// ZeRO-3's gathers run where they are needed (passes::gather_late): in the lowered step every
+/// parameter gather chain ends right before its first reader, so at most one layer's whole
+/// parameters (forward, or the backward's regathers) are live at once, and the lowered program
+/// computes what the unmoved one does (tests/host_runtime.rs runs it against the interpreter).
+#[test]
+fn zero3_gathers_run_just_before_their_readers() {
+    use shardc_ir::{Origin, StepRule};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/gpt2-tiny");
+    let local = import_dir(&dir, BuildOptions::f32(1, 16, false)).unwrap();
+    let mut forward = local.graph.clone();
+    forward.mesh = Mesh::parse("dp=2").unwrap();
+    let dp = DataParallel { axis: "dp".into(), zero_stage: shardc_ir::ZeroStage::Parameters };
+    let step = build_data_parallel_step(&forward, &AdamW::default(), Some(&dp)).unwrap();
+    let (late, moved) = shardc_passes::gather_late::gather_late(&step.graph);
+    assert!(moved > 0, "the step pass emits each phase's gathers together; some must move");
+    shardc_ir::verify::verify(&late).unwrap();
+    let chain = |n: &shardc_ir::Node| {
+        matches!(n.origin, Origin::Step { rule: StepRule::GatherParameters | StepRule::RegatherParameters, .. })
+    };
+    for (i, n) in late.nodes.iter().enumerate() {
+        if !chain(n) {
+            continue;
+        }
+        // The next node reads this one's result, or continues a gather chain.
+        let next = &late.nodes[i + 1];
+        assert!(
+            chain(next) || next.inputs.contains(&n.output()),
+            "`%{}` is not right before its reader (next: `%{}`)",
+            late.name_of(n.output()),
+            late.name_of(next.output())
+        );
+    }
+    let arena = |g: &shardc_ir::Graph| shardc_passes::memory::plan_memory(g).arena_bytes;
+    assert!(arena(&late) < arena(&step.graph), "{} vs {}", arena(&late), arena(&step.graph));
+}

@@ -7,7 +7,8 @@
 //!
 //! Which collectives: those of the backward and optimizer phases (gradient all-reduces and
 //! reduce-scatters, the all-gathers of updated parameter shards); the forward's stay where they
-//! are (ZeRO-3's gathers just before use). Members of one bucket have the same kind, mesh axis,
+//! are (ZeRO-3's gathers just before use), and so do ZeRO-3's backward regathers
+//! ([`crate::gather_late`] puts each before its first reader). Members of one bucket have the same kind, mesh axis,
 //! dtype and phase; none depends on another (checked by following every value derived from a
 //! member); a bucket holds at most [`BUCKET_BYTES`]. Reductions are elementwise across ranks, so
 //! every element gets the same sum in the same order: the result is bit-identical.
@@ -43,6 +44,10 @@ type Key = (Op, String, shardc_ir::DType, Phase);
 /// The bucketing key of a node, or `None` when it is not bucketed.
 fn key(g: &Graph, n: &Node) -> Option<Key> {
     if n.phase == Phase::Forward || n.outputs.len() != 1 || n.inputs.len() != 1 || !n.op.is_collective() {
+        return None;
+    }
+    // ZeRO-3's backward regathers run one by one where they are needed (crate::gather_late).
+    if matches!(n.origin, Origin::Step { rule: shardc_ir::StepRule::RegatherParameters, .. }) {
         return None;
     }
     let x = g.ty(n.inputs[0]);

@@ -17,6 +17,7 @@ pub mod bucket;
 pub mod causal;
 pub mod cost;
 pub mod fusion;
+pub mod gather_late;
 pub mod lowering;
 pub mod memory;
 pub mod pipeline;

@@ -1,4 +1,5 @@
-//! The lowering of a per-rank step before codegen describes its kernels: collectives bucketed
+//! The lowering of a per-rank step before codegen describes its kernels: ZeRO-3's parameter
+//! gathers moved next to their readers ([`crate::gather_late`]), collectives bucketed
 //! ([`crate::bucket`]), causal attention's zeros marked on its matmuls ([`crate::causal`]),
 //! then kernels fused ([`crate::fusion`]). Codegen lowers this program,
 //! the runtime runs it, and `shardc plan` reports its arena and buckets, so all three see one
@@ -19,7 +20,8 @@ pub struct Lowered {
 
 /// Buckets and fuses a per-rank step (module doc).
 pub fn lower(step: &Graph) -> Lowered {
-    let (bucketed, buckets) = bucket(step, BUCKET_BYTES);
+    let (late, _) = crate::gather_late::gather_late(step);
+    let (bucketed, buckets) = bucket(&late, BUCKET_BYTES);
     let (marked, causal) = mark_causal(&bucketed);
     let (program, fusion) = fuse(&marked);
     Lowered { program, buckets, causal, fusion }
