@@ -102,8 +102,8 @@ fn batch_starts(a: &Job, data: &TokenFile, k: usize) -> Vec<usize> {
 fn batch(a: &Job, data: &TokenFile, k: usize) -> (Vec<i64>, Vec<i64>) {
     let (mut x, mut y) = (Vec::with_capacity(a.batch * a.seq), Vec::with_capacity(a.batch * a.seq));
     for s in batch_starts(a, data, k) {
-        x.extend(data.tokens[s..s + a.seq].iter().map(|&t| t as i64));
-        y.extend(data.tokens[s + 1..s + a.seq + 1].iter().map(|&t| t as i64));
+        x.extend(data.window(s, a.seq));
+        y.extend(data.window(s + 1, a.seq));
     }
     (x, y)
 }
@@ -474,7 +474,8 @@ fn train_loop(
         last_loss = s.loss;
         if lp.json {
             let line = serde_json::json!({"step": k + 1, "loss": s.loss, "lr": lr, "grad_norm": s.grad_norm,
-                "tokens_per_s": progress.tokens_per_s(k + 1), "step_s": step_s});
+                "tokens_per_s": progress.tokens_per_s(k + 1), "step_s": step_s,
+                "peak_rss_bytes": shardc_runtime::machine::peak_resident_bytes()});
             println!("{line}");
         } else {
             progress.show(k + 1, s.loss, lr);

@@ -39,7 +39,7 @@ fn side_by_side(model: &str, zero: u8, sp: bool, steps: usize, lr: f64) -> f64 {
     // initialisation and reads the bundled Shakespeare as bytes.
     let weights = local.weights.clone().unwrap_or_else(|| shardc_runtime::init::init_params(&local.graph, 0));
     let tokens: Vec<i64> = match TokenFile::open(&dir.join("train_tokens.bin")) {
-        Ok(t) => t.tokens.iter().map(|&x| x as i64).collect(),
+        Ok(t) => t.window(0, t.len()).collect(),
         Err(_) => std::fs::read(root.join("examples/data/shakespeare.txt")).unwrap()[..20_000]
             .iter()
             .map(|&b| b as i64)

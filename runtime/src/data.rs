@@ -5,6 +5,9 @@
 //!   token count), then the tokens: uint16 for version 1, uint32 for version 2.
 //! - raw uint16 little-endian tokens with no header (nanoGPT's `train.bin`).
 //!
+//! Files are memory-mapped and read in place, never read whole or widened. A headerless file
+//! whose bytes read as text is refused (it is a text file given to `--data` by mistake).
+//!
 //! Batches follow llm.c's order: in batch `k` of `B` rows of `T` tokens, row `b` reads the
 //! window starting at token `(k*B + b)*T`; the targets are the same window shifted by one.
 
@@ -23,28 +26,62 @@ pub struct DataError {
     pub message: String,
 }
 
-/// The tokens of one file, in memory.
+/// Where a token file's bytes are: mapped from the file (never read whole or widened), or
+/// owned (parsed from bytes in memory).
+#[derive(Debug)]
+enum Bytes {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Bytes {
+    fn get(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped(m) => m,
+            Bytes::Owned(v) => v,
+        }
+    }
+}
+
+/// The tokens of one file: memory-mapped, read in place (uint16 or uint32 little-endian), so a
+/// file of billions of tokens costs only the pages a batch touches.
 #[derive(Clone, Debug)]
 pub struct TokenFile {
     pub path: PathBuf,
-    pub tokens: Vec<u32>,
+    bytes: std::sync::Arc<Bytes>,
+    /// Where the tokens start, their width in bytes (2 or 4) and their count.
+    offset: usize,
+    width: usize,
+    count: usize,
     /// "llm.c v1", "llm.c v2" or "raw uint16".
     pub format: &'static str,
 }
 
 impl TokenFile {
-    /// Reads and checks a token file.
+    /// Maps and checks a token file.
     pub fn open(path: &Path) -> Result<TokenFile, DataError> {
-        let bytes =
-            std::fs::read(path).map_err(|e| DataError { path: path.into(), message: format!("cannot read: {e}") })?;
-        Self::from_bytes(path, &bytes)
+        let fail = |e: std::io::Error| DataError { path: path.into(), message: format!("cannot read: {e}") };
+        let file = std::fs::File::open(path).map_err(fail)?;
+        if file.metadata().map_err(fail)?.len() == 0 {
+            return Self::parse(path, Bytes::Owned(Vec::new()));
+        }
+        // SAFETY: the map is read-only; a token file changed by another process while it is
+        // mapped gives other tokens, never unsafety in this process's own memory (the same
+        // contract every reader of a mapped data set has).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(fail)?;
+        Self::parse(path, Bytes::Mapped(map))
     }
 
     /// Parses the bytes of a token file (`path` is only used in messages).
     pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TokenFile, DataError> {
+        Self::parse(path, Bytes::Owned(bytes.to_vec()))
+    }
+
+    fn parse(path: &Path, store: Bytes) -> Result<TokenFile, DataError> {
         let fail = |message: String| DataError { path: path.into(), message };
+        let bytes = store.get();
         let header_int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
-        if bytes.len() >= HEADER_BYTES && header_int(0) == LLMC_MAGIC {
+        let (offset, width, count, format) = if bytes.len() >= HEADER_BYTES && header_int(0) == LLMC_MAGIC {
             let version = header_int(1);
             let width = match version {
                 1 => 2,
@@ -57,41 +94,54 @@ impl TokenFile {
             };
             let count = usize::try_from(header_int(2))
                 .map_err(|_| fail(format!("header token count {} is negative", header_int(2))))?;
-            let body = &bytes[HEADER_BYTES..];
-            if body.len() != count * width {
+            let body = bytes.len() - HEADER_BYTES;
+            if body != count * width {
                 return Err(fail(format!(
-                    "header says {count} tokens ({} bytes) but {} bytes follow it; the file is truncated or not an llm.c token file",
-                    count * width,
-                    body.len()
+                    "header says {count} tokens ({} bytes) but {body} bytes follow it; the file is truncated or not an llm.c token file",
+                    count * width
                 )));
             }
-            let tokens = if width == 2 {
-                body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect()
-            } else {
-                body.chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))).collect()
-            };
-            return Ok(TokenFile {
-                path: path.into(),
-                tokens,
-                format: if width == 2 { "llm.c v1" } else { "llm.c v2" },
-            });
-        }
-        if !bytes.len().is_multiple_of(2) {
-            return Err(fail(format!(
-                "{} bytes is neither an llm.c token file (magic {LLMC_MAGIC}) nor raw uint16 tokens (an even number of bytes)",
-                bytes.len()
-            )));
-        }
-        let tokens = bytes.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect();
-        Ok(TokenFile { path: path.into(), tokens, format: "raw uint16" })
+            (HEADER_BYTES, width, count, if width == 2 { "llm.c v1" } else { "llm.c v2" })
+        } else {
+            if !bytes.len().is_multiple_of(2) {
+                return Err(fail(format!(
+                    "{} bytes is neither an llm.c token file (magic {LLMC_MAGIC}) nor raw uint16 tokens (an even number of bytes)",
+                    bytes.len()
+                )));
+            }
+            if looks_like_text(bytes) {
+                return Err(fail(
+                    "looks like text, not tokens (no llm.c header, and its bytes are printable characters); make a token file with `shardc data prepare TEXT -o tokens.bin`"
+                        .into(),
+                ));
+            }
+            (0, 2, bytes.len() / 2, "raw uint16")
+        };
+        Ok(TokenFile { path: path.into(), bytes: std::sync::Arc::new(store), offset, width, count, format })
     }
 
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.count == 0
+    }
+
+    /// Token `i` (< [`TokenFile::len`]).
+    pub fn get(&self, i: usize) -> u32 {
+        let at = self.offset + i * self.width;
+        let b = &self.bytes.get()[at..at + self.width];
+        if self.width == 2 {
+            u16::from_le_bytes([b[0], b[1]]) as u32
+        } else {
+            u32::from_le_bytes(b.try_into().expect("4 bytes"))
+        }
+    }
+
+    /// Tokens `start..start + len` as model inputs.
+    pub fn window(&self, start: usize, len: usize) -> impl Iterator<Item = i64> + '_ {
+        (start..start + len).map(move |i| self.get(i) as i64)
     }
 
     /// How many whole batches of `batch` x `seq` the file holds (each needs one extra token
@@ -120,16 +170,55 @@ impl TokenFile {
         let (mut x, mut y) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
         for b in 0..batch {
             let start = (k * batch + b) * seq;
-            x.extend(self.tokens[start..start + seq].iter().map(|&t| t as i64));
-            y.extend(self.tokens[start + 1..start + seq + 1].iter().map(|&t| t as i64));
+            x.extend(self.window(start, seq));
+            y.extend(self.window(start + 1, seq));
         }
         Ok((x, y))
     }
 
-    /// The largest token id, for checking against a vocabulary.
+    /// The largest token id, for checking against a vocabulary. A mapped file is read in
+    /// chunks through the page cache (`read`), so scanning it does not keep its pages resident
+    /// in this process.
     pub fn max_token(&self) -> Option<u32> {
-        self.tokens.iter().copied().max()
+        if self.is_empty() {
+            return None;
+        }
+        let chunk_max = |b: &[u8]| -> u32 {
+            if self.width == 2 {
+                b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).max().unwrap_or(0)
+            } else {
+                b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).max().unwrap_or(0)
+            }
+        };
+        if let Bytes::Mapped(_) = *self.bytes {
+            use std::io::{Read, Seek};
+            if let Ok(mut f) = std::fs::File::open(&self.path) {
+                let mut buf = vec![0u8; (1 << 20) / self.width * self.width];
+                let (mut left, mut best) = (self.count * self.width, 0u32);
+                if f.seek(std::io::SeekFrom::Start(self.offset as u64)).is_ok() {
+                    while left > 0 {
+                        let n = buf.len().min(left);
+                        if f.read_exact(&mut buf[..n]).is_err() {
+                            break;
+                        }
+                        best = best.max(chunk_max(&buf[..n]));
+                        left -= n;
+                    }
+                    if left == 0 {
+                        return Some(best);
+                    }
+                }
+            }
+        }
+        Some(chunk_max(&self.bytes.get()[self.offset..self.offset + self.count * self.width]))
     }
+}
+
+/// Whether a headerless file's first 4 KiB read as text: all printable ASCII or common
+/// whitespace (a uint16 token stream of a large vocabulary almost never does).
+fn looks_like_text(bytes: &[u8]) -> bool {
+    let head = &bytes[..bytes.len().min(4096)];
+    head.len() >= 64 && head.iter().all(|&b| b == b'\n' || b == b'\t' || b == b'\r' || (32..127).contains(&b))
 }
 
 /// Writes tokens in llm.c's format (version 1, uint16), atomically (temp file + rename).
@@ -182,7 +271,10 @@ mod tests {
     #[test]
     fn raw_and_broken_files() {
         let f = TokenFile::from_bytes(Path::new("raw.bin"), &[1, 0, 2, 0]).unwrap();
-        assert_eq!((f.format, f.tokens.clone()), ("raw uint16", vec![1, 2]));
+        assert_eq!((f.format, f.window(0, 2).collect::<Vec<_>>()), ("raw uint16", vec![1, 2]));
+        let text = b"To be, or not to be, that is the question: whether 'tis nobler in the mind\n".repeat(2);
+        let e = TokenFile::from_bytes(Path::new("hamlet.txt"), &text).unwrap_err();
+        assert!(e.to_string().contains("looks like text") && e.to_string().contains("data prepare"), "{e}");
         assert!(TokenFile::from_bytes(Path::new("odd.bin"), &[1, 0, 2]).is_err());
         let mut bytes = vec![0u8; HEADER_BYTES];
         bytes[..4].copy_from_slice(&LLMC_MAGIC.to_le_bytes());

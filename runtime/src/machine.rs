@@ -21,6 +21,16 @@ pub fn ensure_available(what: &str, need: u64) -> Result<(), String> {
     }
 }
 
+/// The most memory this process has held resident so far (`ru_maxrss`), in bytes.
+pub fn peak_resident_bytes() -> u64 {
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0;
+    }
+    (usage.ru_maxrss.max(0) as u64).saturating_mul(1024)
+}
+
 /// Bytes as GiB (or MiB below 1 GiB).
 pub fn human(bytes: u64) -> String {
     let gib = bytes as f64 / (1u64 << 30) as f64;
