@@ -1,9 +1,11 @@
 //! Training checkpoints: one safetensors file per directory, written atomically.
 //!
-//! Layout: every parameter whole, under its own name (so `shardc eval --weights` reads it
-//! whatever the mesh); AdamW moments under their names when every rank holds the same ones, else
-//! under `rank<r>/<name>` (ZeRO shards, tensor-parallel chunks). The header's metadata records
-//! the format and what a resuming run must agree on (the caller's identity map), plus the step.
+//! Layout: every parameter and every AdamW moment whole, under its own name (so `shardc eval
+//! --weights` reads it, and `--resume` cuts it for any mesh, ZeRO stage or SP setting, as
+//! Megatron's and torchtitan's distributed checkpoints reshard); the header records the format,
+//! the run's settings (the caller's identity map: only [`RESUME_MUST_MATCH`] must agree), the
+//! step and the checksums. Older layouts kept ZeRO shards and tensor-parallel chunks of moments
+//! under `rank<r>/<name>`; they are still read on the mesh that wrote them.
 //! Which arguments are parameters and moments, and how each rank holds a parameter, is read off
 //! the step graph's signature (roles and layouts), never off names.
 //!
@@ -23,10 +25,14 @@ use std::path::{Path, PathBuf};
 
 /// The file inside a checkpoint directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
-/// The `format` metadata value of the layout this module writes (v2: v1 plus checksums).
-pub const CHECKPOINT_FORMAT: &str = "shardc-checkpoint-v2";
-/// The layout before checksums, still read.
-const CHECKPOINT_FORMAT_V1: &str = "shardc-checkpoint-v1";
+/// The `format` metadata value of the layout this module writes (v3: every moment whole; v2:
+/// moments per rank where ranks differ, with checksums; v1: v2 without checksums).
+pub const CHECKPOINT_FORMAT: &str = "shardc-checkpoint-v3";
+/// Earlier layouts, still read (on the mesh that wrote them).
+const CHECKPOINT_FORMATS_PER_RANK: [&str; 2] = ["shardc-checkpoint-v2", "shardc-checkpoint-v1"];
+/// What a resume must agree on with the checkpoint; the mesh, ZeRO stage and sequence
+/// parallelism may change (a v3 checkpoint holds every tensor whole).
+pub const RESUME_MUST_MATCH: [&str; 6] = ["graph", "batch", "seq", "data_order", "seed", "precision"];
 /// The lock file of a directory being written.
 pub const LOCK_FILE: &str = "checkpoint.lock";
 
@@ -128,6 +134,29 @@ fn checksum(t: &Tensor) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// How moment `m` of parameter `p` is laid out over `step`'s mesh: as the parameter (its
+/// tensor-parallel chunk, its ZeRO-3 flat shard), or, when the moment is a flat shard of the
+/// parameter's local tensor (ZeRO-1/2), that layout plus a flat shard over the mesh axis whose
+/// size gives the moment's length. Read off the step's shapes and the parameter's layout.
+pub fn moment_layout(step: &Graph, p: shardc_ir::ValueId, m: shardc_ir::ValueId) -> shardc_ir::ParamLayout {
+    let layout = step.arg_of(p).and_then(|a| a.role.param_layout()).cloned().unwrap_or_default();
+    let (local, mine) = (&step.ty(p).shape, &step.ty(m).shape);
+    if local == mine {
+        return layout;
+    }
+    let numel: usize = local.iter().product();
+    let axis = step.mesh.axes.iter().find(|a| {
+        layout.split.as_ref().is_none_or(|s| s.axis != a.name) && mine.len() == 1 && mine[0] == numel.div_ceil(a.size)
+    });
+    match axis {
+        Some(a) => shardc_ir::ParamLayout {
+            flat_shard: Some(shardc_ir::FlatShard { axis: a.name.clone(), shape: local.clone() }),
+            ..layout
+        },
+        None => layout,
+    }
+}
+
 /// Rank r's key for a tensor that differs between ranks.
 pub fn rank_key(rank: usize, name: &str) -> String {
     format!("rank{rank}/{name}")
@@ -154,14 +183,13 @@ pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -
         let name = step.name_of(p);
         tensors.insert(name.to_string(), sig.whole_param(p, |r| &trainer.rank_values(r)[name]));
     }
-    let (differ, moments) = (moments_differ(step), sig.moment_names());
-    for r in 0..trainer.ranks() {
-        for (k, v) in trainer.rank_values(r).iter().filter(|(k, _)| moments.contains(k.as_str())) {
-            if differ {
-                tensors.insert(rank_key(r, k), v.clone());
-            } else if r == 0 {
-                tensors.insert(k.clone(), v.clone());
-            }
+    // Every moment whole, like its parameter, so that any mesh can resume from it.
+    for (p, layout) in sig.params() {
+        let full = layout.full_shape(&step.ty(p).shape, &step.mesh);
+        for (_, m) in sig.moments_of(p) {
+            let name = step.name_of(m);
+            let whole = moment_layout(step, p, m).assemble(&full, &step.mesh, |r| &trainer.rank_values(r)[name]);
+            tensors.insert(name.to_string(), whole);
         }
     }
     let mut meta: HashMap<String, String> = metadata.into_iter().collect();
@@ -176,16 +204,29 @@ pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -
 /// Every rank's starting state for `step` from whole parameters (and, when resuming, the
 /// checkpoint's moments).
 pub fn rank_states(step: &Graph, full: &HashMap<String, Tensor>) -> Vec<HashMap<String, Tensor>> {
-    let differ = moments_differ(step);
     let sig = step.signature();
-    let moments = sig.moment_names();
     let mut states = sig.rank_params(full);
     for (r, m) in states.iter_mut().enumerate() {
+        // Per-rank moments of an older checkpoint (written on this mesh).
         for (k, v) in full {
             if let Some(rest) = k.strip_prefix(&rank_key(r, "")) {
                 m.insert(rest.to_string(), v.clone());
-            } else if moments.contains(k.as_str()) && !differ {
-                m.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        // Whole moments, cut as this step lays them out.
+        for (p, layout) in sig.params() {
+            let want = layout.full_shape(&step.ty(p).shape, &step.mesh);
+            for (_, mo) in sig.moments_of(p) {
+                let name = step.name_of(mo);
+                match full.get(name) {
+                    Some(t) if !m.contains_key(name) && t.shape == want => {
+                        m.insert(name.to_string(), moment_layout(step, p, mo).cut(t, &step.mesh, r));
+                    }
+                    Some(t) if !m.contains_key(name) && t.shape == step.ty(mo).shape => {
+                        m.insert(name.to_string(), t.clone());
+                    }
+                    _ => {}
+                }
             }
         }
     }
@@ -210,7 +251,8 @@ pub fn load(dir: &Path, step: &Graph, identity: &BTreeMap<String, String>) -> Re
     }
     let meta = read_metadata(&path)?;
     let format = meta.get("format").map(String::as_str).unwrap_or("(missing)");
-    if format != CHECKPOINT_FORMAT && format != CHECKPOINT_FORMAT_V1 {
+    let per_rank = CHECKPOINT_FORMATS_PER_RANK.contains(&format);
+    if format != CHECKPOINT_FORMAT && !per_rank {
         return Err(CheckpointError::Mismatch {
             path,
             key: "format".into(),
@@ -218,7 +260,8 @@ pub fn load(dir: &Path, step: &Graph, identity: &BTreeMap<String, String>) -> Re
             want: CHECKPOINT_FORMAT.into(),
         });
     }
-    for (key, want) in identity.iter() {
+    // A v3 checkpoint resumes on any mesh, ZeRO stage and SP setting; older ones where written.
+    for (key, want) in identity.iter().filter(|(k, _)| per_rank || RESUME_MUST_MATCH.contains(&k.as_str())) {
         let found = meta.get(key).map(String::as_str).unwrap_or("(missing)");
         if found != want {
             return Err(CheckpointError::Mismatch {
@@ -270,7 +313,7 @@ pub fn load(dir: &Path, step: &Graph, identity: &BTreeMap<String, String>) -> Re
             let is_state = matches!(a.role, shardc_ir::ArgRole::Param(_) | shardc_ir::ArgRole::Moment { .. });
             let name = step.name_of(a.value);
             if is_state && !values.contains_key(name) {
-                let key = if moments_differ(step) && !step.signature().params().any(|(p, _)| p == a.value) {
+                let key = if per_rank && moments_differ(step) && !step.signature().params().any(|(p, _)| p == a.value) {
                     rank_key(r, name)
                 } else {
                     name.to_string()
