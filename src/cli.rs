@@ -186,6 +186,12 @@ pub struct TrainArgs {
     /// Arithmetic of the step.
     #[arg(long, value_enum, default_value_t = TrainPrecision::F32)]
     pub precision: TrainPrecision,
+    /// Start from these weights instead of the model directory's own (or a random
+    /// initialisation), on any mesh: a shardc checkpoint (its directory or its
+    /// checkpoint.safetensors; the parameters only, the optimizer starts fresh) or a safetensors
+    /// file under the model's parameter names.
+    #[arg(long, value_name = "WEIGHTS")]
+    pub init_from: Option<PathBuf>,
     #[command(flatten)]
     pub par: ParallelArgs,
 }

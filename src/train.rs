@@ -198,7 +198,11 @@ impl Progress {
 /// checked against each other.
 fn model_and_data(a: &TrainArgs, setup: &Strategy, compute: shardc_ir::DType) -> Result<(LoadedModel, TokenFile)> {
     let local_batch = a.run.batch / setup.dp;
-    let mut model = load_model(&a.run.model, local_batch, a.run.seq, compute, None, a.lp.seed)?;
+    if a.init_from.is_some() && a.lp.resume.is_some() {
+        bail!("--resume continues a checkpoint (weights and optimizer); --init-from starts a new run from weights: give one");
+    }
+    let init = a.init_from.as_ref().map(|p| if p.is_dir() { p.join(CHECKPOINT_FILE) } else { p.clone() });
+    let mut model = load_model(&a.run.model, local_batch, a.run.seq, compute, init.as_deref(), a.lp.seed)?;
     if a.par.pad_vocab_to_multiple_of.is_some() {
         crate::model::pad_vocab(
             &mut model,

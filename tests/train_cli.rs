@@ -458,3 +458,33 @@ fn resume_on_another_mesh_continues_the_run() {
         }
     }
 }
+
+/// `train --init-from` starts a new run from a checkpoint's weights on another mesh: its first
+/// loss is `eval`'s loss of those weights on the same batch; with `--resume` it is refused.
+#[test]
+fn init_from_starts_from_given_weights_on_any_mesh() {
+    let dir = tmp("init-from");
+    let ckpt = dir.join("ckpt").to_str().unwrap().to_string();
+    let args = |steps: &str, extra: &[&str]| {
+        let mut v = tiny_args(steps, &["--data-order", "sequential"]);
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let (code, _, err) = train(&args("3", &["--mesh", "dp=2", "--zero", "1", "--checkpoint", &ckpt]));
+    assert_eq!(code, 0, "{err}");
+    let (code, lines, err) = train(&args("1", &["--mesh", "tp=2", "--init-from", &ckpt]));
+    assert_eq!(code, 0, "{err}");
+    let first = lines[0]["loss"].as_f64().unwrap();
+    let model = root().join("tests/fixtures/hf/gpt2-tiny");
+    let weights = format!("{ckpt}/checkpoint.safetensors");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args(["eval", model.to_str().unwrap(), "--weights", &weights, "--data", tokens().to_str().unwrap()])
+        .args(["--batch", "2", "--seq", "16", "--batches", "1", "--json"])
+        .output()
+        .unwrap();
+    let eval: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want = eval["loss"].as_f64().unwrap();
+    assert!(((first - want) / want).abs() < 1e-5, "first loss {first}, eval of the weights {want}");
+    let (code, _, err) = train(&args("4", &["--init-from", &ckpt, "--resume", &ckpt]));
+    assert!(code != 0 && err.contains("give one"), "{err}");
+}
