@@ -44,6 +44,9 @@ pub enum Command {
     Run(RunArgs),
     /// What a bundle holds: program, kernels, memory plan, plan, model.
     Inspect(InspectArgs),
+    /// Write a checkpoint's weights as a Hugging Face model directory (config.json +
+    /// model.safetensors) that transformers and `shardc import` read.
+    Export(ExportArgs),
     /// Why a value has its sharding, and which rule put each adjacent collective there.
     Explain(ExplainArgs),
     /// Run compiler passes on a .tir graph (IR in, IR out), e.g. --passes autodiff,
@@ -262,6 +265,21 @@ pub struct RunArgs {
     pub weights: Option<PathBuf>,
     #[command(flatten)]
     pub lp: LoopArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A checkpoint: its directory (`--checkpoint DIR` of train/run) or its checkpoint.safetensors.
+    pub checkpoint: PathBuf,
+    /// The model directory the run trained (its config.json says the layout to write).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The output format: `hf` (Hugging Face's layout and names).
+    #[arg(long, default_value = "hf")]
+    pub format: String,
+    /// The directory to write.
+    #[arg(short, long)]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod commands;
 pub mod compile;
+pub mod export;
 pub mod host;
 pub mod inspect;
 pub mod kernels;
@@ -27,6 +28,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compile(a) => compile::compile(a),
         Command::Run(a) => train::run(a),
         Command::Inspect(a) => inspect::inspect(a),
+        Command::Export(a) => export::export(a),
         Command::Explain(a) => compile::explain(a),
         Command::Opt(a) => commands::opt(a),
         Command::Ops => commands::ops(),

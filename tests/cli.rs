@@ -254,3 +254,79 @@ fn hostile_inputs_fail_before_any_work() {
     assert!(!o.status.success() && err.contains("--checkpoint /proc/shardc-no-such-dir: cannot write"), "{err}");
     assert!(!stdout(&o).contains("step 1") && !err.contains("step 1/"), "nothing trains: {err}");
 }
+
+/// `shardc export` inverts the importer: weights that went through a training step unchanged
+/// (a learning rate far below every weight's ulp) come out bit for bit as the Hugging Face
+/// fixture's, for GPT-2 (fused `c_attn` rebuilt from q, k, v) and Llama; a trained checkpoint's
+/// export evaluates like the checkpoint itself. With the fixture venv (scripts/make_fixtures.sh),
+/// transformers loads the exported directory and reproduces the fixture's loss.
+#[test]
+fn export_writes_what_hugging_face_and_import_read() {
+    use shardc_ir::import::weights::read_tensors;
+    for name in ["gpt2-tiny", "llama-tiny"] {
+        let fixture = root().join("tests/fixtures/hf").join(name);
+        let data = fixture.join("train_tokens.bin");
+        let dir = tmp(&format!("export-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (ck, hf) = (dir.join("ck"), dir.join("hf"));
+        let args = ["--batch", "2", "--seq", "8", "--steps", "1", "--lr", "1e-30", "--min-lr", "0", "--json"];
+        let o = shardc(&[&["train", s(&fixture), "--data", s(&data), "--checkpoint", s(&ck)][..], &args].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let o = shardc(&["export", s(&ck), "--model", s(&fixture), "-o", s(&hf)]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let strip = |k: &str| k.trim_start_matches("transformer.").trim_start_matches("model.").to_string();
+        let original: std::collections::HashMap<String, shardc_ir::Tensor> =
+            read_tensors(&fixture.join("model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .map(|(k, v)| (strip(&k), v))
+                .collect();
+        let exported = read_tensors(&hf.join("model.safetensors")).unwrap();
+        assert_eq!(exported.len(), original.len(), "{name}: every tensor once");
+        for (k, t) in &exported {
+            let o = &original[&strip(k)];
+            assert_eq!((&t.shape, t.to_f32()), (&o.shape, o.to_f32()), "{name}: `{k}` differs from the fixture's");
+        }
+        // The exported directory evaluates like the original.
+        let eval = |extra: &[&str]| {
+            let o = shardc(
+                &[
+                    &["eval"][..],
+                    extra,
+                    &["--data", s(&fixture.join("tokens.bin")), "--batch", "2", "--seq", "16", "--json"],
+                ]
+                .concat(),
+            );
+            assert!(o.status.success(), "{}", stderr(&o));
+            serde_json::from_str::<serde_json::Value>(&stdout(&o)).unwrap()["loss"].as_f64().unwrap()
+        };
+        assert_eq!(eval(&[s(&hf)]), eval(&[s(&fixture)]), "{name}");
+        let python = root().join(".venv-fixtures/bin/python");
+        let has_transformers = python.exists()
+            && Command::new(&python).args(["-c", "import transformers"]).output().is_ok_and(|o| o.status.success());
+        if !has_transformers {
+            eprintln!(
+                "{name}: no .venv-fixtures with transformers (scripts/make_fixtures.sh makes it): the transformers load is not checked here; the bit-exact comparison above is"
+            );
+            continue;
+        }
+        let script = "import sys, json, torch, transformers\n\
+            m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).float().eval()\n\
+            b = open(sys.argv[2], 'rb').read()\n\
+            import struct\n\
+            n = struct.unpack('<3i', b[:12])[2]\n\
+            t = torch.tensor(struct.unpack('<%dH' % n, b[1024:1024 + 2 * n]), dtype=torch.long)\n\
+            x, y = t[:32].view(2, 16), t[1:33].view(2, 16)\n\
+            torch.set_grad_enabled(False)\n\
+            logits = m(x).logits\n\
+            print(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item())\n";
+        let o = Command::new(&python).args(["-c", script, s(&hf), s(&fixture.join("tokens.bin"))]).output().unwrap();
+        assert!(o.status.success(), "{name}: transformers could not load the export: {}", stderr(&o));
+        let loss: f64 = stdout(&o).trim().parse().unwrap();
+        let want = expected_loss(name);
+        assert!(
+            ((loss - want) / want).abs() < 1e-5,
+            "{name}: transformers gives {loss} on the export, {want} on the fixture"
+        );
+    }
+}
