@@ -25,8 +25,10 @@ pub fn export(a: &ExportArgs) -> Result<()> {
         std::fs::read_to_string(&config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
     let (config, _) = parse_config(&text).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
     let built = build_graph(&config, BuildOptions::f32(1, 1, false)).map_err(|e| anyhow!("{e}"))?;
-    // Each checkpoint key: its shape and the parameters that fill it.
-    let mut keys: BTreeMap<String, (Vec<usize>, Vec<(String, Option<(usize, usize)>)>)> = BTreeMap::new();
+    // Each checkpoint key: its shape and the parameters that fill it (with the columns of a
+    // fused tensor they were cut from).
+    type Parts = Vec<(String, Option<(usize, usize)>)>;
+    let mut keys: BTreeMap<String, (Vec<usize>, Parts)> = BTreeMap::new();
     for s in &built.sources {
         let e = keys.entry(s.key.clone()).or_insert_with(|| (s.key_shape.clone(), Vec::new()));
         e.1.push((s.param.clone(), s.last_dim_range));
