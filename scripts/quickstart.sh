@@ -54,7 +54,7 @@ $shardc run "$out/step.shardc" --data "$out/shakespeare.bin" \
   --steps "$STEPS" --lr 2e-3 --warmup 30 --checkpoint "$out/checkpoint" --report
 
 step "Evaluate the trained (gathered) weights on one device, 4 batches"
-$shardc eval examples/shakespeare-char --weights "$out/checkpoint/checkpoint.safetensors" \
+$shardc eval examples/shakespeare-char --weights "$out/checkpoint" \
   --data "$out/shakespeare.bin" --batch 8 --seq 128 --batches 4
 
 for model in gpt2-tiny llama-tiny; do

@@ -113,7 +113,8 @@ pub struct EvalArgs {
     /// How many consecutive batches to average over (batch k reads from token k*B*T).
     #[arg(long, default_value_t = 1)]
     pub batches: usize,
-    /// Parameters by graph name (safetensors); for a .tir model, or to override a directory's.
+    /// Parameters by graph name (safetensors, or a checkpoint directory: its latest); for a .tir
+    /// model, or to override a directory's.
     #[arg(long, value_name = "FILE")]
     pub weights: Option<PathBuf>,
     /// Seed for GPT-2-style initialisation when the model has no weights.
@@ -239,13 +240,17 @@ pub struct LoopArgs {
     /// Print one JSON object per step on stdout and nothing else there.
     #[arg(long)]
     pub json: bool,
-    /// Directory for checkpoints (checkpoint.safetensors: weights, AdamW moments, step, data
-    /// position); written at the end, every --save-every steps, and on Ctrl-C.
+    /// Directory for checkpoints: step-NNNNNNNN/checkpoint.safetensors (weights, AdamW moments,
+    /// step, data position) and `latest` naming the newest; written at the end, every
+    /// --save-every steps, and on Ctrl-C.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Save a checkpoint every K steps (0: only at the end and on Ctrl-C).
     #[arg(long, default_value_t = 0)]
     pub save_every: usize,
+    /// Keep only the newest N step directories of --checkpoint (0: keep every one).
+    #[arg(long, default_value_t = 0)]
+    pub keep_last: usize,
     /// Continue from the checkpoint in this directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -269,7 +274,8 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// A checkpoint: its directory (`--checkpoint DIR` of train/run) or its checkpoint.safetensors.
+    /// A checkpoint: a `--checkpoint DIR` of train/run (its latest), a step directory in it, or a
+    /// checkpoint.safetensors.
     pub checkpoint: PathBuf,
     /// The model directory the run trained (its config.json says the layout to write).
     #[arg(long)]

@@ -127,7 +127,9 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if a.batches == 0 {
         bail!("--batches must be at least 1");
     }
-    let model = load_model(&a.run.model, a.run.batch, a.run.seq, DType::F32, a.weights.as_deref(), a.seed)?;
+    // A checkpoint directory (train's --checkpoint DIR) means its latest checkpoint file.
+    let weights = a.weights.as_ref().map(|p| shardc_runtime::checkpoint::resolve(p).unwrap_or_else(|_| p.clone()));
+    let model = load_model(&a.run.model, a.run.batch, a.run.seq, DType::F32, weights.as_deref(), a.seed)?;
     let data = TokenFile::open(&a.run.data)?;
     let vocab = vocab_size(&model.graph);
     if let (Some(v), Some(max)) = (vocab, data.max_token()) {

@@ -14,11 +14,7 @@ pub fn export(a: &ExportArgs) -> Result<()> {
     if a.format != "hf" {
         bail!("--format {}: the one export format is `hf` (Hugging Face's config.json + model.safetensors)", a.format);
     }
-    let file = if a.checkpoint.is_dir() {
-        a.checkpoint.join(shardc_runtime::checkpoint::CHECKPOINT_FILE)
-    } else {
-        a.checkpoint.clone()
-    };
+    let file = shardc_runtime::checkpoint::resolve(&a.checkpoint)?;
     let tensors: HashMap<String, Tensor> = shardc_ir::import::weights::read_tensors(&file)?.into_iter().collect();
     let config_path = a.model.join("config.json");
     let text =

@@ -148,7 +148,7 @@ fn save(
         DataOrder::Random => 0,
     };
     meta.insert("data_position".into(), position.to_string());
-    Ok(checkpoint::save(dir, trainer, meta)?)
+    Ok(checkpoint::save(dir, trainer, meta, step, a.lp.keep_last)?)
 }
 
 struct Progress {
@@ -201,7 +201,7 @@ fn model_and_data(a: &TrainArgs, setup: &Strategy, compute: shardc_ir::DType) ->
     if a.init_from.is_some() && a.lp.resume.is_some() {
         bail!("--resume continues a checkpoint (weights and optimizer); --init-from starts a new run from weights: give one");
     }
-    let init = a.init_from.as_ref().map(|p| if p.is_dir() { p.join(CHECKPOINT_FILE) } else { p.clone() });
+    let init = a.init_from.as_ref().map(|p| checkpoint::resolve(p).unwrap_or_else(|_| p.clone()));
     let mut model = load_model(&a.run.model, local_batch, a.run.seq, compute, init.as_deref(), a.lp.seed)?;
     if a.par.pad_vocab_to_multiple_of.is_some() {
         crate::model::pad_vocab(
@@ -303,7 +303,8 @@ fn resume(
     identity: &BTreeMap<String, String>,
 ) -> Result<(RankStates, usize, String)> {
     let r = checkpoint::load(dir, step, identity)?;
-    let at = format!("checkpoint {} at step {}", dir.join(CHECKPOINT_FILE).display(), r.step);
+    let file = checkpoint::resolve(dir).unwrap_or_else(|_| dir.join(CHECKPOINT_FILE));
+    let at = format!("checkpoint {} at step {}", file.display(), r.step);
     Ok((r.states, r.step, at))
 }
 
@@ -345,6 +346,8 @@ pub fn run(a: &RunArgs) -> Result<()> {
             let params: std::collections::HashSet<&str> = sig.params().map(|(p, _)| g.name_of(p)).collect();
             // A Hugging Face model directory (its checkpoint's names mapped by the importer), or
             // a safetensors file under the program's parameter names (a shardc checkpoint).
+            let ckpt = checkpoint::resolve(w).ok().filter(|_| w.is_dir() && !w.join("config.json").is_file());
+            let w = ckpt.as_deref().unwrap_or(w);
             let tensors: std::collections::HashMap<String, shardc_ir::Tensor> = if w.is_dir() {
                 let opts = shardc_ir::import::BuildOptions::f32(1, 1, false);
                 shardc_ir::import::import_dir(w, opts)?

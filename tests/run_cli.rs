@@ -160,7 +160,7 @@ fn a_bundle_runs_like_the_interpreter_and_resumes_exactly() {
     assert!(events.iter().any(|e| e["cat"] == "gemm") && events.iter().any(|e| e["ph"] == "M"));
 
     // The checkpoint holds whole parameters: eval reads it on one device.
-    let weights = ckpt.join("checkpoint.safetensors");
+    let weights = ckpt.clone();
     let (code, out, err) = shardc(&[
         "eval",
         &model(),

@@ -247,7 +247,8 @@ fn data_parallel_training_matches_one_device_and_resumes_exactly() {
     };
     resumes_exactly("1");
     let dir3 = resumes_exactly("3");
-    let weights = dir3.join("checkpoint.safetensors");
+    // A checkpoint directory means its latest step.
+    let weights = dir3.clone();
     let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
         .args([
             "eval",
@@ -299,7 +300,7 @@ fn tensor_parallel_training_matches_one_device_and_resumes_exactly() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(losses(&rest), losses(&parallel[1..]), "resumed tensor-parallel run");
     // The checkpoint holds full parameters: a single-device run resumes its weights.
-    let t = shardc_ir::import::weights::read_tensors(&dir.join("checkpoint.safetensors")).unwrap();
+    let t = shardc_ir::import::weights::read_tensors(&shardc_runtime::checkpoint::resolve(&dir).unwrap()).unwrap();
     assert_eq!(t["wte.weight"].shape, vec![256, 64], "parameters are saved whole");
     assert_eq!(t["wte.weight.adam_m"].shape, vec![256, 64], "moments are saved whole too (any mesh resumes)");
     let (code, _, err) = train(&base("2", &["--mesh", "tp=3"]));
@@ -328,7 +329,7 @@ fn damaged_checkpoints_and_concurrent_writers_are_refused() {
     let (code, _, err) = train(&with("2", &[]));
     assert_eq!(code, 0, "{err}");
     assert!(!stale.exists(), "the killed save's temporary file is removed");
-    let file = dir.join("checkpoint.safetensors");
+    let file = shardc_runtime::checkpoint::resolve(&dir).unwrap();
     let good = std::fs::read(&file).unwrap();
 
     // A live process holds the directory: the second writer fails before training.
@@ -476,7 +477,7 @@ fn init_from_starts_from_given_weights_on_any_mesh() {
     assert_eq!(code, 0, "{err}");
     let first = lines[0]["loss"].as_f64().unwrap();
     let model = root().join("tests/fixtures/hf/gpt2-tiny");
-    let weights = format!("{ckpt}/checkpoint.safetensors");
+    let weights = ckpt.clone();
     let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
         .args(["eval", model.to_str().unwrap(), "--weights", &weights, "--data", tokens().to_str().unwrap()])
         .args(["--batch", "2", "--seq", "16", "--batches", "1", "--json"])
@@ -487,4 +488,80 @@ fn init_from_starts_from_given_weights_on_any_mesh() {
     assert!(((first - want) / want).abs() < 1e-5, "first loss {first}, eval of the weights {want}");
     let (code, _, err) = train(&args("4", &["--init-from", &ckpt, "--resume", &ckpt]));
     assert!(code != 0 && err.contains("give one"), "{err}");
+}
+
+/// Checkpoints go to step directories with a `latest` marker: `--keep-last` prunes older ones,
+/// and `kill -9` at any moment (here during runs that save every step) leaves `latest` naming a
+/// checkpoint that resumes.
+#[test]
+fn step_directories_latest_keep_last_and_kill_during_saves() {
+    let dir = tmp("latest");
+    let ckpt = dir.join("ckpt");
+    let c = ckpt.to_str().unwrap();
+    let (code, _, err) = train(&tiny_args("5", &["--checkpoint", c, "--save-every", "1", "--keep-last", "2"]));
+    assert_eq!(code, 0, "{err}");
+    let mut steps: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    steps.sort();
+    assert_eq!(steps, vec!["step-00000004", "step-00000005"]);
+    assert_eq!(std::fs::read_to_string(ckpt.join("latest")).unwrap(), "step-00000005");
+
+    // kill -9 a run of the bundled model that saves every step, at several moments.
+    let model = root().join("examples/shakespeare-char");
+    let data = dir.join("shakespeare.bin");
+    let prep = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args(["data", "prepare", root().join("examples/data/shakespeare.txt").to_str().unwrap(), "-o"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(prep.status.success());
+    let killed = dir.join("killed");
+    let base = |steps: &str| -> Vec<String> {
+        [
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--batch",
+            "2",
+            "--seq",
+            "32",
+            "--steps",
+            steps,
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let saving = ["--checkpoint", killed.to_str().unwrap(), "--save-every", "1", "--keep-last", "3"].map(String::from);
+    // A first run to its end (compiles and caches the kernels, writes checkpoints), then runs
+    // that resume from it and are killed while they train and save.
+    let (code, _, err) = train(&[base("3"), saving.to_vec()].concat());
+    assert_eq!(code, 0, "{err}");
+    for ms in [300u64, 600, 900] {
+        let mut args = [base("100000"), saving.to_vec()].concat();
+        args.extend(["--resume".to_string(), killed.to_str().unwrap().to_string()]);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardc"))
+            .arg("train")
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    // Whatever the kills interrupted, `latest` names a checkpoint that resumes.
+    let latest = std::fs::read_to_string(killed.join("latest")).expect("a save completed before the kills");
+    let at: usize = latest.trim().trim_start_matches("step-").parse().unwrap();
+    let mut args = base(&(at + 1).to_string());
+    args.extend(["--resume".to_string(), killed.to_str().unwrap().to_string()]);
+    let (code, lines, err) = train(&args);
+    assert_eq!(code, 0, "resuming after kill -9: {err}");
+    assert_eq!(lines.len(), 1, "{err}");
 }

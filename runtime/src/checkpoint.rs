@@ -1,4 +1,5 @@
-//! Training checkpoints: one safetensors file per directory, written atomically.
+//! Training checkpoints: a directory of step directories (`step-NNNNNNNN/checkpoint.safetensors`)
+//! and a `latest` marker naming the newest complete one, written atomically.
 //!
 //! Layout: every parameter and every AdamW moment whole, under its own name (so `shardc eval
 //! --weights` reads it, and `--resume` cuts it for any mesh, ZeRO stage or SP setting, as
@@ -35,13 +36,49 @@ const CHECKPOINT_FORMATS_PER_RANK: [&str; 2] = ["shardc-checkpoint-v2", "shardc-
 pub const RESUME_MUST_MATCH: [&str; 6] = ["graph", "batch", "seq", "data_order", "seed", "precision"];
 /// The lock file of a directory being written.
 pub const LOCK_FILE: &str = "checkpoint.lock";
+/// The file naming a directory's newest complete checkpoint (`step-NNNNNNNN`).
+pub const LATEST_FILE: &str = "latest";
+
+/// The subdirectory of the checkpoint after `step` steps.
+pub fn step_dir_name(step: usize) -> String {
+    format!("step-{step:08}")
+}
+
+/// The checkpoint file `path` names: a checkpoint file itself; a step directory; or a
+/// `--checkpoint` directory, through its `latest` marker (or, from older runs, the file at its top).
+pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let latest = path.join(LATEST_FILE);
+    if latest.is_file() {
+        let name =
+            std::fs::read_to_string(&latest).map_err(|source| CheckpointError::Io { path: latest.clone(), source })?;
+        let name = name.trim();
+        if !name.starts_with("step-") || name.contains(['/', '\\']) || name.contains("..") {
+            return Err(CheckpointError::Damaged {
+                path: latest,
+                tensor: "(latest)".into(),
+                problem: format!("names `{name}`, not a step directory"),
+            });
+        }
+        let file = path.join(name).join(CHECKPOINT_FILE);
+        return if file.is_file() { Ok(file) } else { Err(CheckpointError::Missing(path.join(name))) };
+    }
+    let file = path.join(CHECKPOINT_FILE);
+    if file.is_file() {
+        Ok(file)
+    } else {
+        Err(CheckpointError::Missing(path.to_path_buf()))
+    }
+}
 
 /// Why a checkpoint could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("cannot create {}: {source}", .path.display())]
     CreateDir { path: PathBuf, source: std::io::Error },
-    #[error("{}: no checkpoint here (expected {CHECKPOINT_FILE}, written by `shardc train --checkpoint DIR`)", .0.display())]
+    #[error("{}: no checkpoint here (expected `{LATEST_FILE}` naming a step directory with {CHECKPOINT_FILE}, written by `shardc train --checkpoint DIR`)", .0.display())]
     Missing(PathBuf),
     #[error(
         "{}: the checkpoint was written with {key} = {found}, but this run has {key} = {want}; resume with the same settings",
@@ -104,13 +141,30 @@ impl DirLock {
         Err(CheckpointError::Io { path, source: std::io::Error::other("the lock kept reappearing") })
     }
 
+    /// Removes what a killed save left: temporary files (of the checkpoint file, in the
+    /// directory or a step directory, and of `latest`) and step directories with no complete
+    /// checkpoint in them.
     fn remove_stale_temporaries(&self, dir: &Path) -> Result<(), CheckpointError> {
-        let prefix = shardc_ir::import::weights::temp_prefix(&dir.join(CHECKPOINT_FILE));
+        use shardc_ir::import::weights::temp_prefix;
+        let prefixes = [temp_prefix(&dir.join(CHECKPOINT_FILE)), temp_prefix(&dir.join(LATEST_FILE))];
+        let stale = |name: &str| prefixes.iter().any(|p| name.starts_with(p.as_str()));
         let entries =
             std::fs::read_dir(dir).map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?;
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if stale(&name) {
                 let _ = std::fs::remove_file(e.path());
+            } else if name.starts_with("step-") && e.path().is_dir() {
+                if let Ok(inner) = std::fs::read_dir(e.path()) {
+                    for f in inner.flatten() {
+                        if stale(&f.file_name().to_string_lossy()) {
+                            let _ = std::fs::remove_file(f.path());
+                        }
+                    }
+                }
+                if !e.path().join(CHECKPOINT_FILE).is_file() {
+                    let _ = std::fs::remove_dir(e.path());
+                }
             }
         }
         Ok(())
@@ -174,7 +228,20 @@ pub fn moments_differ(step: &Graph) -> bool {
 
 /// Writes the trainer's state to `dir` with `metadata` (the run's identity and whatever else
 /// the caller records) and the format; returns the file written.
-pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -> Result<PathBuf, CheckpointError> {
+///
+/// The checkpoint goes to `dir/step-NNNNNNNN/` (`at_step` steps taken), then `dir/latest` is
+/// rewritten (atomically) to name it, so a crash at any point leaves `latest` naming a complete
+/// checkpoint; with `keep_last` > 0, older step directories beyond that many are removed.
+pub fn save(
+    dir: &Path,
+    trainer: &Trainer,
+    metadata: BTreeMap<String, String>,
+    at_step: usize,
+    keep_last: usize,
+) -> Result<PathBuf, CheckpointError> {
+    let top = dir;
+    let sub = dir.join(step_dir_name(at_step));
+    let dir = sub.as_path();
     std::fs::create_dir_all(dir).map_err(|source| CheckpointError::CreateDir { path: dir.to_path_buf(), source })?;
     let step = trainer.graph();
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -198,6 +265,22 @@ pub fn save(dir: &Path, trainer: &Trainer, metadata: BTreeMap<String, String>) -
     meta.insert("tensor_sha256".into(), serde_json::to_string(&sums).expect("a map of strings"));
     let path = dir.join(CHECKPOINT_FILE);
     write_tensors_with_metadata(&path, &tensors, Some(meta))?;
+    shardc_ir::import::weights::write_atomically(&top.join(LATEST_FILE), step_dir_name(at_step).as_bytes())?;
+    if keep_last > 0 {
+        let mut steps: Vec<PathBuf> = std::fs::read_dir(top)
+            .map_err(|source| CheckpointError::Io { path: top.to_path_buf(), source })?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
+            .collect();
+        steps.sort();
+        let extra = steps.len().saturating_sub(keep_last);
+        for old in &steps[..extra] {
+            if old.as_path() != dir {
+                std::fs::remove_dir_all(old).map_err(|source| CheckpointError::Io { path: old.clone(), source })?;
+            }
+        }
+    }
     Ok(path)
 }
 
@@ -245,10 +328,7 @@ pub struct Resumed {
 /// Reads the checkpoint in `dir` for `step` after checking that it was written by a run with
 /// the same `identity` (and this format).
 pub fn load(dir: &Path, step: &Graph, identity: &BTreeMap<String, String>) -> Result<Resumed, CheckpointError> {
-    let path = dir.join(CHECKPOINT_FILE);
-    if !path.is_file() {
-        return Err(CheckpointError::Missing(dir.to_path_buf()));
-    }
+    let path = resolve(dir)?;
     let meta = read_metadata(&path)?;
     let format = meta.get("format").map(String::as_str).unwrap_or("(missing)");
     let per_rank = CHECKPOINT_FORMATS_PER_RANK.contains(&format);
