@@ -30,6 +30,11 @@ fn train<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, Vec<serde_json::Value>,
     (o.status.code().unwrap_or(-1), lines, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
+/// Starts `shardc train` with `args` in the background, its stdout and stderr made by `stdio`.
+fn spawn_train(args: &[String], stdio: fn() -> Stdio) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_shardc")).arg("train").args(args).stdout(stdio()).stderr(stdio()).spawn().unwrap()
+}
+
 /// `train` arguments for the tiny GPT-2 fixture on its token file, 2 x 16 tokens, JSON lines.
 fn tiny_args(steps: &str, extra: &[&str]) -> Vec<String> {
     let model = root().join("tests/fixtures/hf/gpt2-tiny");
@@ -137,13 +142,7 @@ fn ctrl_c_saves_and_resume_matches_the_uninterrupted_run() {
     let dir = tmp("ctrlc");
     let mut run = base.clone();
     run.extend(["--checkpoint".into(), dir.to_str().unwrap().into()]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardc"))
-        .arg("train")
-        .args(&run)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_train(&run, Stdio::piped);
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut seen = Vec::new();
     let mut line = String::new();
@@ -545,13 +544,7 @@ fn step_directories_latest_keep_last_and_kill_during_saves() {
     for ms in [300u64, 600, 900] {
         let mut args = [base("100000"), saving.to_vec()].concat();
         args.extend(["--resume".to_string(), killed.to_str().unwrap().to_string()]);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardc"))
-            .arg("train")
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_train(&args, Stdio::null);
         std::thread::sleep(std::time::Duration::from_millis(ms));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
