@@ -228,6 +228,16 @@ pub struct LoopArgs {
     /// Threads for the host engine, over all ranks (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// A held-out token file: its mean loss (the gathered weights, one device, the reference
+    /// interpreter in f32) every --eval-every steps and after the last, as `val_loss`.
+    #[arg(long, value_name = "TOKENS")]
+    pub val_data: Option<PathBuf>,
+    /// Validate every K steps (0: only after the last step); needs --val-data.
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: usize,
+    /// Batches of --val-data per validation (each of the run's batch x seq tokens).
+    #[arg(long, default_value_t = 4)]
+    pub val_batches: usize,
     /// After training, print where the host engine's time went (per kernel family, GEMMs,
     /// collectives, copies, interpreted ops) and each rank's arena size (with --json: one
     /// `{"report": ...}` line).

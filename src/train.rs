@@ -288,7 +288,16 @@ pub fn train(a: &TrainArgs) -> Result<()> {
             Trainer::new_host(loaded.program, initial, threads(&a.lp))?
         }
     };
-    train_loop(&j, trainer, &data, &identity, start, &what)
+    let val_graph = match (&a.lp.val_data, a.run.model.is_dir()) {
+        (Some(_), true) => {
+            let pad = a.par.pad_vocab_to_multiple_of.map(|m| m * setup.tp);
+            let f32 = shardc_ir::DType::F32;
+            Some(crate::model::load_graph_padded(&a.run.model, a.run.batch, a.run.seq, f32, pad)?)
+        }
+        _ => None,
+    };
+    let validation = Validation::new(&a.lp, val_graph, a.run.batch, a.run.seq)?;
+    train_loop(&j, trainer, &data, &identity, start, &what, validation)
 }
 
 fn threads(lp: &LoopArgs) -> usize {
@@ -391,7 +400,77 @@ pub fn run(a: &RunArgs) -> Result<()> {
             bundle.header.kernels.len()
         );
     }
-    train_loop(&j, trainer, &data, &identity, start, &what)
+    // The bundle's model config (when it came from a model directory) gives the forward graph.
+    let val_graph = match (&a.lp.val_data, &bundle.header.model.config_json) {
+        (Some(_), Some(text)) => {
+            let (config, _) =
+                shardc_ir::import::parse_config(text).map_err(|e| anyhow::anyhow!("the bundle's config: {e}"))?;
+            let opts = shardc_ir::import::BuildOptions::f32(batch, seq, false);
+            Some(shardc_ir::import::build_graph(&config, opts).map_err(|e| anyhow::anyhow!("{e}"))?.graph)
+        }
+        _ => None,
+    };
+    let validation = Validation::new(&a.lp, val_graph, batch, seq)?;
+    train_loop(&j, trainer, &data, &identity, start, &what, validation)
+}
+
+/// Held-out loss during training (`--val-data`): the forward graph of the run's batch shape on
+/// one device, the token file, and how many batches each validation reads.
+pub(crate) struct Validation {
+    graph: shardc_ir::Graph,
+    data: TokenFile,
+    batches: usize,
+}
+
+impl Validation {
+    /// From `--val-data` (None without it); `graph` is the model's forward for batch x seq.
+    fn new(lp: &LoopArgs, graph: Option<shardc_ir::Graph>, batch: usize, seq: usize) -> Result<Option<Validation>> {
+        let Some(path) = &lp.val_data else {
+            if lp.eval_every > 0 {
+                bail!("--eval-every needs --val-data TOKENS");
+            }
+            return Ok(None);
+        };
+        let graph = graph.ok_or_else(|| anyhow::anyhow!("--val-data needs a model directory (config.json)"))?;
+        let data = TokenFile::open(path)?;
+        if lp.val_batches == 0 || data.num_batches(batch, seq) < lp.val_batches {
+            bail!(
+                "{}: {} tokens hold {} batches of {batch} x {seq}, fewer than --val-batches {} (at least 1)",
+                path.display(),
+                data.len(),
+                data.num_batches(batch, seq),
+                lp.val_batches
+            );
+        }
+        if let Some(v) = crate::commands::vocab_size(&graph) {
+            if data.max_token().is_some_and(|m| m as usize >= v) {
+                bail!("{}: holds token ids beyond the model's vocabulary of {v}", path.display());
+            }
+        }
+        Ok(Some(Validation { graph, data, batches: lp.val_batches }))
+    }
+
+    /// The mean loss of the trainer's current (gathered) weights over the first batches.
+    fn loss(&self, trainer: &Trainer) -> Result<f64> {
+        let g = &self.graph;
+        let sig = g.signature();
+        let name = |role: shardc_ir::ArgRole| sig.arg(&role).map(|v| g.name_of(v).to_string());
+        let (Some(tok), Some(tgt)) = (name(shardc_ir::ArgRole::Tokens), name(shardc_ir::ArgRole::Targets)) else {
+            bail!("the validation graph has no token inputs");
+        };
+        let loss_at = sig.output(&shardc_ir::OutputRole::Loss).ok_or_else(|| anyhow::anyhow!("no loss output"))?;
+        let shape = g.ty(g.find(&tok).expect("the tokens input")).shape.clone();
+        let mut inputs = checkpoint::whole_params(trainer);
+        let mut sum = 0.0;
+        for k in 0..self.batches {
+            let (x, y) = self.data.batch(k, shape[0], shape[1])?;
+            inputs.insert(tok.clone(), shardc_ir::Tensor::int(shardc_ir::DType::I64, shape.clone(), x));
+            inputs.insert(tgt.clone(), shardc_ir::Tensor::int(shardc_ir::DType::I64, shape.clone(), y));
+            let out = shardc_ir::interp::run(g, &inputs, shardc_ir::interp::Precision::F32)?;
+            sum += out[loss_at].scalar().ok_or_else(|| anyhow::anyhow!("the loss is not a scalar"))?;
+        }
+        Ok(sum / self.batches as f64)
+    }
 }
 
 /// The training loop shared by `train` and `run`: progress, JSON lines, checkpoints, Ctrl-C.
@@ -402,6 +481,7 @@ fn train_loop(
     identity: &BTreeMap<String, String>,
     start: usize,
     what: &str,
+    validation: Option<Validation>,
 ) -> Result<()> {
     let lp = a.lp;
     if start >= lp.steps {
@@ -479,13 +559,25 @@ fn train_loop(
         }
         first_loss.get_or_insert(s.loss);
         last_loss = s.loss;
+        let validate = (lp.eval_every > 0 && (k + 1).is_multiple_of(lp.eval_every)) || k + 1 == lp.steps;
+        let val_loss = match (&validation, validate) {
+            (Some(v), true) => Some(v.loss(&trainer)?),
+            _ => None,
+        };
         if lp.json {
-            let line = serde_json::json!({"step": k + 1, "loss": s.loss, "lr": lr, "grad_norm": s.grad_norm,
+            let mut line = serde_json::json!({"step": k + 1, "loss": s.loss, "lr": lr, "grad_norm": s.grad_norm,
                 "tokens_per_s": progress.tokens_per_s(k + 1), "step_s": step_s,
                 "peak_rss_bytes": shardc_runtime::machine::peak_resident_bytes()});
+            if let Some(v) = val_loss {
+                line["val_loss"] = serde_json::json!(v);
+            }
             println!("{line}");
         } else {
             progress.show(k + 1, s.loss, lr);
+            if let Some(v) = val_loss {
+                progress.finish();
+                eprintln!("step {}: validation loss {v:.4}", k + 1);
+            }
         }
         if let (Some(dir), true) =
             (&lp.checkpoint, lp.save_every > 0 && (k + 1).is_multiple_of(lp.save_every) && k + 1 < lp.steps)

@@ -558,3 +558,29 @@ fn step_directories_latest_keep_last_and_kill_during_saves() {
     assert_eq!(code, 0, "resuming after kill -9: {err}");
     assert_eq!(lines.len(), 1, "{err}");
 }
+
+/// `--val-data` reports the held-out loss every `--eval-every` steps and after the last, in the
+/// step's JSON line; the last equals `eval` of the saved weights on that file.
+#[test]
+fn validation_loss_every_k_steps_equals_eval_of_the_weights() {
+    let dir = tmp("val");
+    let ckpt = dir.join("ckpt").to_str().unwrap().to_string();
+    let val = root().join("tests/fixtures/hf/gpt2-tiny/tokens.bin").to_str().unwrap().to_string();
+    let extra =
+        ["--val-data", &val, "--val-batches", "1", "--eval-every", "2", "--mesh", "dp=2", "--checkpoint", &ckpt];
+    let (code, lines, err) = train(&tiny_args("5", &extra));
+    assert_eq!(code, 0, "{err}");
+    let with: Vec<u64> = lines.iter().filter(|l| l["val_loss"].is_f64()).map(|l| l["step"].as_u64().unwrap()).collect();
+    assert_eq!(with, vec![2, 4, 5], "every 2 steps and after the last");
+    let last = lines[4]["val_loss"].as_f64().unwrap();
+    let model = root().join("tests/fixtures/hf/gpt2-tiny");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
+        .args(["eval", model.to_str().unwrap(), "--weights", &ckpt, "--data", &val, "--batch", "2", "--seq", "16"])
+        .args(["--batches", "1", "--json"])
+        .output()
+        .unwrap();
+    let want = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["loss"].as_f64().unwrap();
+    assert!(((last - want) / want).abs() < 1e-5, "val_loss {last}, eval {want}");
+    let (code, _, err) = train(&tiny_args("2", &["--eval-every", "1"]));
+    assert!(code != 0 && err.contains("--eval-every needs --val-data"), "{err}");
+}

@@ -284,6 +284,18 @@ pub fn save(
     Ok(path)
 }
 
+/// Every parameter whole (assembled from the ranks by its layout), under its name.
+pub fn whole_params(trainer: &Trainer) -> HashMap<String, Tensor> {
+    let step = trainer.graph();
+    let sig = step.signature();
+    sig.params()
+        .map(|(p, _)| {
+            let name = step.name_of(p);
+            (name.to_string(), sig.whole_param(p, |r| &trainer.rank_values(r)[name]))
+        })
+        .collect()
+}
+
 /// Every rank's starting state for `step` from whole parameters (and, when resuming, the
 /// checkpoint's moments).
 pub fn rank_states(step: &Graph, full: &HashMap<String, Tensor>) -> Vec<HashMap<String, Tensor>> {
