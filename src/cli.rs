@@ -239,7 +239,7 @@ pub struct LoopArgs {
     #[arg(long, default_value_t = 4)]
     pub val_batches: usize,
     /// After training, print where the host engine's time went (per kernel family, GEMMs,
-    /// collectives, copies, interpreted ops) and each rank's arena size (with --json: one
+    /// collectives, copies, host-code and interpreted ops) and each rank's arena size (with --json: one
     /// `{"report": ...}` line).
     #[arg(long)]
     pub report: bool,
