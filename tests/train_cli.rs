@@ -30,6 +30,23 @@ fn train<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, Vec<serde_json::Value>,
     (o.status.code().unwrap_or(-1), lines, String::from_utf8_lossy(&o.stderr).into_owned())
 }
 
+/// The bundled Shakespeare as a token file in `dir`.
+fn shakespeare_tokens(dir: &std::path::Path) -> PathBuf {
+    let bin = dir.join("shakespeare.bin");
+    let text = root().join("examples/data/shakespeare.txt");
+    let o =
+        Command::new(env!("CARGO_BIN_EXE_shardc")).args(["data", "prepare"]).arg(&text).arg("-o").arg(&bin).output();
+    assert!(o.unwrap().status.success());
+    bin
+}
+
+/// `train` arguments for the bundled model on `data`, 2 x 32 tokens, JSON lines.
+fn bundled_args(data: &std::path::Path, steps: &str) -> Vec<String> {
+    let model = root().join("examples/shakespeare-char");
+    let args = [model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--batch", "2", "--seq", "32"];
+    args.iter().map(|s| s.to_string()).chain(["--steps", steps, "--json"].map(String::from)).collect()
+}
+
 /// Starts `shardc train` with `args` in the background, its stdout and stderr made by `stdio`.
 fn spawn_train(args: &[String], stdio: fn() -> Stdio) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_shardc")).arg("train").args(args).stdout(stdio()).stderr(stdio()).spawn().unwrap()
@@ -105,37 +122,9 @@ fn checkpointing_leaves_the_run_unchanged_and_mismatched_resumes_are_refused() {
 
 #[test]
 fn ctrl_c_saves_and_resume_matches_the_uninterrupted_run() {
-    let model = root().join("examples/shakespeare-char");
-    let data_dir = tmp("ctrlc-data");
-    let bin = data_dir.join("s.bin");
-    let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
-        .args([
-            "data",
-            "prepare",
-            root().join("examples/data/shakespeare.txt").to_str().unwrap(),
-            "-o",
-            bin.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let base: Vec<String> = [
-        model.to_str().unwrap(),
-        "--data",
-        bin.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--seq",
-        "32",
-        "--steps",
-        "30",
-        "--json",
-        "--warmup",
-        "3",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let bin = shakespeare_tokens(&tmp("ctrlc-data"));
+    let mut base = bundled_args(&bin, "30");
+    base.extend(["--warmup", "3"].map(String::from));
     let (_, full, err) = train(&base);
     assert_eq!(full.len(), 30, "{err}");
 
@@ -510,32 +499,9 @@ fn step_directories_latest_keep_last_and_kill_during_saves() {
     assert_eq!(std::fs::read_to_string(ckpt.join("latest")).unwrap(), "step-00000005");
 
     // kill -9 a run of the bundled model that saves every step, at several moments.
-    let model = root().join("examples/shakespeare-char");
-    let data = dir.join("shakespeare.bin");
-    let prep = Command::new(env!("CARGO_BIN_EXE_shardc"))
-        .args(["data", "prepare", root().join("examples/data/shakespeare.txt").to_str().unwrap(), "-o"])
-        .arg(&data)
-        .output()
-        .unwrap();
-    assert!(prep.status.success());
+    let data = shakespeare_tokens(&dir);
     let killed = dir.join("killed");
-    let base = |steps: &str| -> Vec<String> {
-        [
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--batch",
-            "2",
-            "--seq",
-            "32",
-            "--steps",
-            steps,
-            "--json",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let base = |steps: &str| bundled_args(&data, steps);
     let saving = ["--checkpoint", killed.to_str().unwrap(), "--save-every", "1", "--keep-last", "3"].map(String::from);
     // A first run to its end (compiles and caches the kernels, writes checkpoints), then runs
     // that resume from it and are killed while they train and save.
