@@ -81,10 +81,10 @@ fn batch_starts(a: &Job, data: &TokenFile, k: usize) -> Vec<usize> {
     match a.lp.data_order {
         DataOrder::Sequential => {
             let k = k % data.num_batches(a.batch, a.seq);
-            (0..a.batch).map(|b| (k * a.batch + b) * a.seq).collect()
+            (0..a.batch).map(|b| data.batch_start(k, b, a.batch, a.seq)).collect()
         }
         DataOrder::Random => {
-            let span = data.len() - a.seq; // windows need seq + 1 tokens
+            // Windows of seq + 1 tokens, each inside one file.
             (0..a.batch)
                 .map(|b| {
                     let mut rng = Rng::new(
@@ -92,7 +92,7 @@ fn batch_starts(a: &Job, data: &TokenFile, k: usize) -> Vec<usize> {
                             ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                             ^ (b as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F),
                     );
-                    (rng.next_u64() % span as u64) as usize
+                    data.random_start(rng.next_u64(), a.seq)
                 })
                 .collect()
         }
@@ -144,7 +144,7 @@ fn save(
     let mut meta = identity.clone();
     meta.insert("step".into(), step.to_string());
     let position = match a.lp.data_order {
-        DataOrder::Sequential => (step % data.num_batches(a.batch, a.seq)) * a.batch * a.seq,
+        DataOrder::Sequential => data.batch_start(step % data.num_batches(a.batch, a.seq), 0, a.batch, a.seq),
         DataOrder::Random => 0,
     };
     meta.insert("data_position".into(), position.to_string());

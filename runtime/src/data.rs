@@ -43,23 +43,167 @@ impl Bytes {
     }
 }
 
-/// The tokens of one file: memory-mapped, read in place (uint16 or uint32 little-endian), so a
-/// file of billions of tokens costs only the pages a batch touches.
+/// The tokens of one file, or of several (llm.c's shards: `--data 'dir/train_*.bin'`) read as
+/// one sequence in which no window crosses from one file into the next.
 #[derive(Clone, Debug)]
 pub struct TokenFile {
+    /// The path or pattern given.
     pub path: PathBuf,
+    shards: Vec<Shard>,
+    /// The global index of each shard's first token, and the total.
+    starts: Vec<usize>,
+    count: usize,
+    /// "llm.c v1", "llm.c v2" or "raw uint16" (of the first file), with the file count.
+    pub format: String,
+}
+
+impl TokenFile {
+    /// Maps and checks a token file, or every file a glob pattern (`*`, `?`, `[...]`) matches, in
+    /// name order.
+    pub fn open(path: &Path) -> Result<TokenFile, DataError> {
+        let text = path.to_string_lossy();
+        if !text.contains(['*', '?', '[']) {
+            return Ok(Self::of(path, vec![Shard::open(path)?]));
+        }
+        let fail = |message: String| DataError { path: path.into(), message };
+        let mut files: Vec<PathBuf> = glob::glob(&text)
+            .map_err(|e| fail(format!("not a valid file pattern: {e}")))?
+            .filter_map(Result::ok)
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(fail("no file matches this pattern".into()));
+        }
+        let shards = files.iter().map(|f| Shard::open(f)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self::of(path, shards))
+    }
+
+    /// Parses the bytes of a token file (`path` is only used in messages).
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TokenFile, DataError> {
+        Ok(Self::of(path, vec![Shard::from_bytes(path, bytes)?]))
+    }
+
+    /// Several files' tokens as one (in the order given).
+    pub fn concat(path: &Path, files: Vec<TokenFile>) -> TokenFile {
+        Self::of(path, files.into_iter().flat_map(|f| f.shards).collect())
+    }
+
+    fn of(path: &Path, shards: Vec<Shard>) -> TokenFile {
+        let mut starts = Vec::with_capacity(shards.len());
+        let mut count = 0;
+        for s in &shards {
+            starts.push(count);
+            count += s.len();
+        }
+        let first = shards.first().map_or("raw uint16", |s| s.format);
+        let format = if shards.len() == 1 { first.to_string() } else { format!("{first}, {} files", shards.len()) };
+        TokenFile { path: path.into(), shards, starts, count, format }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Token `i` (< [`TokenFile::len`]).
+    pub fn get(&self, i: usize) -> u32 {
+        let s = self.starts.partition_point(|&st| st <= i) - 1;
+        self.shards[s].get(i - self.starts[s])
+    }
+
+    /// Tokens `start..start + len` as model inputs.
+    pub fn window(&self, start: usize, len: usize) -> impl Iterator<Item = i64> + '_ {
+        (start..start + len).map(move |i| self.get(i) as i64)
+    }
+
+    /// How many whole batches of `batch` x `seq` the files hold (each batch within one file;
+    /// each needs one extra token for the last target).
+    pub fn num_batches(&self, batch: usize, seq: usize) -> usize {
+        let per = batch.saturating_mul(seq);
+        if per == 0 {
+            return 0;
+        }
+        self.shards.iter().map(|s| s.len().saturating_sub(1) / per).sum()
+    }
+
+    /// Where row `b` of batch `k` (< [`TokenFile::num_batches`]) starts, in llm.c's order within
+    /// each file, file after file.
+    pub fn batch_start(&self, k: usize, b: usize, batch: usize, seq: usize) -> usize {
+        let per = batch * seq;
+        let mut k = k;
+        for (s, shard) in self.shards.iter().enumerate() {
+            let n = shard.len().saturating_sub(1) / per;
+            if k < n {
+                return self.starts[s] + (k * batch + b) * seq;
+            }
+            k -= n;
+        }
+        unreachable!("batch index checked against num_batches")
+    }
+
+    /// A window of `seq + 1` tokens inside one file, chosen by the random number `r` (uniform
+    /// over every such window of every file).
+    pub fn random_start(&self, r: u64, seq: usize) -> usize {
+        let spans: Vec<usize> = self.shards.iter().map(|s| s.len().saturating_sub(seq)).collect();
+        let total: usize = spans.iter().sum();
+        let mut x = (r % total.max(1) as u64) as usize;
+        for (s, &span) in spans.iter().enumerate() {
+            if x < span {
+                return self.starts[s] + x;
+            }
+            x -= span;
+        }
+        0
+    }
+
+    /// Batch `k`: (inputs, targets), each `batch * seq` tokens, row-major.
+    pub fn batch(&self, k: usize, batch: usize, seq: usize) -> Result<(Vec<i64>, Vec<i64>), DataError> {
+        if batch == 0 || seq == 0 || k >= self.num_batches(batch, seq) {
+            let need = (k.saturating_add(1)).saturating_mul(batch).saturating_mul(seq).saturating_add(1);
+            return Err(DataError {
+                path: self.path.clone(),
+                message: format!(
+                    "batch {k} of {batch} x {seq} tokens needs {need} tokens but the file has {}; use a smaller --batch, --seq or fewer batches",
+                    self.len()
+                ),
+            });
+        }
+        let (mut x, mut y) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
+        for b in 0..batch {
+            let start = self.batch_start(k, b, batch, seq);
+            x.extend(self.window(start, seq));
+            y.extend(self.window(start + 1, seq));
+        }
+        Ok((x, y))
+    }
+
+    /// The largest token id, for checking against a vocabulary.
+    pub fn max_token(&self) -> Option<u32> {
+        self.shards.iter().filter_map(Shard::max_token).max()
+    }
+}
+
+/// One token file: memory-mapped, read in place (uint16 or uint32 little-endian), so a file of
+/// billions of tokens costs only the pages a batch touches.
+#[derive(Clone, Debug)]
+struct Shard {
+    path: PathBuf,
     bytes: std::sync::Arc<Bytes>,
     /// Where the tokens start, their width in bytes (2 or 4) and their count.
     offset: usize,
     width: usize,
     count: usize,
     /// "llm.c v1", "llm.c v2" or "raw uint16".
-    pub format: &'static str,
+    format: &'static str,
 }
 
-impl TokenFile {
+impl Shard {
     /// Maps and checks a token file.
-    pub fn open(path: &Path) -> Result<TokenFile, DataError> {
+    pub fn open(path: &Path) -> Result<Shard, DataError> {
         let fail = |e: std::io::Error| DataError { path: path.into(), message: format!("cannot read: {e}") };
         let file = std::fs::File::open(path).map_err(fail)?;
         if file.metadata().map_err(fail)?.len() == 0 {
@@ -73,11 +217,11 @@ impl TokenFile {
     }
 
     /// Parses the bytes of a token file (`path` is only used in messages).
-    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<TokenFile, DataError> {
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Shard, DataError> {
         Self::parse(path, Bytes::Owned(bytes.to_vec()))
     }
 
-    fn parse(path: &Path, store: Bytes) -> Result<TokenFile, DataError> {
+    fn parse(path: &Path, store: Bytes) -> Result<Shard, DataError> {
         let fail = |message: String| DataError { path: path.into(), message };
         let bytes = store.get();
         let header_int = |i: usize| i32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
@@ -117,7 +261,7 @@ impl TokenFile {
             }
             (0, 2, bytes.len() / 2, "raw uint16")
         };
-        Ok(TokenFile { path: path.into(), bytes: std::sync::Arc::new(store), offset, width, count, format })
+        Ok(Shard { path: path.into(), bytes: std::sync::Arc::new(store), offset, width, count, format })
     }
 
     pub fn len(&self) -> usize {
@@ -128,7 +272,7 @@ impl TokenFile {
         self.count == 0
     }
 
-    /// Token `i` (< [`TokenFile::len`]).
+    /// Token `i` (< [`Shard::len`]).
     pub fn get(&self, i: usize) -> u32 {
         let at = self.offset + i * self.width;
         let b = &self.bytes.get()[at..at + self.width];
@@ -137,43 +281,6 @@ impl TokenFile {
         } else {
             u32::from_le_bytes(b.try_into().expect("4 bytes"))
         }
-    }
-
-    /// Tokens `start..start + len` as model inputs.
-    pub fn window(&self, start: usize, len: usize) -> impl Iterator<Item = i64> + '_ {
-        (start..start + len).map(move |i| self.get(i) as i64)
-    }
-
-    /// How many whole batches of `batch` x `seq` the file holds (each needs one extra token
-    /// for the last target).
-    pub fn num_batches(&self, batch: usize, seq: usize) -> usize {
-        let per = batch.saturating_mul(seq);
-        if per == 0 || self.is_empty() {
-            0
-        } else {
-            (self.len() - 1) / per
-        }
-    }
-
-    /// Batch `k`: (inputs, targets), each `batch * seq` tokens, row-major.
-    pub fn batch(&self, k: usize, batch: usize, seq: usize) -> Result<(Vec<i64>, Vec<i64>), DataError> {
-        let need = (k.saturating_add(1)).saturating_mul(batch).saturating_mul(seq).saturating_add(1);
-        if batch == 0 || seq == 0 || need > self.len() {
-            return Err(DataError {
-                path: self.path.clone(),
-                message: format!(
-                    "batch {k} of {batch} x {seq} tokens needs {need} tokens but the file has {}; use a smaller --batch, --seq or fewer batches",
-                    self.len()
-                ),
-            });
-        }
-        let (mut x, mut y) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
-        for b in 0..batch {
-            let start = (k * batch + b) * seq;
-            x.extend(self.window(start, seq));
-            y.extend(self.window(start + 1, seq));
-        }
-        Ok((x, y))
     }
 
     /// The largest token id, for checking against a vocabulary. A mapped file is read in
@@ -268,10 +375,40 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Several files (llm.c's shards) read as one: batches go file after file and never cross
+    /// from one file into the next; random windows neither; a glob pattern opens them in name
+    /// order.
+    #[test]
+    fn shards_read_as_one_sequence_without_crossing_files() {
+        let dir = std::env::temp_dir().join(format!("shardc-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let a: Vec<u16> = (0..21).collect();
+        let b: Vec<u16> = (100..111).collect();
+        write_llmc(&dir.join("train_000.bin"), &a).unwrap();
+        write_llmc(&dir.join("train_001.bin"), &b).unwrap();
+        let f = TokenFile::open(&dir.join("train_*.bin")).unwrap();
+        assert_eq!((f.len(), f.format.as_str()), (32, "llm.c v1, 2 files"));
+        // B = 2, T = 5: 2 batches in the first file (20 of its 21 tokens), 1 in the second.
+        assert_eq!(f.num_batches(2, 5), 3);
+        let (x, y) = f.batch(2, 2, 5).unwrap();
+        assert_eq!(x, (100..110).collect::<Vec<i64>>());
+        assert_eq!(y, (101..111).collect::<Vec<i64>>());
+        assert!(f.batch(3, 2, 5).is_err());
+        for r in 0..1000u64 {
+            let s = f.random_start(r.wrapping_mul(0x9E37_79B9_7F4A_7C15), 5);
+            let window: Vec<i64> = f.window(s, 6).collect();
+            assert!(window.iter().all(|&t| t < 100) || window.iter().all(|&t| t >= 100), "{window:?} crosses files");
+        }
+        assert_eq!(f.max_token(), Some(110));
+        let e = TokenFile::open(&dir.join("valid_*.bin")).unwrap_err();
+        assert!(e.to_string().contains("no file matches"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn raw_and_broken_files() {
         let f = TokenFile::from_bytes(Path::new("raw.bin"), &[1, 0, 2, 0]).unwrap();
-        assert_eq!((f.format, f.window(0, 2).collect::<Vec<_>>()), ("raw uint16", vec![1, 2]));
+        assert_eq!((f.format.as_str(), f.window(0, 2).collect::<Vec<_>>()), ("raw uint16", vec![1, 2]));
         let text = b"To be, or not to be, that is the question: whether 'tis nobler in the mind\n".repeat(2);
         let e = TokenFile::from_bytes(Path::new("hamlet.txt"), &text).unwrap_err();
         assert!(e.to_string().contains("looks like text") && e.to_string().contains("data prepare"), "{e}");
