@@ -5,8 +5,9 @@
 //! every shape here on one thread (measured 99-114 against 91-108 GFLOP/s on this project's
 //! 2-core EPYC). Its own multi-core split is slower than one thread on the narrow shapes
 //! (1024 x 512 x 128: 99 against 114), so the engine splits rows over threads itself.
-//! PyTorch's MKL and NumPy's OpenBLAS, measured by hand on this machine on the same shapes with
-//! 2 threads, reach 190-195 and 197-203 GFLOP/s (the `gemm` crate here: 198-211 on 2 threads).
+//! PyTorch's MKL and NumPy's OpenBLAS on the same shapes: `scripts/bench_gemm_peers.py` (run by
+//! `scripts/bench_train.sh`; 192-206 and 204-210 GFLOP/s on 2 threads in one run
+//! here, the `gemm` crate 198-224).
 //!
 //! Second table: causal attention's products through the host engine's GEMM
 //! (`shardc_runtime::matmul`), whole against causal blocks of 32, 64 and 128 rows, in

@@ -23,10 +23,15 @@ cat > "$out/small-gpt/config.json" <<'JSON'
 JSON
 threads=$(nproc)
 # The machine's measured f32 GEMM peak: the best all-core figure of `cargo bench --bench gemm`
-# (the `gemm` crate's own split or the engine's, which match MKL and OpenBLAS here), measured
-# in this run.
+# (the `gemm` crate's own split or the engine's), measured in this run, beside PyTorch's MKL and
+# NumPy's OpenBLAS on the same shapes (scripts/bench_gemm_peers.py, with the venv).
 peak=$(cargo bench --quiet --bench gemm 2>/dev/null |
   awk '$2 == "x" && $4 == "x" && NF == 9 { if ($8 > m) m = $8; if ($9 > m) m = $9 } END { print m }')
+echo "measured f32 GEMM peak (cargo bench --bench gemm, $threads threads): $peak GFLOP/s"
+if [ -x "$VENV/bin/python" ]; then
+  echo "the same library calls in PyTorch and NumPy:"
+  "$VENV/bin/python" scripts/bench_gemm_peers.py
+fi
 # shardc: tokens per step over the median step time, the first 3 steps dropped (as the
 # PyTorch peer measures); PyTorch: the peer's own figure.
 tps_steps() {

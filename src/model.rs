@@ -187,12 +187,7 @@ pub fn load_model(
     // Weights must be numbers: a NaN or infinity in a tensor is named before any work.
     let from = if weights_from.is_empty() { path.display().to_string() } else { weights_from.clone() };
     for (name, t) in &params {
-        let bad = match &t.data {
-            shardc_ir::Data::F32(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i] as f64)),
-            shardc_ir::Data::F64(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i])),
-            shardc_ir::Data::I64(_) => None,
-        };
-        if let Some((i, x)) = bad {
+        if let Some((i, x)) = t.first_non_finite() {
             bail!("{from}: tensor `{name}` holds a non-finite value ({x}) at element {i}");
         }
     }

@@ -236,13 +236,12 @@ fn data_parallel_training_matches_one_device_and_resumes_exactly() {
     resumes_exactly("1");
     let dir3 = resumes_exactly("3");
     // A checkpoint directory means its latest step.
-    let weights = dir3.clone();
     let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
         .args([
             "eval",
             model.to_str().unwrap(),
             "--weights",
-            weights.to_str().unwrap(),
+            dir3.to_str().unwrap(),
             "--data",
             tokens().to_str().unwrap(),
             "--batch",
@@ -465,9 +464,8 @@ fn init_from_starts_from_given_weights_on_any_mesh() {
     assert_eq!(code, 0, "{err}");
     let first = lines[0]["loss"].as_f64().unwrap();
     let model = root().join("tests/fixtures/hf/gpt2-tiny");
-    let weights = ckpt.clone();
     let o = Command::new(env!("CARGO_BIN_EXE_shardc"))
-        .args(["eval", model.to_str().unwrap(), "--weights", &weights, "--data", tokens().to_str().unwrap()])
+        .args(["eval", model.to_str().unwrap(), "--weights", &ckpt, "--data", tokens().to_str().unwrap()])
         .args(["--batch", "2", "--seq", "16", "--batches", "1", "--json"])
         .output()
         .unwrap();

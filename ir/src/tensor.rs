@@ -125,6 +125,15 @@ impl Tensor {
         numel(&self.shape)
     }
 
+    /// The first element that is NaN or infinite, with its index (None for integer tensors).
+    pub fn first_non_finite(&self) -> Option<(usize, f64)> {
+        match &self.data {
+            Data::F32(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i] as f64)),
+            Data::F64(v) => v.iter().position(|x| !x.is_finite()).map(|i| (i, v[i])),
+            Data::I64(_) => None,
+        }
+    }
+
     /// Every element as f64 (integers converted).
     pub fn to_f64(&self) -> Vec<f64> {
         match &self.data {

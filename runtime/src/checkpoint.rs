@@ -239,17 +239,12 @@ pub fn save(
     at_step: usize,
     keep_last: usize,
 ) -> Result<PathBuf, CheckpointError> {
-    let top = dir;
-    let sub = dir.join(step_dir_name(at_step));
-    let dir = sub.as_path();
-    std::fs::create_dir_all(dir).map_err(|source| CheckpointError::CreateDir { path: dir.to_path_buf(), source })?;
+    let step_dir = dir.join(step_dir_name(at_step));
+    std::fs::create_dir_all(&step_dir)
+        .map_err(|source| CheckpointError::CreateDir { path: step_dir.clone(), source })?;
     let step = trainer.graph();
-    let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut tensors: BTreeMap<String, Tensor> = whole_params(trainer).into_iter().collect();
     let sig = step.signature();
-    for (p, _) in sig.params() {
-        let name = step.name_of(p);
-        tensors.insert(name.to_string(), sig.whole_param(p, |r| &trainer.rank_values(r)[name]));
-    }
     // Every moment whole, like its parameter, so that any mesh can resume from it.
     for (p, layout) in sig.params() {
         let full = layout.full_shape(&step.ty(p).shape, &step.mesh);
@@ -263,12 +258,12 @@ pub fn save(
     meta.insert("format".into(), CHECKPOINT_FORMAT.into());
     let sums: BTreeMap<&str, String> = tensors.iter().map(|(k, t)| (k.as_str(), checksum(t))).collect();
     meta.insert("tensor_sha256".into(), serde_json::to_string(&sums).expect("a map of strings"));
-    let path = dir.join(CHECKPOINT_FILE);
+    let path = step_dir.join(CHECKPOINT_FILE);
     write_tensors_with_metadata(&path, &tensors, Some(meta))?;
-    shardc_ir::import::weights::write_atomically(&top.join(LATEST_FILE), step_dir_name(at_step).as_bytes())?;
+    shardc_ir::import::weights::write_atomically(&dir.join(LATEST_FILE), step_dir_name(at_step).as_bytes())?;
     if keep_last > 0 {
-        let mut steps: Vec<PathBuf> = std::fs::read_dir(top)
-            .map_err(|source| CheckpointError::Io { path: top.to_path_buf(), source })?
+        let mut steps: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| CheckpointError::Io { path: dir.to_path_buf(), source })?
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.is_dir() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")))
@@ -276,7 +271,7 @@ pub fn save(
         steps.sort();
         let extra = steps.len().saturating_sub(keep_last);
         for old in &steps[..extra] {
-            if old.as_path() != dir {
+            if *old != step_dir {
                 std::fs::remove_dir_all(old).map_err(|source| CheckpointError::Io { path: old.clone(), source })?;
             }
         }
@@ -382,7 +377,7 @@ pub fn load(dir: &Path, step: &Graph, identity: &BTreeMap<String, String>) -> Re
         }
     }
     for (name, t) in &all {
-        if let Some(i) = t.to_f64().iter().position(|x| !x.is_finite()) {
+        if let Some((i, _)) = t.first_non_finite() {
             return Err(damaged(name, format!("holds a non-finite value at element {i}")));
         }
     }

@@ -86,7 +86,7 @@ impl InProcess {
     /// rank), then waits until every rank has read.
     pub fn exchange<R>(&self, rank: usize, mine: &[u8], read: impl FnOnce(&[&[u8]]) -> R) -> Result<R, CommError> {
         self.post(rank, mine);
-        self.exchange_posted(rank, read)
+        self.exchange_posted(read)
     }
 
     /// The first half of [`InProcess::exchange`]: rank `rank`'s contribution to the next
@@ -101,8 +101,7 @@ impl InProcess {
     }
 
     /// The rest of [`InProcess::exchange`], after [`InProcess::post`].
-    pub fn exchange_posted<R>(&self, rank: usize, read: impl FnOnce(&[&[u8]]) -> R) -> Result<R, CommError> {
-        let _ = rank;
+    pub fn exchange_posted<R>(&self, read: impl FnOnce(&[&[u8]]) -> R) -> Result<R, CommError> {
         self.barrier()?;
         let result = {
             let guards: Vec<_> = self.posts.iter().map(|p| p.read().unwrap_or_else(|p| p.into_inner())).collect();

@@ -212,6 +212,8 @@ pub struct HostProgram {
     labels: Vec<(String, String)>,
     /// Per node: run by [`crate::native`] (else, for ops without a case here, the interpreter).
     native: Vec<bool>,
+    /// Per `matmul` node: its product's geometry (made once, not every step).
+    products: Vec<Option<MatMul>>,
 }
 
 impl HostProgram {
@@ -254,8 +256,10 @@ impl HostProgram {
         let by_name = std::env::var_os("SHARDC_REPORT_KERNELS").is_some();
         let native: Vec<bool> = program.nodes.iter().map(|n| crate::native::handles(&program, n)).collect();
         let labels = program.nodes.iter().zip(&native).map(|(n, &nat)| label(&program, n, by_name, nat)).collect();
+        let products = program.nodes.iter().map(|n| (n.op == Op::MatMul).then(|| MatMul::of(&program, n))).collect();
         Ok(HostProgram {
             native,
+            products,
             program,
             offset,
             arena_bytes,
@@ -439,7 +443,7 @@ impl HostProgram {
                         b.copy_from_slice(a);
                     }
                 }
-                Op::MatMul => self.gemm(n, arena, threads).map_err(fail)?,
+                Op::MatMul => self.gemm(i, arena, threads).map_err(fail)?,
                 Op::Transpose => self.transpose(n, arena).map_err(fail)?,
                 Op::Concat | Op::Split => self.concat_or_split(n, arena).map_err(fail)?,
                 Op::TakeShard => {
@@ -513,13 +517,14 @@ impl HostProgram {
     /// A matrix product ([`crate::matmul`]): f32 operands are read in place in the arena;
     /// bf16 ones are widened to f32 first and the result rounded back, as the interpreter
     /// computes them.
-    fn gemm(&self, n: &Node, arena: &mut Arena, threads: usize) -> Result<(), String> {
+    fn gemm(&self, i: usize, arena: &mut Arena, threads: usize) -> Result<(), String> {
         let g = &self.program;
+        let n = &g.nodes[i];
         let (ta, tb, out) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]), g.ty(n.output()));
         if !(ta.dtype.is_float() && tb.dtype.is_float() && out.dtype.is_float()) {
             return Err(format!("matmul of {ta} and {tb} is not a floating product"));
         }
-        let product = MatMul::of(g, n);
+        let product = self.products[i].as_ref().ok_or("not a matmul")?;
         let (ra_, rb_, rc_) = (self.range(n.inputs[0]), self.range(n.inputs[1]), self.range(n.output()));
         let overlaps = |x: &Range<usize>| x.start < rc_.end && rc_.start < x.end;
         if overlaps(&ra_) || overlaps(&rb_) {
@@ -659,7 +664,7 @@ impl HostProgram {
             let max = n.attrs.str("reduce") == Some("max");
             comm.post(rank, &arena.bytes()[src]);
             return comm
-                .exchange_posted(rank, |all| {
+                .exchange_posted(|all| {
                     let out = crate::native::f32s_mut(&mut arena.bytes_mut()[dst]);
                     out.copy_from_slice(crate::native::f32s(&all[group[0]][part.clone()]));
                     for &r in &group[1..] {
@@ -670,6 +675,17 @@ impl HostProgram {
                             out.iter_mut().zip(other).for_each(|(a, &b)| *a += b);
                         }
                     }
+                })
+                .map_err(Err);
+        }
+        if n.op == Op::AllGather {
+            // Posted straight from the arena, concatenated straight into it.
+            let d = dim("dim")?;
+            comm.post(rank, &arena.bytes()[src]);
+            return comm
+                .exchange_posted(|all| {
+                    let parts: Vec<&[u8]> = group.iter().map(|&r| all[r]).collect();
+                    concat(&parts, &x.shape, es, d, &mut arena.bytes_mut()[dst]);
                 })
                 .map_err(Err);
         }
@@ -697,15 +713,6 @@ impl HostProgram {
                     }
                 })
                 .map_err(Err)?
-            }
-            Op::AllGather => {
-                let d = dim("dim")?;
-                return comm
-                    .exchange(rank, &mine, |all| {
-                        let parts: Vec<&[u8]> = group.iter().map(|&r| all[r]).collect();
-                        concat(&parts, &x.shape, es, d, &mut arena.bytes_mut()[dst]);
-                    })
-                    .map_err(Err);
             }
             Op::AllToAll => {
                 let (s, c) = (dim("split_dim")?, dim("concat_dim")?);

@@ -116,14 +116,19 @@ const LANES: usize = 16;
 
 /// The sum of `x` with 16 partial sums (vectorized), then a tree over the lanes.
 fn sum(x: &[f32]) -> f32 {
+    sum_of(x, |v| v)
+}
+
+/// The sum of `f` over `x`, as [`sum`] adds.
+fn sum_of(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = x.chunks_exact(LANES);
     for c in &mut chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += v;
+            *a += f(v);
         }
     }
-    let mut s = chunks.remainder().iter().sum::<f32>();
+    let mut s = chunks.remainder().iter().map(|&v| f(v)).sum::<f32>();
     let mut w = LANES;
     while w > 1 {
         w /= 2;
@@ -150,14 +155,14 @@ fn max(x: &[f32]) -> f32 {
 
 fn reduce(op: Op, x: &[f32], outer: usize, red: usize, inner: usize, out: &mut [f32], threads: usize) {
     let finish = |s: f32| if op == Op::ReduceMean { s / red as f32 } else { s };
+    let fold = |c: &[f32]| if op == Op::ReduceMax { max(c) } else { sum(c) };
     if inner == 1 && outer < threads && red >= 1 << 16 {
         // Few long rows (a whole parameter's sum of squares): each split over the threads.
         for (o, y) in out.iter_mut().enumerate() {
             let row = &x[o * red..(o + 1) * red];
             let part = red.div_ceil(threads);
-            let parts: Vec<f32> =
-                row.par_chunks(part).map(|c| if op == Op::ReduceMax { max(c) } else { sum(c) }).collect();
-            *y = finish(if op == Op::ReduceMax { max(&parts) } else { parts.iter().sum() });
+            let parts: Vec<f32> = row.par_chunks(part).map(fold).collect();
+            *y = finish(fold(&parts));
         }
     } else if inner == 1 {
         let per = outer.div_ceil(threads.max(1)).max(1);
@@ -165,7 +170,7 @@ fn reduce(op: Op, x: &[f32], outer: usize, red: usize, inner: usize, out: &mut [
             for (k, y) in ys.iter_mut().enumerate() {
                 let o = t * per + k;
                 let row = &x[o * red..(o + 1) * red];
-                *y = finish(if op == Op::ReduceMax { max(row) } else { sum(row) });
+                *y = finish(fold(row));
             }
         });
     } else {
@@ -208,15 +213,7 @@ fn gamma_grad(x: &[f32], dy: &[f32], eps: f32, centered: bool, out: &mut [f32], 
             for r in t * per..((t + 1) * per).min(rows) {
                 let (xs, ds) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
                 let mean = if centered { sum(xs) / d as f32 } else { 0.0 };
-                let mut sq = [0f32; LANES];
-                let mut chunks = xs.chunks_exact(LANES);
-                for c in &mut chunks {
-                    for (a, &v) in sq.iter_mut().zip(c) {
-                        *a += (v - mean) * (v - mean);
-                    }
-                }
-                let var =
-                    (sum(&sq) + chunks.remainder().iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>()) / d as f32;
+                let var = sum_of(xs, |v| (v - mean) * (v - mean)) / d as f32;
                 let rstd = 1.0 / (var + eps).sqrt();
                 for ((a, &v), &g) in acc.iter_mut().zip(xs).zip(ds) {
                     *a += g * (v - mean) * rstd;
